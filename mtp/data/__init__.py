@@ -1,0 +1,18 @@
+"""Data: text-file corpus (TFDS/ArrayRecord) -> SentencePiece tokenizer -> Grain packed batches."""
+
+from mtp.data.corpus import build_corpus, list_files, split_of
+from mtp.data.pipeline import batch_iterator, make_dataset
+from mtp.data.prepare import PreparedData, check_data_config, prepare_data
+from mtp.data.tokenizer import Tokenizer
+
+__all__ = [
+    "PreparedData",
+    "Tokenizer",
+    "batch_iterator",
+    "build_corpus",
+    "check_data_config",
+    "list_files",
+    "make_dataset",
+    "prepare_data",
+    "split_of",
+]

@@ -1,0 +1,259 @@
+"""A corpus of local text files as a TFDS dataset (ArrayRecord, random access, no TensorFlow).
+
+One example per file: `{'path': relative path, 'text': file contents}`. Files go to `train` or
+`validation` by a stable hash of their relative path, so a file never changes split between runs or
+machines. The TFDS config name carries a fingerprint of the source, glob, split fraction and file
+listing, so a different corpus never reuses a stale cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob as globlib
+import hashlib
+import logging
+import os
+import pathlib
+import re
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+from typing import ClassVar
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+STDLIB = "stdlib"
+SPLITS = ("train", "validation")
+_HASH_BUCKETS = 10_000
+_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def log(message: str) -> None:
+    """Short progress line on stderr, so stdout stays free for the caller's output."""
+    print(f"[mtp.data] {message}", file=sys.stderr, flush=True)
+
+
+def resolve_cache_dir(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
+    """`data.cache_dir`, else `$MTP_CACHE_DIR/data`, else `~/.cache/mtp/data`."""
+    if data_cfg.cache_dir:
+        return pathlib.Path(data_cfg.cache_dir).expanduser().resolve()
+    root = os.environ.get("MTP_CACHE_DIR") or "~/.cache/mtp"
+    return (pathlib.Path(root).expanduser() / "data").resolve()
+
+
+def path_bucket(relative_path: str) -> int:
+    """Stable bucket in [0, 10_000) of a path (sha1, never Python's salted `hash`)."""
+    digest = hashlib.sha1(relative_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % _HASH_BUCKETS
+
+
+def split_of(relative_path: str, val_fraction: float) -> str:
+    """'validation' for the val_fraction of paths with the lowest buckets, else 'train'."""
+    return "validation" if path_bucket(relative_path) < val_fraction * _HASH_BUCKETS else "train"
+
+
+def assign_splits(relative_paths: list[str], val_fraction: float) -> dict[str, list[str]]:
+    """Splits paths by `split_of`; if validation would be empty, the lowest-bucket path moves there.
+
+    The fallback keeps tiny corpora (e.g. `data.max_files=5`) usable: TFDS refuses empty splits.
+    """
+    splits = {name: [] for name in SPLITS}
+    for path in relative_paths:
+        splits[split_of(path, val_fraction)].append(path)
+    if not splits["validation"] and splits["train"]:
+        moved = min(splits["train"], key=lambda p: (path_bucket(p), p))
+        splits["train"].remove(moved)
+        splits["validation"].append(moved)
+    return splits
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusFiles:
+    """The files a data config selects, found without reading them.
+
+    Attributes:
+        root: directory that `relative_paths` are relative to.
+        relative_paths: sorted POSIX paths (after `data.max_files`).
+        total_bytes: sum of file sizes on disk.
+        val_fraction: share of paths (by hash) that go to validation.
+        name: TFDS config name, `<slug>-<fingerprint>`; changes whenever the selection changes.
+    """
+
+    root: pathlib.Path
+    relative_paths: tuple[str, ...] = dataclasses.field(repr=False)
+    total_bytes: int
+    val_fraction: float
+    name: str
+
+
+def _stdlib_root() -> pathlib.Path:
+    return pathlib.Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def _candidate_files(source: str, pattern: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
+    """(root, files) for a source that is 'stdlib', a directory, or a glob."""
+    if source == STDLIB:
+        root = _stdlib_root()
+        return root, list(root.glob(pattern))
+    if _GLOB_CHARS.search(source):
+        expanded = os.path.expanduser(source)
+        prefix = _GLOB_CHARS.split(expanded, maxsplit=1)[0]
+        root = pathlib.Path(os.path.dirname(prefix) or ".").resolve()
+        return root, [pathlib.Path(p).resolve() for p in globlib.glob(expanded, recursive=True)]
+    root = pathlib.Path(source).expanduser().resolve()
+    return root, (list(root.glob(pattern)) if root.is_dir() else [])
+
+
+def list_files(data_cfg: ml_collections.ConfigDict) -> CorpusFiles:
+    """Finds the corpus files of `data.source`/`data.glob`; raises if there are none."""
+    source, pattern = str(data_cfg.source), str(data_cfg.glob)
+    root, candidates = _candidate_files(source, pattern)
+    relative_paths, sizes = [], {}
+    for path in candidates:
+        relative = path.relative_to(root).as_posix()
+        if _EXCLUDED_DIRS.intersection(relative.split("/")) or not path.is_file():
+            continue
+        relative_paths.append(relative)
+    relative_paths.sort()
+    if data_cfg.max_files > 0:
+        relative_paths = relative_paths[: data_cfg.max_files]
+    if not relative_paths:
+        where = (
+            f"the glob {source!r}"
+            if _GLOB_CHARS.search(source)
+            else f"{pattern!r} under {str(root)!r}"
+        )
+        raise ValueError(
+            f"data.source={source!r} with data.glob={pattern!r} matched no files ({where}). "
+            "Fix: point data.source at a directory of text files (or 'stdlib', or a glob such as "
+            "'/path/**/*.txt') and set data.glob to a pattern that matches files inside it."
+        )
+    fingerprint = hashlib.sha1()
+    fingerprint.update(repr((source, str(root), pattern, data_cfg.val_fraction)).encode())
+    for relative in relative_paths:
+        stat = (root / relative).stat()
+        sizes[relative] = stat.st_size
+        fingerprint.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    slug = STDLIB if source == STDLIB else re.sub(r"[^\w]+", "_", root.name).strip("_") or "files"
+    return CorpusFiles(
+        root=root,
+        relative_paths=tuple(relative_paths),
+        total_bytes=sum(sizes.values()),
+        val_fraction=float(data_cfg.val_fraction),
+        name=f"{slug}-{fingerprint.hexdigest()[:16]}",
+    )
+
+
+def read_text(path: pathlib.Path) -> str | None:
+    """File contents as text, or None when the file is empty or not valid UTF-8."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text or None
+
+
+class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """TFDS builder over the files of a `CorpusFiles`; one example per readable file."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "path + text per file; split by sha1 of the relative path."
+    }
+    # TFDS looks for download checksums next to the builder's source file, and that lookup needs
+    # the `importlib_resources` backport, which is not installed. Nothing is downloaded here.
+    code_path: ClassVar[None] = None
+
+    def __init__(self, *, corpus: CorpusFiles, **kwargs):
+        self._corpus = corpus
+        config = tfds.core.BuilderConfig(
+            name=corpus.name, version=self.VERSION, description=f"text files under {corpus.root}"
+        )
+        super().__init__(config=config, **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Local text files, one example per file.",
+            features=tfds.features.FeaturesDict(
+                {"path": tfds.features.Text(), "text": tfds.features.Text()}
+            ),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # Nothing to download: the files are local.
+        readable, skipped = [], {"empty": 0, "not_utf8": 0}
+        for relative in self._corpus.relative_paths:
+            path = self._corpus.root / relative
+            if path.stat().st_size == 0:
+                skipped["empty"] += 1
+            elif read_text(path) is None:
+                skipped["not_utf8"] += 1
+            else:
+                readable.append(relative)
+        self.info.metadata["skipped"] = skipped
+        splits = assign_splits(readable, self._corpus.val_fraction)
+        if not splits["train"]:
+            raise ValueError(
+                f"Only {len(readable)} readable file(s) under {self._corpus.root}: need at least 2, one "
+                "for train and one for validation. Fix: add files, raise data.max_files, or widen "
+                "data.glob."
+            )
+        return {name: self._generate_examples(paths) for name, paths in splits.items()}
+
+    def _generate_examples(self, relative_paths: list[str]) -> Iterator[tuple[str, dict[str, str]]]:
+        for relative in relative_paths:
+            yield relative, {"path": relative, "text": read_text(self._corpus.root / relative)}
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """Hides TFDS progress bars and absl chatter (e.g. 'Using custom data configuration')."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    tfds.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tfds.enable_progress_bar()
+        absl_logger.setLevel(level)
+
+
+def build_corpus(data_cfg: ml_collections.ConfigDict) -> TextFiles:
+    """Builds the corpus as ArrayRecord under the cache dir, or reuses an existing build.
+
+    Read it back with `builder.as_data_source(split)`: a random-access sequence of
+    `{'path': bytes, 'text': bytes}` (UTF-8).
+    """
+    corpus = list_files(data_cfg)
+    data_dir = resolve_cache_dir(data_cfg) / "tfds"
+    with _quiet_tfds():
+        builder = TextFiles(corpus=corpus, data_dir=data_dir)
+        if (builder.data_path / "dataset_info.json").exists():
+            log(f"corpus {corpus.name}: reusing {builder.data_dir}")
+            return builder
+        log(
+            f"corpus {corpus.name}: {len(corpus.relative_paths)} files, "
+            f"{corpus.total_bytes / 1e6:.1f} MB under {corpus.root}; building ArrayRecord in {builder.data_dir}"
+        )
+        start = time.perf_counter()
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_dir=data_dir / "downloads",
+            download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP
+            ),
+        )
+    counts = ", ".join(f"{s} {builder.info.splits[s].num_examples}" for s in SPLITS)
+    skipped = builder.info.metadata.get("skipped", {})
+    log(
+        f"corpus {corpus.name}: built in {time.perf_counter() - start:.1f} s ({counts} files; "
+        f"skipped {skipped.get('empty', 0)} empty, {skipped.get('not_utf8', 0)} not UTF-8)"
+    )
+    return builder

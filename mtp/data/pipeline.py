@@ -1,0 +1,130 @@
+"""Grain pipeline: documents -> tokens -> packed rows with segment ids -> host-local batches.
+
+Order of operations (per process): shard documents -> shuffle (reseeded each epoch) -> repeat ->
+tokenize + eos -> concat-then-split packing into `seq_len` rows -> batch. Everything up to the
+packing is index-based (a `MapDataset`), so the iterator state is tiny and `set_state` resumes
+exactly; the packer records where its current row started and replays from there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from mtp.data.corpus import build_corpus
+from mtp.data.tokenizer import Tokenizer
+
+
+def _tokenize(tokenizer: Tokenizer):
+    def tokenize(document: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        text = document["text"]
+        text = text.decode("utf-8") if isinstance(text, bytes) else text
+        return {"tokens": np.asarray([*tokenizer.encode(text), tokenizer.eos_id], np.int32)}
+
+    return tokenize
+
+
+def _rename_packed(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # ConcatThenSplit emits `tokens_segment_ids` (1, 2, ... per piece of a document within the
+    # row, 0 where the final row is padded) and `tokens_positions`, which the model recomputes.
+    return {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"]}
+
+
+def _lists_to_tuples(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {key: _lists_to_tuples(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return tuple(_lists_to_tuples(value) for value in tree)
+    return tree
+
+
+class _JsonStateIterator(grain.DatasetIterator):
+    """Passes elements through; `set_state` accepts a state that went through JSON.
+
+    Grain's ConcatThenSplit keeps `(start, stop)` slices in its state and tests "no remainder" with
+    `slice != (-1, -1)`; after `json.dumps`/`loads` (what Orbax and `DatasetIterator.save` do) the
+    slice is the list `[-1, -1]`, which compares unequal, and resume silently replays a stale
+    document. Turning lists back into tuples restores the exact state.
+    """
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(_lists_to_tuples(state))
+
+
+class _JsonStateIterDataset(grain.IterDataset):
+    def __iter__(self) -> _JsonStateIterator:
+        return _JsonStateIterator(self._parent.__iter__())
+
+
+def make_dataset(
+    data_cfg: ml_collections.ConfigDict,
+    split: str,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    source: Sequence[Mapping[str, Any]] | None = None,
+) -> grain.IterDataset:
+    """Batches `{'tokens', 'segment_ids'}` int32 [batch_size, seq_len] of this process's documents.
+
+    Args:
+      data_cfg: the `data` config; its corpus is built (or reused) unless `source` is given.
+      split: 'train' or 'validation'.
+      tokenizer: encodes each document; its eos id ends every document.
+      seq_len, batch_size: row length T and rows per host batch B (the last partial batch is
+        dropped; a finite pass pads only the very last row with pad=0 / segment 0).
+      seed: document shuffle seed; each epoch gets a different, deterministic order.
+      process_index, process_count: this process reads documents process_index::process_count.
+      num_epochs: None repeats forever; an int gives a finite pass (e.g. 1 for validation).
+      source: random-access documents `{'text': str | bytes, ...}` (e.g. from `prepare_data`).
+
+    Returns:
+      A `grain.IterDataset`; `iter(ds)` is a `grain.DatasetIterator` with `get_state()` /
+      `set_state()` for exact resume.
+    """
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(
+            f"seq_len={seq_len} and batch_size={batch_size} must both be >= 1. "
+            "Fix: set positive values in the config."
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index} is outside [0, process_count={process_count}). "
+            "Fix: pass jax.process_index() and jax.process_count()."
+        )
+    if source is None:
+        source = build_corpus(data_cfg).as_data_source(split)
+    if len(source) < process_count:
+        raise ValueError(
+            f"The {split!r} split has {len(source)} documents, fewer than "
+            f"process_count={process_count}, so some process would get none. Fix: use a larger "
+            "corpus (data.max_files=0, data.val_fraction) or fewer processes."
+        )
+    documents = grain.MapDataset.source(source)[process_index::process_count]
+    documents = documents.shuffle(seed=seed).repeat(num_epochs).map(_tokenize(tokenizer))
+    threads = min(8, os.cpu_count() or 1)
+    rows = grain.experimental.ConcatThenSplitIterDataset(
+        documents.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=64)),
+        length_struct={"tokens": seq_len},
+    ).map(_rename_packed)
+    return _JsonStateIterDataset(rows.batch(batch_size, drop_remainder=True))
+
+
+def batch_iterator(*args, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+    """`iter(make_dataset(...))`: a checkpointable iterator over host-local batches."""
+    return iter(make_dataset(*args, **kwargs))

@@ -1,0 +1,136 @@
+"""Per-head shifted cross-entropy for MTP, in two implementations with identical results.
+
+Head i (1-based) at position t predicts token t+i. A target is masked when t+i falls past the
+sequence end, when it belongs to another document than position t (packing's segment ids), or
+when position t is padding (segment id 0).
+
+- ``'vmap'``: every head at once; materializes ``[n_future, B, T, V]`` logits.
+- ``'scan'``: memory-flat (Gloeckle et al. 2024, Sec. 2): heads one at a time inside
+  ``lax.scan`` under ``jax.checkpoint``, and the cross-entropy chunked over the sequence, so only
+  one head's layer activations and one ``[B, chunk, V]`` slab of logits are live at once;
+  gradients of all heads accumulate into the trunk output.
+
+Both return ``(loss, aux)``: ``loss = sum_i w_i * sum_ce_i / count_i`` where ``count_i`` is the
+number of valid targets of head i in the WHOLE batch (``normalizer_N``; with gradient accumulation
+the micro-batch losses then add up to the full-batch loss exactly), and ``aux`` holds the per-head
+sums ``sum_ce_N``, ``sum_correct_N`` and ``count_N`` of this (micro-)batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtp.model.transformer import rms_norm
+
+LOSS_IMPLS = ("vmap", "scan")
+WEIGHTINGS = ("uniform", "geometric")
+
+
+def head_targets(tokens_BxT: jax.Array, segment_ids_BxT: jax.Array, n_future: int):
+    """Targets ``[N, B, T]`` (token t+i for head i) and their validity mask ``[N, B, T]``."""
+    targets, masks = [], []
+    for i in range(1, n_future + 1):
+        tgt_BxT = jnp.pad(tokens_BxT[:, i:], ((0, 0), (0, i)))
+        seg_BxT = jnp.pad(segment_ids_BxT[:, i:], ((0, 0), (0, i)))  # 0 past the end
+        targets.append(tgt_BxT)
+        masks.append((seg_BxT == segment_ids_BxT) & (segment_ids_BxT != 0))
+    return jnp.stack(targets), jnp.stack(masks)
+
+
+def head_weights(loss_cfg, n_future: int) -> np.ndarray:
+    """Per-head loss weights from config: explicit list, uniform, or geometric r^(i-1)."""
+    explicit = tuple(loss_cfg.get("head_weights", ()) or ())
+    if explicit:
+        if len(explicit) != n_future:
+            raise ValueError(
+                f"loss.head_weights has {len(explicit)} entries but model.n_future={n_future};"
+                f" give one weight per head or set loss.head_weights=() to use loss.weighting.")
+        return np.asarray(explicit, np.float32)
+    if loss_cfg.weighting == "uniform":
+        return np.ones(n_future, np.float32)
+    if loss_cfg.weighting == "geometric":
+        return np.asarray([loss_cfg.geometric_r ** i for i in range(n_future)], np.float32)
+    raise ValueError(f"loss.weighting={loss_cfg.weighting!r} is unknown; use one of {WEIGHTINGS}.")
+
+
+def _ce_sums(logits_xV, targets_x, mask_x):
+    """Masked cross-entropy and top-1 hits per position (softmax in float32)."""
+    logits_xV = logits_xV.astype(jnp.float32)
+    lse_x = jax.nn.logsumexp(logits_xV, axis=-1)
+    target_logit_x = jnp.take_along_axis(logits_xV, targets_x[..., None], axis=-1)[..., 0]
+    ce_x = lse_x - target_logit_x
+    correct_x = jnp.argmax(logits_xV, axis=-1) == targets_x
+    return ce_x * mask_x, correct_x * mask_x
+
+
+def _finish(sum_ce_N, sum_correct_N, count_N, weights_N, normalizer_N):
+    loss = jnp.sum(weights_N * sum_ce_N / jnp.maximum(normalizer_N, 1.0))
+    return loss, {"sum_ce": sum_ce_N, "sum_correct": sum_correct_N, "count": count_N}
+
+
+def loss_vmap(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N):
+    n_future = model.spec.n_future
+    targets_NxBxT, mask_NxBxT = head_targets(tokens_BxT, segment_ids_BxT, n_future)
+    logits_NxBxTxV = model(tokens_BxT, segment_ids_BxT)
+    ce_NxBxT, correct_NxBxT = _ce_sums(logits_NxBxTxV, targets_NxBxT, mask_NxBxT)
+    return _finish(ce_NxBxT.sum((1, 2)), correct_NxBxT.sum((1, 2)).astype(jnp.float32),
+                   mask_NxBxT.sum((1, 2)).astype(jnp.float32), weights_N, normalizer_N)
+
+
+def chunked_ce(hidden_BxTxD, norm_scale_D, eps, unembed_DxV, targets_BxT, mask_BxT, chunk: int):
+    """Sums of CE and hits for one head, never holding more than ``[B, chunk, V]`` logits."""
+    B, T, D = hidden_BxTxD.shape
+    chunk = chunk if 0 < chunk <= T and T % chunk == 0 else T
+    C = T // chunk
+
+    def split(x):  # [B, T, ...] -> [C, B, chunk, ...]
+        return jnp.swapaxes(x.reshape(B, C, chunk, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def one_chunk(h_BxCxD, t_BxC, m_BxC):
+        logits_BxCxV = rms_norm(h_BxCxD, norm_scale_D, eps) @ unembed_DxV
+        ce, correct = _ce_sums(logits_BxCxV, t_BxC, m_BxC)
+        return ce.sum(), correct.sum().astype(jnp.float32)
+
+    def body(acc, xs):
+        ce, correct = one_chunk(*xs)
+        return (acc[0] + ce, acc[1] + correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (sum_ce, sum_correct), _ = jax.lax.scan(
+        body, (zero, zero), (split(hidden_BxTxD), split(targets_BxT), split(mask_BxT)))
+    return sum_ce, sum_correct
+
+
+def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int = 128):
+    spec = model.spec
+    targets_NxBxT, mask_NxBxT = head_targets(tokens_BxT, segment_ids_BxT, spec.n_future)
+    h_BxTxD, positions_BxT, mask_Bx1xTxT = model.trunk_hidden(tokens_BxT, segment_ids_BxT)
+    head_def, head_state = nnx.split(model.heads)
+    norm_scale_D, unembed_DxV = model.final_norm.scale[...], model.unembed_DxV()
+
+    @jax.checkpoint
+    def one_head(h, state_i, targets_BxT, mask_BxT):
+        head = nnx.merge(head_def, state_i)
+        hidden_BxTxD = head(h, positions_BxT, mask_Bx1xTxT)
+        return chunked_ce(hidden_BxTxD, norm_scale_D, spec.norm_eps, unembed_DxV, targets_BxT,
+                          mask_BxT, chunk)
+
+    def body(_, xs):
+        return None, one_head(h_BxTxD, *xs)
+
+    _, (sum_ce_N, sum_correct_N) = jax.lax.scan(body, None, (head_state, targets_NxBxT, mask_NxBxT))
+    count_N = mask_NxBxT.sum((1, 2)).astype(jnp.float32)
+    return _finish(sum_ce_N, sum_correct_N, count_N, weights_N, normalizer_N)
+
+
+def compute_loss(impl: str, model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N,
+                 chunk: int = 128):
+    if impl == "vmap":
+        return loss_vmap(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N)
+    if impl == "scan":
+        return loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk)
+    raise ValueError(f"loss.impl={impl!r} is unknown; use one of {LOSS_IMPLS}.")

@@ -1,0 +1,77 @@
+"""``ModelSpec``: the resolved, immutable model shape built from ``config.model``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    vocab_size: int
+    d_model: int
+    n_layers: int  # trunk layers as configured (before parameter matching)
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int = 0  # 0 -> d_model // n_heads
+    d_ff: int = 0  # 0 -> SwiGLU's 8/3 * d_model rounded up to a multiple of 64
+    max_seq_len: int = 2048
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    n_future: int = 4
+    head_type: str = "transformer"
+    tie_embeddings: bool = True
+    parameter_matched: bool = False
+    remat: str = "none"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+
+    @classmethod
+    def from_config(cls, model_cfg) -> ModelSpec:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(model_cfg).items() if k in fields})
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def resolved_d_ff(self) -> int:
+        return self.d_ff or 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def trunk_layers(self) -> int:
+        """Paper's parameter matching: n_future-1 transformer heads replace n_future-1 trunk layers."""
+        return self.n_layers - (self.n_future - 1) if self.parameter_matched else self.n_layers
+
+    @property
+    def out_std(self) -> float:
+        """Output projections are scaled down with depth (GPT-2 style) for a stable start."""
+        return self.init_std / math.sqrt(2 * (self.trunk_layers + 1))
+
+    # --- analytic sizes -------------------------------------------------------------------
+    def layer_params(self) -> int:
+        D, H, F = self.d_model, self.resolved_head_dim, self.resolved_d_ff
+        attn = D * H * (2 * self.n_heads + 2 * self.n_kv_heads)
+        return attn + 3 * D * F + 2 * D
+
+    def head_params(self) -> int:
+        per = self.layer_params() if self.head_type == "transformer" else self.d_model ** 2
+        return self.n_future * per
+
+    def param_count(self) -> int:
+        embed = self.vocab_size * self.d_model
+        unembed = 0 if self.tie_embeddings else embed
+        return embed + unembed + self.trunk_layers * self.layer_params() + self.head_params() + self.d_model
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward) of trunk, heads and the
+        n_future unembeddings; attention scores counted with the causal half."""
+        D, H = self.d_model, self.resolved_head_dim
+        layer_mm = self.layer_params() - 2 * D
+        attn_scores = 2 * 2 * self.n_heads * H * seq_len / 2  # QK^T and AV, causal half
+        layer = 2 * layer_mm + attn_scores
+        head = layer if self.head_type == "transformer" else 2 * D * D
+        forward = self.trunk_layers * layer + self.n_future * (head + 2 * D * self.vocab_size)
+        return 3.0 * forward

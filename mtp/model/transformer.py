@@ -1,0 +1,150 @@
+"""Llama-style building blocks: RMSNorm, RoPE, grouped-query attention, SwiGLU, Block.
+
+Shapes: B batch, T sequence, D d_model, N query heads, K kv heads, H head_dim, F d_ff, V vocab.
+Every parameter carries logical axis names (``out_sharding`` metadata) that ``mtp.sharding``
+maps to mesh axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtp.sharding import constrain
+
+
+def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+    init = nnx.with_partitioning(nnx.initializers.normal(std), axes)
+    return nnx.Param(init(rngs.params(), shape, dtype))
+
+
+def rms_norm(x_xD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+    x32 = x_xD.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale_D.astype(jnp.float32)).astype(x_xD.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones, ("norm",))(
+            None, (dim,), param_dtype))
+
+    def __call__(self, x_xD: jax.Array) -> jax.Array:
+        return rms_norm(x_xD, self.scale[...], self.eps)
+
+
+def positions_from_segments(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Position of each token inside its own document (packing restarts positions at 0)."""
+    T = segment_ids_BxT.shape[1]
+    t_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids_BxT.shape)
+    prev = jnp.pad(segment_ids_BxT[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    start_BxT = jnp.where(segment_ids_BxT != prev, t_BxT, 0)
+    return t_BxT - jax.lax.cummax(start_BxT, axis=1)
+
+
+def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Causal mask that also blocks attention across documents: bool [B, 1, T, T]."""
+    T = segment_ids_BxT.shape[1]
+    causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
+    same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    return (causal_TxT[None] & same_BxTxT)[:, None]
+
+
+def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+    H = x_BxTxNxH.shape[-1]
+    freq_H2 = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+    angle_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * freq_H2
+    sin, cos = jnp.sin(angle_BxTxH2)[:, :, None], jnp.cos(angle_BxTxH2)[:, :, None]
+    x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        self.n_heads, self.n_kv_heads, self.theta = N, K, cfg.rope_theta
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.wq = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), std, pd)
+        self.wk = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std, pd)
+        self.wv = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std, pd)
+        self.wo = param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), cfg.out_std, pd)
+
+    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+        dt = self.dtype
+        q_BxTxNxH = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.wq[...].astype(dt))
+        k_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.wk[...].astype(dt))
+        v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.wv[...].astype(dt))
+        q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.theta)
+        k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.theta)
+        out_BxTxNxH = jax.nn.dot_product_attention(
+            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, implementation="xla")
+        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.wo[...].astype(dt))
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.resolved_d_ff
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.w_gate = param(rngs, (D, F), ("embed", "mlp"), std, pd)
+        self.w_up = param(rngs, (D, F), ("embed", "mlp"), std, pd)
+        self.w_down = param(rngs, (F, D), ("mlp", "embed"), cfg.out_std, pd)
+
+    def __call__(self, x_BxTxD):
+        dt = self.dtype
+        gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.w_gate[...].astype(dt))
+        up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.w_up[...].astype(dt))
+        h_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "seq", "mlp"))
+        return jnp.einsum("btf,fd->btd", h_BxTxF, self.w_down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd)
+        self.mlp = SwiGLU(cfg, rngs=rngs)
+
+    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_Bx1xTxT)
+        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+        return constrain(x_BxTxD, ("batch", "seq", None))
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stacked_blocks(cfg, n: int, axis_name: str, *, rngs: nnx.Rngs) -> Block:
+    """``n`` Blocks whose parameters are stacked on a leading axis named ``axis_name``."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: axis_name})
+    def create(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=rngs)
+
+    return create(rngs)
+
+
+def scan_blocks(blocks: Block, x_BxTxD, positions_BxT, mask_Bx1xTxT, remat: str):
+    """Apply stacked ``blocks`` in sequence with ``nnx.scan`` (one compiled layer body)."""
+
+    def body(x, block):
+        return block(x, positions_BxT, mask_Bx1xTxT)
+
+    if remat != "none":
+        body = nnx.remat(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    scanned = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                       transform_metadata={nnx.PARTITION_NAME: "layers"})
+    return scanned(x_BxTxD, blocks)

@@ -1,0 +1,151 @@
+"""Device mesh from config and logical-axis rules that map parameter/activation axes to it.
+
+Parameters carry logical axis names (``vocab, embed, mlp, q_heads, kv_heads, head_dim, layers,
+mtp_heads``); activations use ``batch`` and friends. A rule list in the config maps each logical
+name to zero or more mesh axes (``data, fsdp, tensor``). A dimension whose size is not divisible by
+its mesh axes is replicated instead, so odd shapes (e.g. 3 kv heads on tensor=2) still run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("embed_out", "tensor"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+    ("mtp_heads", None),
+    ("seq", None),
+)
+
+
+def resolve_mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
+    """Sizes of (data, fsdp, tensor); at most one may be -1 (= fill with remaining devices)."""
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    fill = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fill) > 1:
+        raise ValueError(
+            f"mesh: at most one of mesh.data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}."
+            " Set all but one to explicit sizes."
+        )
+    for axis, s in zip(MESH_AXES, sizes):
+        if s == 0 or s < -1:
+            raise ValueError(f"mesh.{axis}={s} is invalid: use a positive size or -1 to fill.")
+    known = math.prod(s for s in sizes if s != -1)
+    if fill:
+        if n_devices % known:
+            raise ValueError(
+                f"mesh: the fixed axes {dict(zip(MESH_AXES, sizes))} multiply to {known}, which does not"
+                f" divide the {n_devices} available devices. Pick sizes whose product divides {n_devices}."
+            )
+        sizes[fill[0]] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(
+            f"mesh: data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but"
+            f" {n_devices} devices are available. Make the product equal {n_devices}"
+            " (or set one axis to -1 to fill)."
+        )
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(mesh_cfg, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def rules_from_config(rules_cfg) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Normalize a rule list to ``((logical, (mesh axes...)), ...)``."""
+    out = []
+    for logical, axes in rules_cfg:
+        if axes is None:
+            axes = ()
+        elif isinstance(axes, str):
+            axes = (axes,)
+        for a in axes:
+            if a not in MESH_AXES:
+                raise ValueError(
+                    f"sharding.rules: logical axis {logical!r} maps to unknown mesh axis {a!r};"
+                    f" mesh axes are {MESH_AXES}."
+                )
+        out.append((logical, tuple(axes)))
+    return tuple(out)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules) -> PartitionSpec:
+    """Mesh PartitionSpec for an array with these logical axes and shape.
+
+    A mesh axis is used at most once per array (first dimension wins); a dimension not divisible
+    by the product of its mesh axes is replicated.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical_axes, shape):
+        axes = tuple(a for a in table.get(name, ()) if a not in used and mesh.shape[a] > 1) if name else ()
+        while axes and size % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def param_shardings(abstract_state, mesh: Mesh, rules):
+    """NamedShardings for an ``nnx.State`` whose Variables carry ``out_sharding`` logical names."""
+    from flax import nnx
+
+    def one(v):
+        names = v.get_metadata().get("out_sharding") or (None,) * len(v.shape)
+        return v.replace(NamedSharding(mesh, logical_to_spec(names, v.shape, mesh, rules)))
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# --- activation constraints ------------------------------------------------------------------
+_CONTEXT: list[tuple[Mesh, tuple]] = []
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules) -> Iterator[None]:
+    """Within this context ``constrain`` pins activations to the mesh; outside it is a no-op."""
+    _CONTEXT.append((mesh, rules))
+    try:
+        yield
+    finally:
+        _CONTEXT.pop()
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    if not _CONTEXT:
+        return x
+    mesh, rules = _CONTEXT[-1]
+    spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+    """Sharding of host batches ``[B, T, ...]``: batch axis over the batch mesh axes."""
+    axes = tuple(a for a in dict(rules).get("batch", ()) if mesh.shape[a] > 1)
+    first = axes[0] if len(axes) == 1 else (axes or None)
+    return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh, rules) -> int:
+    return math.prod(mesh.shape[a] for a in dict(rules).get("batch", ()))

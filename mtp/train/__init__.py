@@ -1,0 +1,1 @@
+"""Training: optimizer, sharded train state, jitted step, checkpoints, metrics, the loop."""

@@ -1,0 +1,207 @@
+"""``mtp train``: validate -> data -> mesh + sharded state (fresh or resumed) -> jitted steps with
+a progress bar, metrics, checkpoints -> per-head evaluation table on the held-out split."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from mtp.config import ConfigError, validate
+from mtp.losses import head_weights
+from mtp.model.spec import ModelSpec
+from mtp.perf import peak_flops
+from mtp.sharding import batch_sharding, make_mesh, rules_from_config
+from mtp.train.checkpoint import Checkpointer, save_json
+from mtp.train.metrics import MetricWriter
+from mtp.train.optim import lr_schedule, make_optimizer
+from mtp.train.state import make_layout
+from mtp.train.step import make_eval_step, make_train_step
+
+
+def log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_workdir(cfg) -> Path:
+    return Path(cfg.workdir or f"runs/{cfg.name}").absolute()
+
+
+def _check_same_model(workdir: Path, cfg) -> None:
+    """Resuming with a different model/data shape would fail deep inside Orbax; say it plainly."""
+    saved = workdir / "config.json"
+    if not saved.exists():
+        return
+    old = json.loads(saved.read_text())
+    for section in ("model", "data"):
+        diff = {k: (old.get(section, {}).get(k), v) for k, v in cfg[section].to_dict().items()
+                if old.get(section, {}).get(k) != (list(v) if isinstance(v, tuple) else v)}
+        if diff:
+            raise ConfigError(
+                f"{workdir} holds a run with a different {section} config (key: (saved, now)):"
+                f" {diff}. Resume with the same config, or pass a new --workdir.")
+
+
+def global_batch(local: dict, sharding) -> dict:
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v, np.int32))
+            for k, v in local.items()}
+
+
+def evaluate(eval_step, params, batches, sharding, n_future: int) -> dict:
+    """Token-weighted per-head loss and top-1 accuracy over ``batches``."""
+    total = None
+    for local in batches:
+        aux = jax.device_get(eval_step(params, global_batch(local, sharding)))
+        total = aux if total is None else jax.tree.map(np.add, total, aux)
+    count = np.maximum(total["count"], 1.0)
+    return {"loss": (total["sum_ce"] / count).tolist(), "acc": (total["sum_correct"] / count).tolist(),
+            "tokens": total["count"].tolist()}
+
+
+def format_table(result: dict) -> str:
+    rows = ["head  predicts  loss     ppl       top1-acc  tokens",
+            "----  --------  -------  --------  --------  -------"]
+    for i, (loss, acc, n) in enumerate(zip(result["loss"], result["acc"], result["tokens"])):
+        rows.append(f"{i + 1:<4}  t+{i + 1:<6}  {loss:7.4f}  {np.exp(loss):8.2f}  {acc:8.4f}  {int(n):7d}")
+    return "\n".join(rows)
+
+
+class _Preemption:
+    """SIGTERM (a preemption notice) asks the loop to checkpoint at the next step and exit."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a test runner); nothing to install
+            pass
+
+    def _handle(self, *_):
+        self.requested = True
+
+
+def train(cfg) -> dict:
+    """Run (or resume) training for ``cfg``; returns the final held-out evaluation."""
+    from mtp.data.pipeline import make_dataset
+    from mtp.data.prepare import prepare_data
+
+    validate(cfg, jax.device_count(), jax.process_count())
+    workdir = resolve_workdir(cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_same_model(workdir, cfg)
+
+    data = prepare_data(cfg.data)
+    if data.tokenizer.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(f"The tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size="
+                          f"{cfg.model.vocab_size}. Set model.vocab_size={data.tokenizer.vocab_size}.")
+    if jax.process_index() == 0:
+        save_json(workdir / "config.json", cfg.to_dict())
+        shutil.copy(data.tokenizer.path, workdir / "tokenizer.model")
+
+    spec = ModelSpec.from_config(cfg.model)
+    mesh = make_mesh(cfg.mesh)
+    rules = rules_from_config(cfg.sharding.rules)
+    t = cfg.train
+    tx = make_optimizer(cfg.optim, t.steps)
+    schedule = lr_schedule(cfg.optim, t.steps)
+    layout, init = make_layout(spec, tx, mesh, rules, cfg.seed)
+    batch_sh = batch_sharding(mesh, rules)
+    weights = head_weights(cfg.loss, spec.n_future)
+    train_step = make_train_step(layout, tx, schedule, mesh, rules, cfg, weights, batch_sh)
+    eval_step = make_eval_step(layout, mesh, rules, cfg, batch_sh)
+
+    local_batch = t.batch_size // jax.process_count()
+    common = dict(seq_len=t.seq_len, batch_size=local_batch, process_index=jax.process_index(),
+                  process_count=jax.process_count())
+    train_iter = iter(make_dataset(cfg.data, "train", data.tokenizer, seed=cfg.seed,
+                                   source=data.sources["train"], **common))
+
+    ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
+    start = ckpt.latest_step()
+    if start is not None:
+        state, data_state, _ = ckpt.restore(start, layout.abstract, layout.shardings)
+        if data_state:
+            train_iter.set_state(data_state)
+        log(f"Resumed from {ckpt.directory}/{start} (step {int(state['step'])}).")
+    else:
+        state, start = init(), 0
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    log(f"Model: {n_params / 1e6:.2f}M parameters, n_future={spec.n_future} ({spec.head_type} heads),"
+        f" trunk {spec.trunk_layers} layers; mesh {dict(mesh.shape)}; workdir {workdir}")
+
+    peak, peak_src = peak_flops(cfg.perf, cfg.model.dtype)
+    flops_per_token = spec.flops_per_token(t.seq_len)
+    writer = MetricWriter(workdir, tensorboard=t.tensorboard)
+    preempt = _Preemption()
+    tokens_per_step = t.batch_size * t.seq_len
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=jax.process_index() != 0, file=sys.stderr)
+    window_start, window_steps, step = None, 0, start
+    try:
+        while step < t.steps:
+            state, metrics = train_step(state, global_batch(next(train_iter), batch_sh))
+            step += 1
+            window_steps += 1
+            bar.update(1)
+            if window_start is None:  # the first step compiles; time from the second on
+                jax.block_until_ready(metrics)
+                window_start, window_steps = time.perf_counter(), 0
+            if step % t.log_every == 0 or step == t.steps:
+                metrics = jax.device_get(metrics)
+                if window_steps:
+                    elapsed = time.perf_counter() - window_start
+                    tps = window_steps * tokens_per_step / elapsed
+                    metrics.update({"perf/tokens_per_s": tps, "perf/step_time_s": elapsed / window_steps,
+                                    "perf/flops_per_s": tps * flops_per_token,
+                                    "perf/mfu": tps * flops_per_token / peak})
+                    window_start, window_steps = time.perf_counter(), 0
+                writer.write(step, metrics)
+                heads = " ".join(f"h{i + 1}={metrics[f'loss/head_{i + 1}']:.3f}"
+                                 for i in range(spec.n_future))
+                bar.set_postfix_str(f"loss={metrics['loss/total']:.3f} {heads}", refresh=False)
+            if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                result = evaluate(eval_step, state["params"], _eval_batches(cfg, data, common),
+                                  batch_sh, spec.n_future)
+                writer.write(step, _eval_scalars(result), split="validation")
+            if step % t.checkpoint_every == 0 or step == t.steps or preempt.requested:
+                ckpt.save(step, state, train_iter.get_state(), {"step": step}, force=True)
+            if preempt.requested:
+                log(f"SIGTERM: saved a checkpoint at step {step}; exiting. Rerun the same command to resume.")
+                ckpt.close()
+                sys.exit(0)
+    finally:
+        bar.close()
+    ckpt.close()
+
+    result = evaluate(eval_step, state["params"], _eval_batches(cfg, data, common), batch_sh,
+                      spec.n_future)
+    writer.write(step, _eval_scalars(result), split="validation")
+    writer.close()
+    result.update(step=step, peak_flops=peak, peak_source=peak_src)
+    if jax.process_index() == 0:
+        save_json(workdir / "eval.json", result)
+        print(f"\nHeld-out split ({cfg.data.source}, validation), step {step}:\n{format_table(result)}")
+    return result
+
+
+def _eval_batches(cfg, data, common):
+    from mtp.data.pipeline import make_dataset
+
+    it = iter(make_dataset(cfg.data, "validation", data.tokenizer, seed=1234,
+                           source=data.sources["validation"], **common))
+    return (next(it) for _ in range(cfg.train.eval_batches))
+
+
+def _eval_scalars(result: dict) -> dict:
+    out = {}
+    for i, (loss, acc) in enumerate(zip(result["loss"], result["acc"])):
+        out[f"loss/head_{i + 1}"], out[f"acc/head_{i + 1}"] = loss, acc
+    return out

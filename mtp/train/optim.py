@@ -1,0 +1,33 @@
+"""AdamW with linear warmup + cosine decay, global-norm clipping, optional frozen parameters."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+
+def lr_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=optim_cfg.lr * optim_cfg.min_lr_ratio)
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only: not on norm scales."""
+    def keep(path, _):
+        return not any("norm" in str(getattr(k, "key", k)) for k in path)
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(optim_cfg, total_steps: int, trainable=None) -> optax.GradientTransformation:
+    """``trainable``: optional bool pytree (like params); False leaves are frozen (no update)."""
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim_cfg.clip_norm),
+        optax.adamw(lr_schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
+                    eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=_decay_mask),
+    )
+    if trainable is not None:
+        labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return tx

@@ -1,0 +1,92 @@
+"""The jitted train and eval steps: explicit in/out shardings, donated state, grad accumulation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mtp.losses import compute_loss, head_targets
+from mtp.sharding import activation_rules, constrain
+
+
+def _to_micro(x_BxT: jax.Array, n_micro: int) -> jax.Array:
+    """[B, T] -> [n_micro, B/n_micro, T]; micro-batch a takes rows a, a+n, ... so every
+    micro-batch is spread over all batch shards."""
+    B = x_BxT.shape[0]
+    return jnp.swapaxes(x_BxT.reshape(B // n_micro, n_micro, *x_BxT.shape[1:]), 0, 1)
+
+
+def _per_head_metrics(prefix_sums: dict, n_future: int) -> dict:
+    count_N = jnp.maximum(prefix_sums["count"], 1.0)
+    loss_N, acc_N = prefix_sums["sum_ce"] / count_N, prefix_sums["sum_correct"] / count_N
+    out = {}
+    for i in range(n_future):
+        out[f"loss/head_{i + 1}"] = loss_N[i]
+        out[f"acc/head_{i + 1}"] = acc_N[i]
+    return out
+
+
+def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sharding):
+    """Returns ``step(state, batch) -> (state, metrics)``, jitted over the mesh."""
+    graphdef, n_future = layout.graphdef, cfg.model.n_future
+    impl, chunk, n_micro = cfg.loss.impl, cfg.loss.chunk_size, cfg.train.grad_accum
+    weights_N = jnp.asarray(weights_N)
+
+    def loss_fn(params, tokens_BxT, segment_ids_BxT, normalizer_N):
+        model = nnx.merge(graphdef, params)
+        return compute_loss(impl, model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, batch):
+        with activation_rules(mesh, rules):
+            tokens_BxT, segment_ids_BxT = batch["tokens"], batch["segment_ids"]
+            _, mask_NxBxT = head_targets(tokens_BxT, segment_ids_BxT, n_future)
+            normalizer_N = mask_NxBxT.sum((1, 2)).astype(jnp.float32)
+            params = state["params"]
+            if n_micro == 1:
+                (loss, aux), grads = grad_fn(params, tokens_BxT, segment_ids_BxT, normalizer_N)
+            else:
+                def micro(grads_acc, mb):
+                    tok = constrain(mb[0], ("batch", "seq"))
+                    seg = constrain(mb[1], ("batch", "seq"))
+                    (loss, aux), g = grad_fn(params, tok, seg, normalizer_N)
+                    return jax.tree.map(jnp.add, grads_acc, g), (loss, aux)
+
+                zeros = jax.tree.map(jnp.zeros_like, params)
+                grads, (losses, auxs) = jax.lax.scan(
+                    micro, zeros, (_to_micro(tokens_BxT, n_micro), _to_micro(segment_ids_BxT, n_micro)))
+                loss, aux = losses.sum(), jax.tree.map(lambda x: x.sum(0), auxs)
+            grad_norm = optax.global_norm(grads)
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                         "step": state["step"] + 1}
+            metrics = {"loss/total": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                       **_per_head_metrics(aux, n_future)}
+            return new_state, metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sh = {"tokens": batch_sharding, "segment_ids": batch_sharding}
+    return jax.jit(step, in_shardings=(layout.shardings, batch_sh),
+                   out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(layout, mesh, rules, cfg, batch_sharding):
+    """Returns ``eval_step(params, batch) -> per-head sums`` (sum_ce, sum_correct, count)."""
+    graphdef, n_future = layout.graphdef, cfg.model.n_future
+    weights_N = jnp.ones((n_future,), jnp.float32)
+
+    def eval_step(params, batch):
+        with activation_rules(mesh, rules):
+            model = nnx.merge(graphdef, params)
+            _, aux = compute_loss(cfg.loss.impl, model, batch["tokens"], batch["segment_ids"],
+                                  weights_N, jnp.ones((n_future,)), cfg.loss.chunk_size)
+            return aux
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sh = {"tokens": batch_sharding, "segment_ids": batch_sharding}
+    return jax.jit(eval_step, in_shardings=(layout.shardings["params"], batch_sh),
+                   out_shardings=replicated)
