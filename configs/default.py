@@ -21,12 +21,12 @@ def get_config():
     c.model.n_kv_heads = 4
     c.model.n_future = 4
     c.model.head_type = "transformer"
-    c.train.steps = 600
-    c.train.batch_size = 16
+    c.train.steps = 400
+    c.train.batch_size = 8
     c.train.seq_len = 256
     c.train.log_every = 10
     c.train.checkpoint_every = 200
     c.train.eval_batches = 16
     c.optim.lr = 3e-3
-    c.optim.warmup_steps = 60
+    c.optim.warmup_steps = 40
     return c

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp.model.transformer import rms_norm
+from mtp.model.transformer import dense, rms_norm
 
 LOSS_IMPLS = ("vmap", "scan")
 WEIGHTINGS = ("uniform", "geometric")
@@ -59,10 +59,15 @@ def head_weights(loss_cfg, n_future: int) -> np.ndarray:
 def _ce_sums(logits_xV, targets_x, mask_x):
     """Masked cross-entropy and top-1 hits per position (softmax in float32)."""
     logits_xV = logits_xV.astype(jnp.float32)
-    lse_x = jax.nn.logsumexp(logits_xV, axis=-1)
-    target_logit_x = jnp.take_along_axis(logits_xV, targets_x[..., None], axis=-1)[..., 0]
+    # One max-reduce serves both the stable logsumexp and top-1 (target logit == max, ties aside);
+    # on CPU a separate argmax costs as much as the whole softmax.
+    max_x = jax.lax.stop_gradient(jnp.max(logits_xV, axis=-1))
+    lse_x = max_x + jnp.log(jnp.sum(jnp.exp(logits_xV - max_x[..., None]), axis=-1))
+    # A masked sum instead of a gather: its gradient is a fused select, not a scatter.
+    is_target_xV = jnp.arange(logits_xV.shape[-1], dtype=targets_x.dtype) == targets_x[..., None]
+    target_logit_x = jnp.sum(jnp.where(is_target_xV, logits_xV, 0.0), axis=-1)
     ce_x = lse_x - target_logit_x
-    correct_x = jnp.argmax(logits_xV, axis=-1) == targets_x
+    correct_x = target_logit_x >= max_x
     return ce_x * mask_x, correct_x * mask_x
 
 
@@ -91,7 +96,7 @@ def chunked_ce(hidden_BxTxD, norm_scale_D, eps, unembed_DxV, targets_BxT, mask_B
 
     @jax.checkpoint
     def one_chunk(h_BxCxD, t_BxC, m_BxC):
-        logits_BxCxV = rms_norm(h_BxCxD, norm_scale_D, eps) @ unembed_DxV
+        logits_BxCxV = dense(rms_norm(h_BxCxD, norm_scale_D, eps), unembed_DxV)
         ce, correct = _ce_sums(logits_BxCxV, t_BxC, m_BxC)
         return ce.sum(), correct.sum().astype(jnp.float32)
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
     """Best achieved FLOP/s of an ``n x n @ n x n`` matmul on the default device."""
     a = jnp.ones((n, n), dtype)

@@ -2,11 +2,18 @@
 
 from mtp.data.corpus import build_corpus, list_files, split_of
 from mtp.data.pipeline import batch_iterator, make_dataset
-from mtp.data.prepare import PreparedData, check_data_config, prepare_data
+from mtp.data.prepare import (
+    PreparedData,
+    TokenizedDocuments,
+    check_data_config,
+    prepare_data,
+    tokenized_documents,
+)
 from mtp.data.tokenizer import Tokenizer
 
 __all__ = [
     "PreparedData",
+    "TokenizedDocuments",
     "Tokenizer",
     "batch_iterator",
     "build_corpus",
@@ -15,4 +22,5 @@ __all__ = [
     "make_dataset",
     "prepare_data",
     "split_of",
+    "tokenized_documents",
 ]

@@ -28,7 +28,8 @@ import tensorflow_datasets as tfds
 STDLIB = "stdlib"
 SPLITS = ("train", "validation")
 _HASH_BUCKETS = 10_000
-_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+_EXCLUDED_DIRS = frozenset({"__pycache__"})
+_STDLIB_EXCLUDED_DIRS = _EXCLUDED_DIRS | {"site-packages", "dist-packages"}
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
@@ -102,9 +103,11 @@ def _candidate_files(source: str, pattern: str) -> tuple[pathlib.Path, list[path
     if _GLOB_CHARS.search(source):
         expanded = os.path.expanduser(source)
         prefix = _GLOB_CHARS.split(expanded, maxsplit=1)[0]
-        root = pathlib.Path(os.path.dirname(prefix) or ".").resolve()
-        return root, [pathlib.Path(p).resolve() for p in globlib.glob(expanded, recursive=True)]
-    root = pathlib.Path(source).expanduser().resolve()
+        # abspath, not resolve: a symlinked file must stay under the root it was found in.
+        root = pathlib.Path(os.path.abspath(os.path.dirname(prefix) or "."))
+        matches = globlib.glob(expanded, recursive=True)
+        return root, [pathlib.Path(os.path.abspath(p)) for p in matches]
+    root = pathlib.Path(os.path.abspath(os.path.expanduser(source)))
     return root, (list(root.glob(pattern)) if root.is_dir() else [])
 
 
@@ -112,10 +115,11 @@ def list_files(data_cfg: ml_collections.ConfigDict) -> CorpusFiles:
     """Finds the corpus files of `data.source`/`data.glob`; raises if there are none."""
     source, pattern = str(data_cfg.source), str(data_cfg.glob)
     root, candidates = _candidate_files(source, pattern)
+    excluded = _STDLIB_EXCLUDED_DIRS if source == STDLIB else _EXCLUDED_DIRS
     relative_paths, sizes = [], {}
     for path in candidates:
         relative = path.relative_to(root).as_posix()
-        if _EXCLUDED_DIRS.intersection(relative.split("/")) or not path.is_file():
+        if excluded.intersection(relative.split("/")) or not path.is_file():
             continue
         relative_paths.append(relative)
     relative_paths.sort()
@@ -200,9 +204,9 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         splits = assign_splits(readable, self._corpus.val_fraction)
         if not splits["train"]:
             raise ValueError(
-                f"Only {len(readable)} readable file(s) under {self._corpus.root}: need at least 2, one "
-                "for train and one for validation. Fix: add files, raise data.max_files, or widen "
-                "data.glob."
+                f"Only {len(readable)} readable (non-empty UTF-8) file(s) under "
+                f"{self._corpus.root}: need at least 2, one for train and one for validation. "
+                "Fix: add files, raise data.max_files, or widen data.glob."
             )
         return {name: self._generate_examples(paths) for name, paths in splits.items()}
 
@@ -213,13 +217,14 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 @contextlib.contextmanager
 def _quiet_tfds() -> Iterator[None]:
-    """Hides TFDS progress bars and absl chatter (e.g. 'Using custom data configuration')."""
+    """Hides TFDS progress bars and absl chatter; TFDS's own prints go to stderr, not stdout."""
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
     tfds.disable_progress_bar()
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         tfds.enable_progress_bar()
         absl_logger.setLevel(level)
@@ -240,7 +245,8 @@ def build_corpus(data_cfg: ml_collections.ConfigDict) -> TextFiles:
             return builder
         log(
             f"corpus {corpus.name}: {len(corpus.relative_paths)} files, "
-            f"{corpus.total_bytes / 1e6:.1f} MB under {corpus.root}; building ArrayRecord in {builder.data_dir}"
+            f"{corpus.total_bytes / 1e6:.1f} MB under {corpus.root}; "
+            f"building ArrayRecord in {builder.data_dir}"
         )
         start = time.perf_counter()
         builder.download_and_prepare(

@@ -1,7 +1,8 @@
 """Grain pipeline: documents -> tokens -> packed rows with segment ids -> host-local batches.
 
 Order of operations (per process): shard documents -> shuffle (reseeded each epoch) -> repeat ->
-tokenize + eos -> concat-then-split packing into `seq_len` rows -> batch. Everything up to the
+tokens + eos (read from the per-split token cache, or encoded on the fly for a text `source`) ->
+concat-then-split packing into `seq_len` rows -> batch. Everything up to the
 packing is index-based (a `MapDataset`), so the iterator state is tiny and `set_state` resumes
 exactly; the packer records where its current row started and replays from there.
 """
@@ -16,12 +17,14 @@ import grain
 import ml_collections
 import numpy as np
 
-from mtp.data.corpus import build_corpus
+from mtp.data.prepare import tokenized_documents
 from mtp.data.tokenizer import Tokenizer
 
 
 def _tokenize(tokenizer: Tokenizer):
-    def tokenize(document: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def tokenize(document: np.ndarray | Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if isinstance(document, np.ndarray):  # Already tokenized, eos included.
+            return {"tokens": document}
         text = document["text"]
         text = text.decode("utf-8") if isinstance(text, bytes) else text
         return {"tokens": np.asarray([*tokenizer.encode(text), tokenizer.eos_id], np.int32)}
@@ -78,20 +81,23 @@ def make_dataset(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int | None = None,
-    source: Sequence[Mapping[str, Any]] | None = None,
+    source: Sequence[Mapping[str, Any]] | Sequence[np.ndarray] | None = None,
 ) -> grain.IterDataset:
     """Batches `{'tokens', 'segment_ids'}` int32 [batch_size, seq_len] of this process's documents.
 
     Args:
-      data_cfg: the `data` config; its corpus is built (or reused) unless `source` is given.
+      data_cfg: the `data` config; without `source`, documents come from the split's token cache
+        (built, or reused, for this corpus and tokenizer).
       split: 'train' or 'validation'.
-      tokenizer: encodes each document; its eos id ends every document.
+      tokenizer: the tokenizer of the documents; its eos id ends every document.
       seq_len, batch_size: row length T and rows per host batch B (the last partial batch is
         dropped; a finite pass pads only the very last row with pad=0 / segment 0).
       seed: document shuffle seed; each epoch gets a different, deterministic order.
       process_index, process_count: this process reads documents process_index::process_count.
       num_epochs: None repeats forever; an int gives a finite pass (e.g. 1 for validation).
-      source: random-access documents `{'text': str | bytes, ...}` (e.g. from `prepare_data`).
+      source: optional random-access documents instead: `{'text': str | bytes}` mappings
+        (tokenized here, e.g. `prepared.sources[split]`) or int32 token arrays ending with eos
+        (e.g. `prepared.tokens[split]`).
 
     Returns:
       A `grain.IterDataset`; `iter(ds)` is a `grain.DatasetIterator` with `get_state()` /
@@ -108,7 +114,7 @@ def make_dataset(
             "Fix: pass jax.process_index() and jax.process_count()."
         )
     if source is None:
-        source = build_corpus(data_cfg).as_data_source(split)
+        source = tokenized_documents(data_cfg, split, tokenizer)
     if len(source) < process_count:
         raise ValueError(
             f"The {split!r} split has {len(source)} documents, fewer than "

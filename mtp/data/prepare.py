@@ -1,8 +1,14 @@
-"""The data entry point for the trainer: validate `data.*`, build or reuse corpus + tokenizer."""
+"""The data entry point for the trainer: validate `data.*`, build or reuse corpus + tokenizer.
+
+Each split is also tokenized once and cached as flat token arrays (`.npy`, documents end with
+eos). The Grain pipeline reads these instead of running the tokenizer in its loop: on 2 cores
+that is ~10x more tokens/s, and the same pass yields the per-split token counts.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -11,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from mtp.data.corpus import SPLITS, build_corpus, log, resolve_cache_dir
 from mtp.data.tokenizer import Tokenizer, load_or_train_tokenizer
@@ -24,7 +31,28 @@ REQUIRED_KEYS = (
     "tokenizer_max_chars",
     "max_files",
 )
-_STATS_BATCH = 256  # documents per `encode_batch` call when counting tokens
+_ENCODE_BATCH = 256  # documents per `encode_batch` call while tokenizing a split
+
+
+class TokenizedDocuments(Sequence[np.ndarray]):
+    """Random access to the tokenized documents of one split: item i is int32 [len_i], eos last.
+
+    Backed by `<split>.tokens.npy` (all documents back to back, memory-mapped) and
+    `<split>.offsets.npy` (document i is tokens[offsets[i]:offsets[i + 1]]).
+    """
+
+    def __init__(self, directory: pathlib.Path, split: str):
+        self.tokens = np.load(directory / f"{split}.tokens.npy", mmap_mode="r")
+        self.offsets = np.load(directory / f"{split}.offsets.npy")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"document {index} of {len(self)}")
+        index %= len(self)
+        return np.asarray(self.tokens[self.offsets[index] : self.offsets[index + 1]], np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,14 +62,16 @@ class PreparedData:
     Attributes:
       tokenizer: trained on the train split; `tokenizer.vocab_size == data.vocab_size`.
       sources: split -> random-access documents `{'path': bytes, 'text': bytes}` (UTF-8).
+      tokens: split -> the same documents tokenized (int32 arrays ending with eos).
       stats: split -> {'files', 'bytes' (UTF-8 text), 'tokens' (including one eos per file)}.
       skipped: files left out of the corpus: {'empty': n, 'not_utf8': m}.
-      cache_dir: where the corpus and tokenizer live.
+      cache_dir: where the corpus, tokenizer and token arrays live.
       corpus_name: TFDS config name (`<slug>-<fingerprint>`).
     """
 
     tokenizer: Tokenizer
     sources: Mapping[str, Sequence[Mapping[str, Any]]]
+    tokens: Mapping[str, TokenizedDocuments]
     stats: Mapping[str, Mapping[str, int]]
     skipped: Mapping[str, int]
     cache_dir: pathlib.Path
@@ -73,51 +103,103 @@ def _documents(source: Sequence[Mapping[str, Any]]) -> Iterator[tuple[str, str]]
         yield document["path"].decode("utf-8"), document["text"].decode("utf-8")
 
 
-def _count_split(source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer) -> dict[str, int]:
-    files = text_bytes = tokens = 0
-    batch: list[str] = []
+def _atomic_save(path: pathlib.Path, array: np.ndarray) -> None:
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
+    np.save(partial, array)
+    os.replace(partial, path)
+
+
+def _tokenize_split(
+    source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, directory: pathlib.Path, split: str
+) -> dict[str, int]:
+    """Writes `<split>.tokens.npy` / `.offsets.npy` / `.stats.json` (last = completion marker)."""
+    encode_batch = getattr(tokenizer, "encode_batch", None) or (
+        lambda texts: [tokenizer.encode(text) for text in texts]
+    )
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+    pieces, lengths, text_bytes, batch = [], [], 0, []
     for index, (_, text) in enumerate(_documents(source)):
-        files += 1
         text_bytes += len(text.encode("utf-8"))
         batch.append(text)
-        if len(batch) == _STATS_BATCH or index == len(source) - 1:
-            tokens += sum(len(ids) + 1 for ids in tokenizer.encode_batch(batch))
+        if len(batch) == _ENCODE_BATCH or index == len(source) - 1:
+            for ids in encode_batch(batch):
+                pieces.append(np.asarray([*ids, tokenizer.eos_id], dtype))
+                lengths.append(len(ids) + 1)
             batch = []
-    return {"files": files, "bytes": text_bytes, "tokens": tokens}
-
-
-def _load_or_count(sources, tokenizer: Tokenizer) -> dict[str, dict[str, int]]:
-    """Per-split stats, cached next to the tokenizer (counting tokens encodes the whole corpus)."""
-    path = tokenizer.path.with_suffix(".stats.json")
-    if path.exists():
-        return json.loads(path.read_text())
-    start = time.perf_counter()
-    stats = {split: _count_split(source, tokenizer) for split, source in sources.items()}
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(stats, indent=1))
-    os.replace(partial, path)
-    log(f"stats: counted tokens in {time.perf_counter() - start:.1f} s: {stats}")
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_save(directory / f"{split}.tokens.npy", np.concatenate(pieces))
+    _atomic_save(directory / f"{split}.offsets.npy", np.cumsum([0, *lengths], dtype=np.int64))
+    stats = {"files": len(lengths), "bytes": text_bytes, "tokens": int(sum(lengths))}
+    partial = directory / f"{split}.stats.json.{os.getpid()}.tmp"
+    partial.write_text(json.dumps(stats))
+    os.replace(partial, directory / f"{split}.stats.json")
     return stats
 
 
-def prepare_data(data_cfg: ml_collections.ConfigDict) -> PreparedData:
-    """Builds (or reuses) the corpus, the tokenizer trained on its train split, and its stats."""
+def load_or_tokenize(
+    source: Sequence[Mapping[str, Any]],
+    tokenizer: Tokenizer,
+    *,
+    cache_dir: pathlib.Path,
+    corpus_name: str,
+    split: str,
+) -> tuple[TokenizedDocuments, dict[str, int]]:
+    """The split's cached token arrays and stats, keyed by corpus + tokenizer file contents."""
+    digest = hashlib.sha1(pathlib.Path(tokenizer.path).read_bytes()).hexdigest()[:16]
+    directory = cache_dir / "tokens" / corpus_name / digest
+    stats_path = directory / f"{split}.stats.json"
+    if stats_path.exists():
+        stats = json.loads(stats_path.read_text())
+    else:
+        start = time.perf_counter()
+        stats = _tokenize_split(source, tokenizer, directory, split)
+        log(f"tokens: {split} tokenized in {time.perf_counter() - start:.1f} s: {stats}")
+    return TokenizedDocuments(directory, split), stats
+
+
+def tokenized_documents(
+    data_cfg: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer
+) -> TokenizedDocuments:
+    """The tokenized documents of `split` for `tokenizer`, building whatever is not cached."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {SPLITS}. Fix: pick one of those.")
     check_data_config(data_cfg)
     builder = build_corpus(data_cfg)
+    documents, _ = load_or_tokenize(
+        builder.as_data_source(split),
+        tokenizer,
+        cache_dir=resolve_cache_dir(data_cfg),
+        corpus_name=builder.builder_config.name,
+        split=split,
+    )
+    return documents
+
+
+def prepare_data(data_cfg: ml_collections.ConfigDict) -> PreparedData:
+    """Builds (or reuses) the corpus, its tokenizer (trained on train), token arrays and stats."""
+    check_data_config(data_cfg)
+    builder = build_corpus(data_cfg)
+    corpus_name = builder.builder_config.name
     sources = {split: builder.as_data_source(split) for split in SPLITS}
     cache_dir = resolve_cache_dir(data_cfg)
     tokenizer = load_or_train_tokenizer(
         _documents(sources["train"]),
         cache_dir=cache_dir,
-        corpus_name=builder.builder_config.name,
+        corpus_name=corpus_name,
         vocab_size=int(data_cfg.vocab_size),
         max_chars=int(data_cfg.tokenizer_max_chars),
     )
+    tokens, stats = {}, {}
+    for split, source in sources.items():
+        tokens[split], stats[split] = load_or_tokenize(
+            source, tokenizer, cache_dir=cache_dir, corpus_name=corpus_name, split=split
+        )
     return PreparedData(
         tokenizer=tokenizer,
         sources=sources,
-        stats=_load_or_count(sources, tokenizer),
+        tokens=tokens,
+        stats=stats,
         skipped=dict(builder.info.metadata.get("skipped", {})),
         cache_dir=cache_dir,
-        corpus_name=builder.builder_config.name,
+        corpus_name=corpus_name,
     )

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtp.model.transformer import Block, param, stacked_blocks
+from mtp.model.transformer import Block, dense, param, stacked_blocks
 
 
 class LinearHead(nnx.Module):
@@ -22,7 +22,7 @@ class LinearHead(nnx.Module):
 
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
         del positions_BxT, mask_Bx1xTxT
-        return x_BxTxD + jnp.einsum("btd,de->bte", x_BxTxD, self.w[...].astype(self.dtype))
+        return x_BxTxD + dense(x_BxTxD, self.w[...].astype(self.dtype))
 
 
 HEAD_TYPES = ("transformer", "linear")

@@ -8,8 +8,15 @@ from flax import nnx
 
 from mtp.model.heads import apply_heads, make_heads
 from mtp.model.spec import ModelSpec
-from mtp.model.transformer import (RMSNorm, attention_mask, param, positions_from_segments,
-                                   scan_blocks, stacked_blocks)
+from mtp.model.transformer import (
+    RMSNorm,
+    attention_mask,
+    dense,
+    param,
+    positions_from_segments,
+    scan_blocks,
+    stacked_blocks,
+)
 from mtp.sharding import constrain
 
 
@@ -46,7 +53,7 @@ class MTPLM(nnx.Module):
 
     def project(self, hidden_xD: jax.Array) -> jax.Array:
         """Shared final norm + unembedding: ``[..., D] -> [..., V]`` logits."""
-        return jnp.einsum("...d,dv->...v", self.final_norm(hidden_xD), self.unembed_DxV())
+        return dense(self.final_norm(hidden_xD), self.unembed_DxV())
 
     def head_hidden(self, h_BxTxD, positions_BxT, mask_Bx1xTxT) -> jax.Array:
         return apply_heads(self.heads, h_BxTxD, positions_BxT, mask_Bx1xTxT)

@@ -25,6 +25,13 @@ def rms_norm(x_xD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
     return (y * scale_D.astype(jnp.float32)).astype(x_xD.dtype)
 
 
+def dense(x_xI: jax.Array, w_IxO: jax.Array) -> jax.Array:
+    """``x @ w`` over the last axis as ONE 2-D matmul (XLA:CPU runs [M,I]x[I,O] much faster
+    than the equivalent batched einsum)."""
+    out = x_xI.reshape(-1, w_IxO.shape[0]) @ w_IxO
+    return out.reshape(*x_xI.shape[:-1], w_IxO.shape[1])
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
         self.eps = eps
@@ -74,15 +81,16 @@ class Attention(nnx.Module):
         self.wo = param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), cfg.out_std, pd)
 
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
-        dt = self.dtype
-        q_BxTxNxH = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.wq[...].astype(dt))
-        k_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.wk[...].astype(dt))
-        v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.wv[...].astype(dt))
+        dt, (B, T, D) = self.dtype, x_BxTxD.shape
+        N, K = self.n_heads, self.n_kv_heads
+        q_BxTxNxH = dense(x_BxTxD, self.wq[...].astype(dt).reshape(D, -1)).reshape(B, T, N, -1)
+        k_BxTxKxH = dense(x_BxTxD, self.wk[...].astype(dt).reshape(D, -1)).reshape(B, T, K, -1)
+        v_BxTxKxH = dense(x_BxTxD, self.wv[...].astype(dt).reshape(D, -1)).reshape(B, T, K, -1)
         q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.theta)
         k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.theta)
         out_BxTxNxH = jax.nn.dot_product_attention(
             q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, implementation="xla")
-        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.wo[...].astype(dt))
+        return dense(out_BxTxNxH.reshape(B, T, -1), self.wo[...].astype(dt).reshape(-1, D))
 
 
 class SwiGLU(nnx.Module):
@@ -96,10 +104,10 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BxTxD):
         dt = self.dtype
-        gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.w_gate[...].astype(dt))
-        up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.w_up[...].astype(dt))
+        gate_BxTxF = dense(x_BxTxD, self.w_gate[...].astype(dt))
+        up_BxTxF = dense(x_BxTxD, self.w_up[...].astype(dt))
         h_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "seq", "mlp"))
-        return jnp.einsum("btf,fd->btd", h_BxTxF, self.w_down[...].astype(dt))
+        return dense(h_BxTxF, self.w_down[...].astype(dt))
 
 
 class Block(nnx.Module):
