@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "none"
     m.dtype = "float32"  # compute dtype
     m.param_dtype = "float32"
-    m.init_std = 0.02
+    m.init_std = 0.0  # 0 -> 1/sqrt(fan_in) per matrix
 
     c.loss = lo = ml_collections.ConfigDict()
     lo.impl = "scan"  # 'vmap' | 'scan' (memory-flat)

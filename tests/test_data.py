@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mtp.data import corpus, make_dataset, prepare_data
+from mtp.data.pipeline import DocumentPieces
 from mtp.data.prepare import check_data_config
 from mtp.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
 
@@ -266,7 +267,7 @@ def test_tokenizer_round_trips_real_stdlib_files(tmp_path):
 # ---------------------------------------------------------------------------- pipeline
 
 
-def test_packing_keeps_every_document_in_order(tiny):
+def test_packing_keeps_every_piece_of_every_document(tiny):
     cfg, _, data = tiny
     seq_len = 32
     source = data.sources["train"]
@@ -282,6 +283,9 @@ def test_packing_keeps_every_document_in_order(tiny):
             source=source,
         )
     )
+    expected = [[*data.tokenizer.encode(doc["text"].decode()), EOS_ID] for doc in source]
+    assert max(map(len, expected)) > 4 * seq_len  # long documents are cut into pieces, not dropped
+    pieces = {tuple(doc[i : i + seq_len]) for doc in expected for i in range(0, len(doc), seq_len)}
     for index, batch in enumerate(batches):
         tokens, segments = batch["tokens"][0], batch["segment_ids"][0]
         assert batch["tokens"].shape == batch["segment_ids"].shape == (1, seq_len)
@@ -293,13 +297,13 @@ def test_packing_keeps_every_document_in_order(tiny):
             assert np.all(segments > 0)  # only the final row of a finite pass is padded
         else:
             assert np.all(segments[len(used) :] == 0) and np.all(tokens[len(used) :] == PAD_ID)
-        for t in np.flatnonzero(np.diff(segments) > 0) + 1:
-            if segments[t] > 0:
-                assert tokens[t - 1] == EOS_ID  # a new segment starts right after eos
-
-    expected = [[*data.tokenizer.encode(doc["text"].decode()), EOS_ID] for doc in source]
-    assert max(map(len, expected)) > 4 * seq_len  # long documents are chunked, not dropped
-    assert sorted(unpack(batches)) == sorted(expected)
+        for segment in np.unique(used):  # every segment is (part of) one piece of one document
+            run = tuple(tokens[segments == segment].tolist())
+            assert any(run == p[: len(run)] or run == p[-len(run) :] for p in pieces), run
+    stream = np.concatenate([b["tokens"][b["segment_ids"] > 0] for b in batches])
+    # every token of every document arrives exactly once
+    assert sorted(stream.tolist()) == sorted(t for doc in expected for t in doc)
+    assert int(np.sum(stream == EOS_ID)) == len(expected)
 
 
 def test_token_cache_path_gives_the_same_batches_as_text(tiny):
@@ -327,10 +331,15 @@ def test_batches_have_fixed_shape(tiny):
         assert np.all(batch["segment_ids"] >= 1)  # an endless stream is never padded
 
 
-def test_processes_read_disjoint_documents_covering_the_split(tiny):
+def _stream(batches) -> list[int]:
+    return np.concatenate([b["tokens"][b["segment_ids"] > 0] for b in batches]).tolist()
+
+
+def test_processes_read_disjoint_pieces_covering_the_split(tiny):
     cfg, _, data = tiny
-    all_texts = sorted(doc["text"].decode() for doc in data.sources["train"])
-    seen = []
+    docs = [[*data.tokenizer.encode(doc["text"].decode()), EOS_ID] for doc in data.sources["train"]]
+    pieces = DocumentPieces([np.asarray(d, np.int32) for d in docs], 64)
+    total = 0
     for process_index in range(3):
         ds = make_dataset(
             cfg,
@@ -344,17 +353,18 @@ def test_processes_read_disjoint_documents_covering_the_split(tiny):
             process_count=3,
             source=data.sources["train"],
         )
-        texts = [data.tokenizer.decode(doc) for doc in unpack(list(ds))]
-        assert 0.2 * len(all_texts) < len(texts) < 0.5 * len(all_texts)
-        seen.append(set(texts))
-    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
-    assert sorted(seen[0] | seen[1] | seen[2]) == all_texts
+        stream = _stream(list(ds))
+        mine = [t for i in range(process_index, len(pieces), 3) for t in pieces[i].tolist()]
+        assert sorted(stream) == sorted(mine)  # exactly this process's pieces (pieces i::3)
+        assert 0.2 < len(stream) / sum(map(len, docs)) < 0.5
+        total += len(stream)
+    assert total == sum(map(len, docs))
 
 
 def test_each_epoch_has_a_new_order_and_seeds_matter(tiny):
     cfg, _, data = tiny
 
-    def doc_order(seed):
+    def stream(seed):
         ds = make_dataset(
             cfg,
             "validation",
@@ -365,14 +375,14 @@ def test_each_epoch_has_a_new_order_and_seeds_matter(tiny):
             num_epochs=2,
             source=data.sources["validation"],
         )
-        return [tuple(doc) for doc in unpack(list(ds))]
+        return _stream(list(ds))
 
-    order = doc_order(0)
-    n = len(data.sources["validation"])
-    assert n >= 4 and len(order) == 2 * n
+    order = stream(0)
+    n = len(order) // 2
+    assert len(order) == 2 * n and n > 4 * 64
     assert sorted(order[:n]) == sorted(order[n:]) and order[:n] != order[n:]
-    assert doc_order(0) == order
-    assert doc_order(1) != order
+    assert stream(0) == order
+    assert stream(1) != order
 
 
 def _first_batches(iterator, n):

@@ -1,8 +1,9 @@
 """Grain pipeline: documents -> tokens -> packed rows with segment ids -> host-local batches.
 
-Order of operations (per process): shard documents -> shuffle (reseeded each epoch) -> repeat ->
-tokens + eos (read from the per-split token cache, or encoded on the fly for a text `source`) ->
-concat-then-split packing into `seq_len` rows -> batch. Everything up to the
+Order of operations (per process): tokenized documents (+ eos, from the per-split token cache, or
+encoded up front for a text `source`) -> pieces of at most `seq_len` tokens (`DocumentPieces`) ->
+shard pieces -> shuffle (reseeded each epoch) -> repeat -> concat-then-split packing into
+`seq_len` rows -> batch. Everything up to the
 packing is index-based (a `MapDataset`), so the iterator state is tiny and `set_state` resumes
 exactly; the packer records where its current row started and replays from there.
 """
@@ -44,6 +45,37 @@ def _lists_to_tuples(tree: Any) -> Any:
     if isinstance(tree, (list, tuple)):
         return tuple(_lists_to_tuples(value) for value in tree)
     return tree
+
+
+class DocumentPieces(Sequence[np.ndarray]):
+    """Every tokenized document cut into consecutive pieces of at most ``seq_len`` tokens.
+
+    Shuffling pieces rather than whole documents mixes many files into every batch: source files
+    run to thousands of tokens, so packing whole shuffled documents would fill a batch's rows from
+    one or two files and make each step's gradient a sample of very few documents.
+    """
+
+    def __init__(self, documents: Sequence[np.ndarray], seq_len: int):
+        self.documents, self.seq_len = documents, seq_len
+        offsets = getattr(documents, "offsets", None)
+        lengths = (np.diff(offsets) if offsets is not None
+                   else np.asarray([len(d) for d in documents], np.int64))
+        counts = -(-lengths // seq_len)  # ceil
+        self.doc_index = np.repeat(np.arange(len(lengths)), counts)
+        first_piece = np.repeat(np.cumsum(counts) - counts, counts)
+        self.start = (np.arange(len(self.doc_index)) - first_piece) * seq_len
+
+    def __len__(self) -> int:
+        return len(self.doc_index)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        doc, start = int(self.doc_index[index]), int(self.start[index])
+        offsets = getattr(self.documents, "offsets", None)
+        if offsets is not None:  # slice the memory-mapped token cache directly
+            begin = int(offsets[doc]) + start
+            return np.asarray(self.documents.tokens[begin: min(begin + self.seq_len,
+                                                                int(offsets[doc + 1]))], np.int32)
+        return np.asarray(self.documents[doc][start: start + self.seq_len], np.int32)
 
 
 class _JsonStateIterator(grain.DatasetIterator):
@@ -121,8 +153,11 @@ def make_dataset(
             f"process_count={process_count}, so some process would get none. Fix: use a larger "
             "corpus (data.max_files=0, data.val_fraction) or fewer processes."
         )
-    documents = grain.MapDataset.source(source)[process_index::process_count]
-    documents = documents.shuffle(seed=seed).repeat(num_epochs).map(_tokenize(tokenizer))
+    if len(source) and not isinstance(source[0], np.ndarray):  # text: tokenize up front
+        tokenize = _tokenize(tokenizer)
+        source = [tokenize(document)["tokens"] for document in source]
+    pieces = grain.MapDataset.source(DocumentPieces(source, seq_len))[process_index::process_count]
+    documents = pieces.shuffle(seed=seed).repeat(num_epochs).map(_tokenize(tokenizer))
     threads = min(8, os.cpu_count() or 1)
     rows = grain.experimental.ConcatThenSplitIterDataset(
         documents.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=64)),

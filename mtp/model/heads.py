@@ -17,7 +17,7 @@ from mtp.model.transformer import Block, dense, param, stacked_blocks
 class LinearHead(nnx.Module):
     def __init__(self, spec, *, rngs: nnx.Rngs):
         self.dtype = jnp.dtype(spec.dtype)
-        self.w = param(rngs, (spec.d_model, spec.d_model), ("embed", "embed_out"), spec.init_std,
+        self.w = param(rngs, (spec.d_model, spec.d_model), ("embed", "embed_out"), spec.out_std(spec.d_model),
                        jnp.dtype(spec.param_dtype))
 
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):

@@ -26,14 +26,15 @@ class MTPLM(nnx.Module):
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
         pd = jnp.dtype(spec.param_dtype)
         self.spec = spec
+        # std 1/sqrt(D): tied logits norm(h) @ embed.T start at unit scale.
         self.embed = param(rngs, (spec.vocab_size, spec.d_model), ("vocab", "embed"),
-                           spec.init_std, pd)
+                           spec.std(spec.d_model), pd)
         self.trunk = stacked_blocks(spec, spec.trunk_layers, "layers", rngs=rngs)
         self.heads = make_heads(spec, rngs=rngs)
         self.final_norm = RMSNorm(spec.d_model, spec.norm_eps, param_dtype=pd)
         if not spec.tie_embeddings:
             self.unembed = param(rngs, (spec.d_model, spec.vocab_size), ("embed", "vocab"),
-                                 spec.init_std, pd)
+                                 spec.std(spec.d_model), pd)
 
     # --- pieces, used separately by the memory-flat loss ---------------------------------------
     def trunk_hidden(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None):

@@ -25,7 +25,7 @@ class ModelSpec:
     remat: str = "none"
     dtype: str = "float32"
     param_dtype: str = "float32"
-    init_std: float = 0.02
+    init_std: float = 0.0  # 0 -> 1/sqrt(fan_in) per matrix; > 0 -> this std everywhere
 
     @classmethod
     def from_config(cls, model_cfg) -> ModelSpec:
@@ -45,10 +45,14 @@ class ModelSpec:
         """Paper's parameter matching: n_future-1 transformer heads replace n_future-1 trunk layers."""
         return self.n_layers - (self.n_future - 1) if self.parameter_matched else self.n_layers
 
-    @property
-    def out_std(self) -> float:
-        """Output projections are scaled down with depth (GPT-2 style) for a stable start."""
-        return self.init_std / math.sqrt(2 * (self.trunk_layers + 1))
+    def std(self, fan_in: int) -> float:
+        """Init std of a matrix with this fan-in: 1/sqrt(fan_in) keeps activations and logits at
+        unit scale for any width (a fixed 0.02 suits d~1000 but starves small models)."""
+        return self.init_std or 1.0 / math.sqrt(fan_in)
+
+    def out_std(self, fan_in: int) -> float:
+        """Projections that write into the residual stream shrink with depth (GPT-2 style)."""
+        return self.std(fan_in) / math.sqrt(2 * (self.trunk_layers + 1))
 
     # --- analytic sizes -------------------------------------------------------------------
     def layer_params(self) -> int:

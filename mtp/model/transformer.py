@@ -72,13 +72,13 @@ def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Ar
 class Attention(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
-        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        pd = jnp.dtype(cfg.param_dtype)
         self.n_heads, self.n_kv_heads, self.theta = N, K, cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
-        self.wq = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), std, pd)
-        self.wk = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std, pd)
-        self.wv = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std, pd)
-        self.wo = param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), cfg.out_std, pd)
+        self.wq = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), cfg.std(D), pd)
+        self.wk = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.std(D), pd)
+        self.wv = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.std(D), pd)
+        self.wo = param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), cfg.out_std(N * H), pd)
 
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
         dt, (B, T, D) = self.dtype, x_BxTxD.shape
@@ -96,11 +96,11 @@ class Attention(nnx.Module):
 class SwiGLU(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.resolved_d_ff
-        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        pd = jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
-        self.w_gate = param(rngs, (D, F), ("embed", "mlp"), std, pd)
-        self.w_up = param(rngs, (D, F), ("embed", "mlp"), std, pd)
-        self.w_down = param(rngs, (F, D), ("mlp", "embed"), cfg.out_std, pd)
+        self.w_gate = param(rngs, (D, F), ("embed", "mlp"), cfg.std(D), pd)
+        self.w_up = param(rngs, (D, F), ("embed", "mlp"), cfg.std(D), pd)
+        self.w_down = param(rngs, (F, D), ("mlp", "embed"), cfg.out_std(F), pd)
 
     def __call__(self, x_BxTxD):
         dt = self.dtype

@@ -122,7 +122,7 @@ def train(cfg) -> dict:
     common = dict(seq_len=t.seq_len, batch_size=local_batch, process_index=jax.process_index(),
                   process_count=jax.process_count())
     train_iter = iter(make_dataset(cfg.data, "train", data.tokenizer, seed=cfg.seed,
-                                   source=data.sources["train"], **common))
+                                   source=data.tokens["train"], **common))
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
     start = ckpt.latest_step()
@@ -196,7 +196,7 @@ def _eval_batches(cfg, data, common):
     from mtp.data.pipeline import make_dataset
 
     it = iter(make_dataset(cfg.data, "validation", data.tokenizer, seed=1234,
-                           source=data.sources["validation"], **common))
+                           source=data.tokens["validation"], **common))
     return (next(it) for _ in range(cfg.train.eval_batches))
 
 
