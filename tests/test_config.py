@@ -71,7 +71,6 @@ def test_empty_corpus_is_rejected_before_training(tmp_path, monkeypatch):
     cfg.model.vocab_size = cfg.data.vocab_size = 512
     cfg.data.source = str(tmp_path / "empty")
     cfg.workdir = str(tmp_path / "w")
-    cfg.mesh.data = 1
     with pytest.raises(ValueError, match="data.source"):
         train(cfg)
     assert not (tmp_path / "w" / "checkpoints").exists()

@@ -56,7 +56,7 @@ def test_eight_device_mesh_equals_one_device(cfg, single):
     # the parameters really are split over the mesh
     wq = state8["params"]["trunk"]["attn"]["wq"][...]
     assert wq.sharding.spec[1:3] == ("fsdp", "tensor") and len(wq.sharding.device_set) == 8
-    assert state8["params"]["embed"][...].sharding.spec == ("tensor", "fsdp")
+    assert state8["params"]["embed"][...].sharding.spec == jax.P("tensor", "fsdp")
     state1, metrics1 = single
     for m1, m8 in zip(metrics1, metrics8):
         for k in m1:

@@ -37,13 +37,15 @@ def resolve_workdir(cfg) -> Path:
 
 def _check_same_model(workdir: Path, cfg) -> None:
     """Resuming with a different model/data shape would fail deep inside Orbax; say it plainly."""
-    saved = workdir / "config.json"
-    if not saved.exists():
+    path = workdir / "config.json"
+    if not path.exists():
         return
-    old = json.loads(saved.read_text())
+    old = json.loads(path.read_text())
+    ignored = {"cache_dir"}  # where the cache lives does not change the run
     for section in ("model", "data"):
-        diff = {k: (old.get(section, {}).get(k), v) for k, v in cfg[section].to_dict().items()
-                if old.get(section, {}).get(k) != (list(v) if isinstance(v, tuple) else v)}
+        saved = old.get(section, {})
+        now = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg[section].to_dict().items()}
+        diff = {k: (saved.get(k), v) for k, v in now.items() if k not in ignored and saved.get(k) != v}
         if diff:
             raise ConfigError(
                 f"{workdir} holds a run with a different {section} config (key: (saved, now)):"

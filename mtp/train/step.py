@@ -60,7 +60,7 @@ def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sha
                 grads, (losses, auxs) = jax.lax.scan(
                     micro, zeros, (_to_micro(tokens_BxT, n_micro), _to_micro(segment_ids_BxT, n_micro)))
                 loss, aux = losses.sum(), jax.tree.map(lambda x: x.sum(0), auxs)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                          "step": state["step"] + 1}
