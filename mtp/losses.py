@@ -6,9 +6,11 @@ when position t is padding (segment id 0).
 
 - ``'vmap'``: every head at once; materializes ``[n_future, B, T, V]`` logits.
 - ``'scan'``: memory-flat (Gloeckle et al. 2024, Sec. 2): heads one at a time inside
-  ``lax.scan`` under ``jax.checkpoint``, and the cross-entropy chunked over the sequence, so only
-  one head's layer activations and one ``[B, chunk, V]`` slab of logits are live at once;
-  gradients of all heads accumulate into the trunk output.
+  ``lax.scan``, each head's forward, loss and backward done at once with ``jax.vjp`` and only the
+  gradient sums kept, so one head's activations and logits are alive at a time and nothing is
+  recomputed; gradients of all heads accumulate into the trunk output (a ``custom_vjp`` passes
+  them on). ``chunk`` further cuts each head's cross-entropy into ``[B, chunk, V]`` blocks (at
+  the price of recomputing the logits); 0 = whole sequence.
 
 Both return ``(loss, aux)``: ``loss = sum_i w_i * sum_ce_i / count_i`` where ``count_i`` is the
 number of valid targets of head i in the WHOLE batch (``normalizer_N``; with gradient accumulation
@@ -86,22 +88,27 @@ def loss_vmap(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N):
 
 
 def chunked_ce(hidden_BxTxD, norm_scale_D, eps, unembed_DxV, targets_BxT, mask_BxT, chunk: int):
-    """Sums of CE and hits for one head, never holding more than ``[B, chunk, V]`` logits."""
+    """Sums of CE and hits for one head. With ``0 < chunk < T`` the sequence is processed in
+    chunks under ``jax.checkpoint``, so no more than ``[B, chunk, V]`` logits are ever alive (the
+    logits are recomputed in the backward pass); otherwise the head's ``[B, T, V]`` logits are
+    computed once."""
     B, T, D = hidden_BxTxD.shape
-    chunk = chunk if 0 < chunk <= T and T % chunk == 0 else T
+    chunk = chunk if 0 < chunk < T and T % chunk == 0 else T
     C = T // chunk
 
-    def split(x):  # [B, T, ...] -> [C, B, chunk, ...]
-        return jnp.swapaxes(x.reshape(B, C, chunk, *x.shape[2:]), 0, 1)
-
-    @jax.checkpoint
     def one_chunk(h_BxCxD, t_BxC, m_BxC):
         logits_BxCxV = dense(rms_norm(h_BxCxD, norm_scale_D, eps), unembed_DxV)
         ce, correct = _ce_sums(logits_BxCxV, t_BxC, m_BxC)
         return ce.sum(), correct.sum().astype(jnp.float32)
 
+    if C == 1:
+        return one_chunk(hidden_BxTxD, targets_BxT, mask_BxT)
+
+    def split(x):  # [B, T, ...] -> [C, B, chunk, ...]
+        return jnp.swapaxes(x.reshape(B, C, chunk, *x.shape[2:]), 0, 1)
+
     def body(acc, xs):
-        ce, correct = one_chunk(*xs)
+        ce, correct = jax.checkpoint(one_chunk)(*xs)
         return (acc[0] + ce, acc[1] + correct), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -110,26 +117,73 @@ def chunked_ce(hidden_BxTxD, norm_scale_D, eps, unembed_DxV, targets_BxT, mask_B
     return sum_ce, sum_correct
 
 
+def _memory_flat_heads(head_def, eps: float, chunk: int):
+    """``f(h, head_state, unembed, norm_scale, positions, attn_mask, targets_N, mask_N, weights_N,
+    normalizer_N) -> (loss, sum_ce_N, sum_correct_N)`` whose gradient is computed head by head
+    INSIDE the forward pass (Gloeckle et al.'s memory-efficient schedule): ``lax.scan`` over the
+    heads runs each head's forward, loss and ``jax.vjp`` backward at once and keeps only the
+    running sums of the gradients, so one head's activations and logits are alive at a time and
+    nothing is recomputed. A ``custom_vjp`` hands those gradients to the trunk's backward pass."""
+
+    def head_loss(h, state_i, unembed, norm_scale, positions, attn_mask, targets, mask, w, norm):
+        hidden = nnx.merge(head_def, state_i)(h, positions, attn_mask)
+        sum_ce, sum_correct = chunked_ce(hidden, norm_scale, eps, unembed, targets, mask, chunk)
+        return w * sum_ce / jnp.maximum(norm, 1.0), (sum_ce, sum_correct)
+
+    def primal(h, head_state, unembed, norm_scale, positions, attn_mask, targets_N, mask_N,
+               weights_N, normalizer_N):
+        def body(_, xs):
+            state_i, targets, mask, w, norm = xs
+            return None, head_loss(h, state_i, unembed, norm_scale, positions, attn_mask,
+                                   targets, mask, w, norm)
+
+        _, (loss_N, (ce_N, correct_N)) = jax.lax.scan(
+            body, None, (head_state, targets_N, mask_N, weights_N, normalizer_N))
+        return loss_N.sum(), ce_N, correct_N
+
+    def fwd(h, head_state, unembed, norm_scale, positions, attn_mask, targets_N, mask_N,
+            weights_N, normalizer_N):
+        def body(acc, xs):
+            state_i, targets, mask, w, norm = xs
+
+            def f(h_, s_, u_, n_):
+                return head_loss(h_, s_, u_, n_, positions, attn_mask, targets, mask, w, norm)
+
+            loss_i, vjp, aux_i = jax.vjp(f, h, state_i, unembed, norm_scale, has_aux=True)
+            g_h, g_state, g_unembed, g_norm = vjp(jnp.ones_like(loss_i))
+            acc = (acc[0] + g_h.astype(jnp.float32), acc[1] + g_unembed.astype(jnp.float32),
+                   acc[2] + g_norm.astype(jnp.float32))
+            return acc, (loss_i, aux_i, g_state)
+
+        zeros = tuple(jnp.zeros(x.shape, jnp.float32) for x in (h, unembed, norm_scale))
+        (g_h, g_unembed, g_norm), (loss_N, (ce_N, correct_N), g_state) = jax.lax.scan(
+            body, zeros, (head_state, targets_N, mask_N, weights_N, normalizer_N))
+        grads = (g_h.astype(h.dtype), g_state, g_unembed.astype(unembed.dtype),
+                 g_norm.astype(norm_scale.dtype))
+        return (loss_N.sum(), ce_N, correct_N), grads
+
+    def bwd(grads, cotangents):
+        g_loss = cotangents[0]  # the per-head sums are metrics: their cotangents are ignored
+        g_h, g_state, g_unembed, g_norm = jax.tree.map(lambda g: g * g_loss.astype(g.dtype), grads)
+        return (g_h, g_state, g_unembed, g_norm) + (None,) * 6
+
+    f = jax.custom_vjp(primal)
+    f.defvjp(fwd, bwd)
+    return f
+
+
 def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int = 128):
     spec = model.spec
     targets_NxBxT, mask_NxBxT = head_targets(tokens_BxT, segment_ids_BxT, spec.n_future)
     h_BxTxD, positions_BxT, mask_Bx1xTxT = model.trunk_hidden(tokens_BxT, segment_ids_BxT)
     head_def, head_state = nnx.split(model.heads)
-    norm_scale_D, unembed_DxV = model.final_norm.scale[...], model.unembed_DxV()
-
-    @jax.checkpoint
-    def one_head(h, state_i, targets_BxT, mask_BxT):
-        head = nnx.merge(head_def, state_i)
-        hidden_BxTxD = head(h, positions_BxT, mask_Bx1xTxT)
-        return chunked_ce(hidden_BxTxD, norm_scale_D, spec.norm_eps, unembed_DxV, targets_BxT,
-                          mask_BxT, chunk)
-
-    def body(_, xs):
-        return None, one_head(h_BxTxD, *xs)
-
-    _, (sum_ce_N, sum_correct_N) = jax.lax.scan(body, None, (head_state, targets_NxBxT, mask_NxBxT))
+    heads = _memory_flat_heads(head_def, spec.norm_eps, chunk)
+    loss, sum_ce_N, sum_correct_N = heads(
+        h_BxTxD, head_state, model.unembed_DxV(), model.final_norm.scale[...], positions_BxT,
+        mask_Bx1xTxT, targets_NxBxT, mask_NxBxT, jnp.asarray(weights_N, jnp.float32),
+        jnp.asarray(normalizer_N, jnp.float32))
     count_N = mask_NxBxT.sum((1, 2)).astype(jnp.float32)
-    return _finish(sum_ce_N, sum_correct_N, count_N, weights_N, normalizer_N)
+    return loss, {"sum_ce": sum_ce_N, "sum_correct": sum_correct_N, "count": count_N}
 
 
 def compute_loss(impl: str, model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N,

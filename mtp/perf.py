@@ -10,8 +10,9 @@ import jax.numpy as jnp
 
 
 @functools.cache
-def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
-    """Best achieved FLOP/s of an ``n x n @ n x n`` matmul on the default device."""
+def measure_matmul_peak(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """Best achieved FLOP/s of an ``n x n @ n x n`` matmul on the default device (the best of
+    ``repeats``: shared or frequency-scaled CPUs make single timings noisy)."""
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()

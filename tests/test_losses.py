@@ -48,25 +48,25 @@ def test_head_weights():
         head_weights(_loss_cfg(head_weights=(1.0, 0.5)), 3)
 
 
-def _loss_and_grads(impl, model, tokens, seg, weights):
+def _loss_and_grads(impl, model, tokens, seg, weights, chunk=4):
     graphdef, params = nnx.split(model, nnx.Param)
     _, mask = head_targets(tokens, seg, model.spec.n_future)
     normalizer = mask.sum((1, 2)).astype(jnp.float32)
 
     def f(p):
-        return compute_loss(impl, nnx.merge(graphdef, p), tokens, seg, weights, normalizer, chunk=4)
+        return compute_loss(impl, nnx.merge(graphdef, p), tokens, seg, weights, normalizer, chunk)
 
     return jax.value_and_grad(f, has_aux=True)(params)
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "linear"])
-def test_vmap_and_scan_give_the_same_loss_and_gradients(head_type):
+@pytest.mark.parametrize("head_type, chunk", [("transformer", 4), ("transformer", 0), ("linear", 4)])
+def test_vmap_and_scan_give_the_same_loss_and_gradients(head_type, chunk):
     model = tiny_model(head_type=head_type, n_future=4)
     tokens = random_tokens(5, (2, 16))
     seg = jnp.array([[1] * 7 + [2] * 9, [1] * 13 + [0] * 3])
     weights = jnp.array([1.0, 0.5, 0.25, 0.125])
     (l_v, aux_v), g_v = _loss_and_grads("vmap", model, tokens, seg, weights)
-    (l_s, aux_s), g_s = _loss_and_grads("scan", model, tokens, seg, weights)
+    (l_s, aux_s), g_s = _loss_and_grads("scan", model, tokens, seg, weights, chunk)
     np.testing.assert_allclose(l_v, l_s, rtol=1e-5)
     for k in aux_v:
         np.testing.assert_allclose(aux_v[k], aux_s[k], rtol=1e-5)
