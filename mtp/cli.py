@@ -2,6 +2,8 @@
 
     mtp train [--config PATH|NAME] [--workdir DIR] [--config.KEY=VALUE ...]
     mtp bench train [--config PATH|NAME] [--heads 1,2,4,8] [--impls vmap,scan] [--steps N] [--json]
+    mtp bench faults [--kills K] [--config PATH|NAME] [--steps N]
+    mtp plan --config PATH|NAME --mesh data=1,fsdp=8,tensor=1 [--devices N] [--hbm-gib G] [--json]
 
 With no ``--config`` the embedded default (configs/default.py) runs. NAME is a file in configs/
 without ``.py`` (e.g. ``tiny``).
@@ -68,6 +70,35 @@ def cmd_bench_train(args, overrides) -> int:
     return 0
 
 
+def cmd_bench_faults(args, overrides) -> int:
+    import json
+
+    from mtp.bench.faults import run_faults_bench
+
+    if overrides:
+        raise SystemExit("mtp bench faults takes no --config.* overrides; pass --config NAME|PATH.")
+    result = run_faults_bench(args.kills, str(resolve_config_path(args.config)), args.steps,
+                              args.checkpoint_every, args.seed, args.workdir)
+    print(json.dumps(result, indent=1))
+    ok = result["final_params_equal"] and not result["data_repeated"]
+    return 0 if ok else 1
+
+
+def cmd_plan(args, overrides) -> int:
+    import json
+
+    from mtp.plan import PlanError, format_plan, parse_mesh, plan
+
+    cfg = _load(args, overrides)
+    compile_ = {"auto": "auto", "yes": True, "no": False}[args.compile]
+    try:
+        result = plan(cfg, parse_mesh(args.mesh), args.devices, args.hbm_gib, compile_, args.timeout)
+    except PlanError as e:
+        raise SystemExit(f"mtp plan: {e}") from None
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=5, help="timed steps per row (after one warm-up)")
     b.add_argument("--json", action="store_true", help="print one JSON list on stdout")
     b.set_defaults(func=cmd_bench_train)
+    f = bench.add_parser("faults", help="SIGKILL a run K times, resume, compare with an uninterrupted run")
+    f.add_argument("--kills", type=int, default=10)
+    f.add_argument("--config", default="tiny")
+    f.add_argument("--steps", type=int, default=40)
+    f.add_argument("--checkpoint-every", type=int, default=2)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--workdir", default=None, help="where both runs go (default: a temp dir)")
+    f.set_defaults(func=cmd_bench_faults)
+    pl = sub.add_parser("plan", help="per-device memory, FLOPs and fit of a config on a mesh")
+    pl.add_argument("--config", default=None, help="config file or name in configs/")
+    pl.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. data=1,fsdp=8,tensor=1")
+    pl.add_argument("--devices", type=int, default=None, help="device count (default: the mesh product)")
+    pl.add_argument("--hbm-gib", type=float, default=None, help="memory per device; sets 'fits'")
+    pl.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
+                    help="AOT-compile the train step on simulated CPU devices (auto: fall back on failure)")
+    pl.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for the AOT compile")
+    pl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    pl.set_defaults(func=cmd_plan)
     return parser
 
 
@@ -92,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, overrides = _split_overrides(argv)
     args = build_parser().parse_args(argv)
+    from mtp.distributed import initialize
+
+    initialize()  # join a multi-process run (MTP_* from launch/*) before any other JAX use
     return args.func(args, overrides)
 
 

@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 200
     t.keep_checkpoints = 3
     t.tensorboard = True
+    t.log_data_hashes = False  # WORKDIR/data_log.jsonl: a hash of each step's batch (resume checks)
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 3e-3

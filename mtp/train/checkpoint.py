@@ -8,6 +8,8 @@ different device count or mesh split included).
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -59,6 +61,37 @@ class Checkpointer:
                              " written by a different model config. Use a fresh --workdir.")
         state = jax.tree_util.tree_unflatten(treedef, [flat[k] for k in flat_abstract])
         return state, dict(out["data"] or {}), dict(out["meta"] or {})
+
+    def restore_latest(self, abstract_state: dict, shardings: dict):
+        """Restore the newest readable checkpoint: ``(step, state, data_state, meta)`` or None when
+        there is none. A checkpoint that fails to restore (corrupted or partial files) is moved
+        aside to ``<step>.unreadable-<time>`` (never deleted) with a warning, and the previous one
+        is tried; if every checkpoint fails, the error says so instead of silently starting over."""
+        steps = sorted(self.all_steps(), reverse=True)
+        failures = []
+        for step in steps:
+            try:
+                return (step, *self.restore(step, abstract_state, shardings))
+            except Exception as e:  # noqa: BLE001 -- any failure means this checkpoint is unusable
+                failures.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+                print(f"WARNING: checkpoint {self.directory}/{step} could not be restored"
+                      f" ({type(e).__name__}: {str(e)[:200]}); falling back to the previous one.",
+                      file=sys.stderr, flush=True)
+                self._move_aside(step)
+        if failures:
+            raise RuntimeError(
+                f"No checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(failures)
+                + "\nThey were moved aside (*.unreadable-*), not deleted. Inspect them, or start a"
+                " new run with another --workdir.")
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        import jax
+
+        path = self.directory / str(step)
+        if jax.process_index() == 0 and path.exists():
+            path.rename(path.with_name(f"{step}.unreadable-{int(time.time())}"))
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

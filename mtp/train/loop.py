@@ -3,6 +3,7 @@ a progress bar, metrics, checkpoints -> per-head evaluation table on the held-ou
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -100,7 +101,10 @@ def train(cfg) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     _check_same_model(workdir, cfg)
 
-    data = prepare_data(cfg.data)
+    from mtp.distributed import process_zero_first
+
+    with process_zero_first("prepare_data"):  # process 0 builds the shared cache; the rest reuse it
+        data = prepare_data(cfg.data)
     if data.tokenizer.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"The tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size="
                           f"{cfg.model.vocab_size}. Set model.vocab_size={data.tokenizer.vocab_size}.")
@@ -127,9 +131,9 @@ def train(cfg) -> dict:
                                    source=data.tokens["train"], **common))
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is not None:
-        state, data_state, _ = ckpt.restore(start, layout.abstract, layout.shardings)
+    restored = ckpt.restore_latest(layout.abstract, layout.shardings)
+    if restored is not None:
+        start, state, data_state, _ = restored
         if data_state:
             train_iter.set_state(data_state)
         log(f"Resumed from {ckpt.directory}/{start} (step {int(state['step'])}).")
@@ -147,9 +151,17 @@ def train(cfg) -> dict:
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0, file=sys.stderr)
     window_start, window_steps, step = None, 0, start
+    data_log = None
+    if t.log_data_hashes and jax.process_index() == 0:
+        data_log = (workdir / "data_log.jsonl").open("a")
     try:
         while step < t.steps:
-            state, metrics = train_step(state, global_batch(next(train_iter), batch_sh))
+            local = next(train_iter)
+            if data_log is not None:  # which data each step saw: checks exact resume (mtp bench faults)
+                digest = hashlib.sha1(np.ascontiguousarray(local["tokens"]).tobytes()).hexdigest()[:16]
+                data_log.write(json.dumps({"step": step + 1, "tokens_sha1": digest}) + "\n")
+                data_log.flush()
+            state, metrics = train_step(state, global_batch(local, batch_sh))
             step += 1
             window_steps += 1
             bar.update(1)
@@ -181,6 +193,8 @@ def train(cfg) -> dict:
                 sys.exit(0)
     finally:
         bar.close()
+        if data_log is not None:
+            data_log.close()
     ckpt.close()
 
     result = evaluate(eval_step, state["params"], _eval_batches(cfg, data, common), batch_sh,
@@ -188,10 +202,20 @@ def train(cfg) -> dict:
     writer.write(step, _eval_scalars(result), split="validation")
     writer.close()
     result.update(step=step, peak_flops=peak, peak_source=peak_src)
+    if t.log_data_hashes:  # a bitwise fingerprint of the final parameters (resume checks)
+        result["params_sha1"] = params_digest(state["params"])
     if jax.process_index() == 0:
         save_json(workdir / "eval.json", result)
         print(f"\nHeld-out split ({cfg.data.source}, validation), step {step}:\n{format_table(result)}")
     return result
+
+
+def params_digest(params) -> str:
+    """SHA-1 over every parameter's bytes in tree order: equal digests = bitwise-equal models."""
+    h = hashlib.sha1()
+    for leaf in jax.tree.leaves(params):
+        h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()
 
 
 def _eval_batches(cfg, data, common):
