@@ -112,6 +112,7 @@ def make_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    shard_by: str = "documents",
     num_epochs: int | None = None,
     source: Sequence[Mapping[str, Any]] | Sequence[np.ndarray] | None = None,
 ) -> grain.IterDataset:
@@ -125,7 +126,12 @@ def make_dataset(
       seq_len, batch_size: row length T and rows per host batch B (the last partial batch is
         dropped; a finite pass pads only the very last row with pad=0 / segment 0).
       seed: document shuffle seed; each epoch gets a different, deterministic order.
-      process_index, process_count: this process reads documents process_index::process_count.
+      process_index, process_count: which share of the data this process gets (see `shard_by`).
+      shard_by: 'documents': this process reads pieces process_index::process_count and packs its
+        own batches (each host reads 1/process_count of the data, but the global batch depends on
+        the process count). 'rows': every process runs the same pipeline with global batches of
+        batch_size * process_count rows and keeps rows [process_index * batch_size, +batch_size),
+        so the global batch (and the iterator state) is identical for any process count.
       num_epochs: None repeats forever; an int gives a finite pass (e.g. 1 for validation).
       source: optional random-access documents instead: `{'text': str | bytes}` mappings
         (tokenized here, e.g. `prepared.sources[split]`) or int32 token arrays ending with eos
@@ -145,9 +151,12 @@ def make_dataset(
             f"process_index={process_index} is outside [0, process_count={process_count}). "
             "Fix: pass jax.process_index() and jax.process_count()."
         )
+    if shard_by not in ("documents", "rows"):
+        raise ValueError(f"shard_by={shard_by!r} is not 'documents' or 'rows'. Fix: pick one of those.")
     if source is None:
         source = tokenized_documents(data_cfg, split, tokenizer)
-    if len(source) < process_count:
+    by_rows = shard_by == "rows"
+    if not by_rows and len(source) < process_count:
         raise ValueError(
             f"The {split!r} split has {len(source)} documents, fewer than "
             f"process_count={process_count}, so some process would get none. Fix: use a larger "
@@ -156,14 +165,21 @@ def make_dataset(
     if len(source) and not isinstance(source[0], np.ndarray):  # text: tokenize up front
         tokenize = _tokenize(tokenizer)
         source = [tokenize(document)["tokens"] for document in source]
-    pieces = grain.MapDataset.source(DocumentPieces(source, seq_len))[process_index::process_count]
+    pieces = grain.MapDataset.source(DocumentPieces(source, seq_len))
+    if not by_rows:
+        pieces = pieces[process_index::process_count]
     documents = pieces.shuffle(seed=seed).repeat(num_epochs).map(_tokenize(tokenizer))
     threads = min(8, os.cpu_count() or 1)
     rows = grain.experimental.ConcatThenSplitIterDataset(
         documents.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=64)),
         length_struct={"tokens": seq_len},
     ).map(_rename_packed)
-    return _JsonStateIterDataset(rows.batch(batch_size, drop_remainder=True))
+    if not by_rows:
+        return _JsonStateIterDataset(rows.batch(batch_size, drop_remainder=True))
+    first = process_index * batch_size
+    batches = rows.batch(batch_size * process_count, drop_remainder=True).map(
+        lambda batch: {key: value[first: first + batch_size] for key, value in batch.items()})
+    return _JsonStateIterDataset(batches)
 
 
 def batch_iterator(*args, **kwargs) -> Iterator[dict[str, np.ndarray]]:

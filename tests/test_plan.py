@@ -1,0 +1,80 @@
+"""``mtp plan``: exact parameter bytes per device on the 7B config, mesh errors, and AOT numbers
+from compiling a tiny config on the session's 8 simulated devices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mtp.cli import main
+from mtp.config import load_config
+from mtp.model.spec import ModelSpec
+from mtp.plan import PlanError, parse_mesh, plan
+from tests.helpers import tiny_config
+
+LLAMA_7B = Path(__file__).resolve().parent.parent / "configs" / "llama_7b.py"
+
+
+def test_7b_param_bytes_match_analytic_count():
+    cfg = load_config(LLAMA_7B)
+    spec = ModelSpec.from_config(cfg.model)
+    fsdp, tensor = 8, 2
+    r = plan(cfg, {"data": 1, "fsdp": fsdp, "tensor": tensor}, 16, hbm_gib=80, compile=False)
+    assert r["param_count"] == spec.param_count() == r["param_count_eval_shape"]
+    assert 6.5e9 < r["param_count"] < 7.5e9
+    # Norm scales are replicated; every matrix dim of the 7B shape divides fsdp=8 and tensor=2.
+    D, layers = spec.d_model, spec.trunk_layers + spec.n_future
+    norm_params = 2 * D * layers + D
+    expected = ((spec.param_count() - norm_params) // (fsdp * tensor) + norm_params) * 4
+    assert r["bytes_per_device"]["params"] == expected
+    assert r["bytes_per_device"]["grads"] == expected
+    # AdamW mu + nu, plus a few scalar counters.
+    assert 2 * expected <= r["bytes_per_device"]["opt_state"] < 2 * expected + 1024
+    assert r["bytes_per_device"]["activations"] > 0
+    assert r["flops_per_token"] == spec.flops_per_token(cfg.train.seq_len)
+    assert r["fits"] is True and r["aot"] is None
+
+
+def test_fits_is_false_when_hbm_too_small_and_null_without_hbm():
+    cfg = load_config(LLAMA_7B)
+    mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+    assert plan(cfg, mesh, 8, hbm_gib=1.0, compile=False)["fits"] is False
+    assert plan(cfg, mesh, 8, hbm_gib=None, compile=False)["fits"] is None
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("data=1,fsdp", "has no '='"),
+    ("data=1,pipe=2", "unknown axis 'pipe'"),
+    ("data=two", "not an integer"),
+    ("data=0", "must be positive"),
+    ("data=1,data=2", "given twice"),
+])
+def test_bad_mesh_string_names_the_part_and_expected_form(text, fragment):
+    with pytest.raises(PlanError, match="data=1,fsdp=8,tensor=1|must be positive") as e:
+        parse_mesh(text)
+    assert fragment in str(e.value)
+
+
+def test_mesh_product_must_equal_devices():
+    assert parse_mesh("fsdp=4,tensor=2") == {"data": 1, "fsdp": 4, "tensor": 2}
+    with pytest.raises(PlanError, match="= 8 but 16 devices"):
+        plan(load_config(LLAMA_7B), parse_mesh("fsdp=4,tensor=2"), 16, compile=False)
+
+
+def test_cli_reports_bad_mesh(capsys):
+    with pytest.raises(SystemExit, match="mtp plan: --mesh part 'fsdp:8'"):
+        main(["plan", "--config", str(LLAMA_7B), "--mesh", "fsdp:8"])
+
+
+def test_tiny_config_aot_compile_on_8_devices():
+    cfg = tiny_config()
+    cfg.train.batch_size, cfg.train.seq_len = 8, 16
+    r = plan(cfg, {"data": 2, "fsdp": 2, "tensor": 2}, 8, hbm_gib=1.0, compile=True)
+    aot = r["aot"]
+    assert aot is not None, r["notes"]
+    for key in ("argument", "output", "temp", "total"):
+        assert aot[key] > 0, (key, aot)
+    # The compiled step's arguments hold the sharded params + optimizer state (+ the batch).
+    state = r["bytes_per_device"]["params"] + r["bytes_per_device"]["opt_state"]
+    assert state <= aot["argument"] < state + 4096
