@@ -140,9 +140,9 @@ def activation_bytes(spec, cfg, mesh_sizes: dict, rules) -> dict:
     Under loss.impl 'vmap' all heads run at once: ``heads`` is multiplied by n_future and the
     logits term uses the full ``B*T*V`` per head.
     """
-    t = cfg.train
     import jax.numpy as jnp
 
+    t = cfg.train
     c = jnp.dtype(spec.dtype).itemsize
     B = max(t.batch_size // t.grad_accum // _batch_shards(mesh_sizes, rules), 1)
     T, D, H = t.seq_len, spec.d_model, spec.resolved_head_dim
@@ -310,6 +310,10 @@ def _set_fits(result: dict) -> None:
     result["fits"] = None if hbm is None else bool(need <= hbm * GIB)
 
 
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
 def format_plan(r: dict) -> str:
     """Human-readable table (GiB per device)."""
     def gib(b):
@@ -319,7 +323,7 @@ def format_plan(r: dict) -> str:
     b = r["batch"]
     lines = [
         f"plan: {r['config']}  mesh {mesh} ({r['n_devices']} devices)",
-        f"  parameters        {r['param_count']:,} ({r['param_count'] / 1e9:.2f} B)",
+        f"  parameters        {r['param_count']:,} ({_billions(r['param_count'])})",
         f"  batch             {b['global']} x {b['seq_len']} tokens, grad_accum {b['grad_accum']},"
         f" {b['micro_batch_per_device']} sequence(s) per device per micro-step",
         f"  remat {r['remat']}, scanned layers, loss.impl {r['loss_impl']},"

@@ -78,3 +78,11 @@ def test_tiny_config_aot_compile_on_8_devices():
     # The compiled step's arguments hold the sharded params + optimizer state (+ the batch).
     state = r["bytes_per_device"]["params"] + r["bytes_per_device"]["opt_state"]
     assert state <= aot["argument"] < state + 4096
+
+
+def test_aot_in_a_subprocess_when_this_process_has_too_few_devices():
+    cfg = tiny_config()
+    cfg.train.batch_size, cfg.train.seq_len = 8, 16
+    r = plan(cfg, {"data": 2, "fsdp": 4, "tensor": 2}, 16, compile=True, timeout_s=300)
+    assert r["aot"]["temp"] > 0 and r["aot"]["argument"] > 0, r
+    assert r["fits"] is None
