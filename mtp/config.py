@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     ms.data = -1
     ms.fsdp = 1
     ms.tensor = 1
+    ms.dcn_data = 1  # multi-slice: slices (over DCN) that mesh.data is split into; 1 = one slice
 
     c.sharding = sh = ml_collections.ConfigDict()
     sh.rules = tuple((k, v) for k, v in DEFAULT_RULES)
@@ -233,6 +234,11 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     sizes = dict(zip(MESH_AXES, mesh_shape))
+    dcn = cfg.mesh.get("dcn_data", 1)
+    _check(isinstance(dcn, int) and dcn >= 1 and sizes["data"] % dcn == 0, "mesh.dcn_data", dcn,
+           f"use a positive number of slices that divides mesh.data={sizes['data']} (each slice then"
+           f" holds data={sizes['data'] // max(dcn, 1) if isinstance(dcn, int) else '?'} x fsdp x tensor"
+           " devices); 1 for a single slice.")
     batch_axes = dict(rules).get("batch", ())
     shards = math.prod(sizes[a] for a in batch_axes)
     _check(t.batch_size % t.grad_accum == 0, "train.batch_size", t.batch_size,

@@ -64,10 +64,34 @@ def resolve_mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh; with ``mesh.dcn_data = S > 1`` the data axis spans S slices.
+
+    Multi-slice: each slice (a TPU slice, or a process where all devices are in one slice)
+    holds a (data/S, fsdp, tensor) ICI mesh and the slices are stacked along data, so only the
+    data-parallel gradient reduction crosses the slower data-center network (DCN).
+    """
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    dcn = int(mesh_cfg.get("dcn_data", 1))
+    if dcn == 1:
+        device_array = np.asarray(devices).reshape(shape)
+    else:
+        from jax.experimental import mesh_utils
+
+        if shape[0] % dcn:
+            raise ValueError(f"mesh.dcn_data={dcn} must divide mesh.data={shape[0]}.")
+        # Devices of one slice (CPU, GPU clusters) all report slice 0: processes are the granules.
+        by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
+        try:
+            device_array = mesh_utils.create_hybrid_device_mesh(
+                (shape[0] // dcn, *shape[1:]), (dcn, 1, 1), devices, process_is_granule=by_process)
+        except ValueError as e:
+            granule = "process" if by_process else "slice"
+            raise ValueError(f"mesh.dcn_data={dcn}: cannot lay {len(devices)} devices out as {dcn}"
+                             f" slices (one per {granule}) of data={shape[0] // dcn} x fsdp={shape[1]} x"
+                             f" tensor={shape[2]} ({e}). Set mesh.dcn_data to the number of"
+                             f" {granule}{'es' if by_process else 's'}, or 1.") from None
+    return Mesh(device_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def rules_from_config(rules_cfg) -> tuple[tuple[str, tuple[str, ...]], ...]:

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,51 @@ def test_row_sharding_gives_every_process_its_rows_of_the_same_global_batch():
         for key in ("tokens", "segment_ids"):
             np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
     assert parts[0].get_state() == parts[1].get_state() == single.get_state()  # one resumable state
+
+
+MESH_CHECK = """
+from mtp.distributed import initialize, process_zero_first
+initialize()
+import time, jax, numpy as np
+from mtp.config import base_config
+from mtp.sharding import make_mesh
+c = base_config()
+c.mesh.data, c.mesh.fsdp, c.mesh.dcn_data = 4, 2, 2
+owners = np.vectorize(lambda d: d.process_index)(make_mesh(c.mesh).devices)
+assert owners[:2].max() == 0 and owners[2:].min() == 1, owners  # one slice (process) per data half
+with process_zero_first("check"):
+    if jax.process_index() == 0:
+        time.sleep(1)
+    print("entered", jax.process_index(), time.time(), flush=True)
+"""
+
+
+def test_local_launcher_joins_processes_and_lays_slices_along_data(tmp_path):
+    env = _env(tmp_path, devices=None)
+    env["MTP_LOCAL_DEVICES"] = "4"
+    proc = subprocess.run(["bash", "launch/local.sh", "2", sys.executable, "-c", MESH_CHECK], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entered = dict(line.split()[2:4] for line in proc.stdout.splitlines() if " entered " in line)
+    assert float(entered["0"]) < float(entered["1"])  # process 0 first, the other after the barrier
+
+
+def test_local_launcher_stops_the_others_and_propagates_a_failure(tmp_path):
+    failing = "import os, sys, time; time.sleep(60) if os.environ['MTP_PROCESS_ID'] == '0' else sys.exit(3)"
+    start = time.monotonic()
+    proc = subprocess.run(["bash", "launch/local.sh", "2", sys.executable, "-c", failing], cwd=REPO,
+                          env=_env(tmp_path, devices=None), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and time.monotonic() - start < 30, proc.stderr
+
+
+def test_cluster_launchers_dry_run():
+    tpu = subprocess.run(["bash", "launch/tpu_pod.sh", "--dry-run", "--tpu", "pod", "--zone", "z", "--",
+                          "mtp", "train", "--config", "default"], cwd=REPO, capture_output=True, text=True)
+    assert tpu.returncode == 0 and "--worker=all" in tpu.stdout and "MTP_DISTRIBUTED=auto" in tpu.stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    slurm = subprocess.run(["bash", "launch/slurm_gpu.sbatch", "--dry-run", "mtp", "train"], cwd=REPO,
+                           env=env, capture_output=True, text=True)
+    assert slurm.returncode == 0 and slurm.stdout.startswith("srun ") and "SLURM_PROCID" in slurm.stdout
 
 
 def _env(cache: Path, devices: int | None) -> dict:

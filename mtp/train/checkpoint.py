@@ -91,6 +91,10 @@ class Checkpointer:
         path = self.directory / str(step)
         if jax.process_index() == 0 and path.exists():
             path.rename(path.with_name(f"{step}.unreadable-{int(time.time())}"))
+        if jax.process_count() > 1:
+            from mtp.distributed import barrier
+
+            barrier(f"checkpoint-move-aside-{step}")
         self.manager.reload()
 
     def wait(self) -> None:

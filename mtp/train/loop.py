@@ -90,6 +90,12 @@ class _Preemption:
     def _handle(self, *_):
         self.requested = True
 
+    def agreed(self) -> bool:
+        """True on every process when any process got the signal (``ckpt.save`` is collective)."""
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
 
 def train(cfg) -> dict:
     """Run (or resume) training for ``cfg``; returns the final held-out evaluation."""
@@ -125,8 +131,10 @@ def train(cfg) -> dict:
     eval_step = make_eval_step(layout, mesh, rules, cfg, batch_sh)
 
     local_batch = t.batch_size // jax.process_count()
+    # Every process builds the same global batches and keeps its own rows: the run is the same
+    # for any process count, and the data-iterator state (saved by process 0) is every process's.
     common = dict(seq_len=t.seq_len, batch_size=local_batch, process_index=jax.process_index(),
-                  process_count=jax.process_count())
+                  process_count=jax.process_count(), shard_by="rows")
     train_iter = iter(make_dataset(cfg.data, "train", data.tokenizer, seed=cfg.seed,
                                    source=data.tokens["train"], **common))
 
@@ -185,6 +193,8 @@ def train(cfg) -> dict:
                 result = evaluate(eval_step, state["params"], _eval_batches(cfg, data, common),
                                   batch_sh, spec.n_future)
                 writer.write(step, _eval_scalars(result), split="validation")
+            if jax.process_count() > 1:  # a notice that reached some processes stops them all
+                preempt.requested = preempt.agreed()
             if step % t.checkpoint_every == 0 or step == t.steps or preempt.requested:
                 ckpt.save(step, state, train_iter.get_state(), {"step": step}, force=True)
             if preempt.requested:
