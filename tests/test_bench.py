@@ -13,14 +13,13 @@ FIELDS = {"n_future", "loss_impl", "step_time_s", "tokens_per_s", "flops_per_s",
 def test_bench_train_json_rows():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-m", "mtp.cli", "bench", "train", "--config", "tiny",
-                           "--heads", "1,2", "--impls", "vmap,scan", "--steps", "1", "--json"],
+                           "--heads", "2", "--impls", "vmap,scan", "--steps", "1", "--json"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout)
-    assert [(r["n_future"], r["loss_impl"]) for r in rows] == [(1, "vmap"), (1, "scan"),
-                                                               (2, "vmap"), (2, "scan")]
+    assert [(r["n_future"], r["loss_impl"]) for r in rows] == [(2, "vmap"), (2, "scan")]
     for r in rows:
         assert FIELDS <= set(r)
         assert r["step_time_s"] > 0 and r["peak_bytes"] > 0 and 0 < r["mfu"] < 1
     # the memory-flat loss never needs more temporary memory than materializing all heads' logits
-    assert rows[3]["peak_bytes"] <= rows[2]["peak_bytes"]
+    assert rows[1]["peak_bytes"] <= rows[0]["peak_bytes"]
