@@ -9,37 +9,9 @@ Expect:  13.33B parameters; per device (TPU v5p-128): params 0.39 GiB, opt_state
          activations 8.65 (analytic), total 10.21; AOT-compiled step 10.69 GiB; fits in 95 GiB.
 """
 
-from mtp.config import base_config
+from configs.llama_base import llama_config
 
 
 def get_config():
-    c = base_config()
-    c.name = "llama_13b"
-    c.model.vocab_size = c.data.vocab_size = 32000  # Llama-2 tokenizer size
-    c.model.d_model = 5120
-    c.model.n_layers = 40  # parameter-matched: 37 trunk layers + 4 transformer-layer heads
-    c.model.n_heads = 40
-    c.model.n_kv_heads = 40
-    c.model.d_ff = 13824
-    c.model.n_future = 4
-    c.model.head_type = "transformer"
-    c.model.parameter_matched = True
-    c.model.tie_embeddings = False  # Llama keeps separate input and output embeddings
-    c.model.max_seq_len = 4096
-    c.model.rope_theta = 10_000.0
-    c.model.init_std = 0.02
-    c.model.remat = "full"
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    c.loss.impl = "scan"
-    c.loss.chunk_size = 1024
-    c.train.batch_size = 1024  # sequences: 1024 x 4096 = 4M tokens per step (Llama-2's batch)
-    c.train.grad_accum = 16  # micro-batch of 64 sequences
-    c.train.seq_len = 4096
-    c.optim.lr = 3e-4
-    c.optim.warmup_steps = 2000
-    c.optim.min_lr_ratio = 0.1
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-    return c
+    return llama_config("llama_13b", d_model=5120, n_layers=40, n_heads=40,
+                        n_kv_heads=40, d_ff=13824)

@@ -11,37 +11,9 @@ Expect:  6,940,798,976 parameters; per device (TPU v5p-128): params 0.20 GiB, op
          -> 24.56 GiB analytic / 27.54 GiB AOT, fits in 80 GiB.
 """
 
-from mtp.config import base_config
+from configs.llama_base import llama_config
 
 
 def get_config():
-    c = base_config()
-    c.name = "llama_7b"
-    c.model.vocab_size = c.data.vocab_size = 32000  # Llama-2 tokenizer size
-    c.model.d_model = 4096
-    c.model.n_layers = 32  # parameter-matched: 29 trunk layers + 4 transformer-layer heads
-    c.model.n_heads = 32
-    c.model.n_kv_heads = 32
-    c.model.d_ff = 11008
-    c.model.n_future = 4
-    c.model.head_type = "transformer"
-    c.model.parameter_matched = True
-    c.model.tie_embeddings = False  # Llama keeps separate input and output embeddings
-    c.model.max_seq_len = 4096
-    c.model.rope_theta = 10_000.0
-    c.model.init_std = 0.02
-    c.model.remat = "full"
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    c.loss.impl = "scan"
-    c.loss.chunk_size = 1024
-    c.train.batch_size = 1024  # sequences: 1024 x 4096 = 4M tokens per step (Llama-2's batch)
-    c.train.grad_accum = 16  # micro-batch of 64 sequences
-    c.train.seq_len = 4096
-    c.optim.lr = 3e-4
-    c.optim.warmup_steps = 2000
-    c.optim.min_lr_ratio = 0.1
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-    return c
+    return llama_config("llama_7b", d_model=4096, n_layers=32, n_heads=32,
+                        n_kv_heads=32, d_ff=11008)
