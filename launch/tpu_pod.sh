@@ -2,12 +2,12 @@
 # Run one command on every worker of a Cloud TPU VM pod slice (one JAX process per worker host).
 #
 #   launch/tpu_pod.sh [--dry-run] --tpu NAME --zone ZONE [--project PROJECT] [--repo DIR] -- CMD [ARGS...]
-#   launch/tpu_pod.sh --tpu my-v5e-32 --zone us-west4-a -- mtp train --config default --workdir gs://b/run
+#   launch/tpu_pod.sh --tpu my-v5e-32 --zone us-west4-a -- mtp train --config default --workdir /mnt/shared/run
 #
 # Every worker runs `cd DIR && MTP_DISTRIBUTED=auto CMD`: JAX finds the coordinator, the process
 # count and this worker's index from the TPU metadata, so no MTP_COORDINATOR is needed. DIR
 # (default ~/mtp) must hold this repository, installed, on every worker; the workdir must be
-# storage all workers share (e.g. a gs:// bucket or an NFS mount) so that checkpoints line up.
+# a filesystem all workers share (e.g. an NFS mount; gs:// is not supported yet) so that checkpoints line up.
 # --dry-run prints the gcloud command instead of running it.
 set -euo pipefail
 
