@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import tiny_config
 
 from mtp.cli import main
 from mtp.config import load_config
 from mtp.model.spec import ModelSpec
 from mtp.plan import PlanError, parse_mesh, plan
-from tests.helpers import tiny_config
 
 LLAMA_7B = Path(__file__).resolve().parent.parent / "configs" / "llama_7b.py"
 
