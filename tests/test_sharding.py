@@ -34,6 +34,18 @@ def _run(cfg, devices, steps=2):
     return state, losses
 
 
+def _assert_same_run(run_a, run_b):
+    """Same metrics at every step and the same final parameters (float32 tolerance)."""
+    (state_a, metrics_a), (state_b, metrics_b) = run_a, run_b
+    for ma, mb in zip(metrics_a, metrics_b):
+        for k in ma:
+            np.testing.assert_allclose(ma[k], mb[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    leaves_a, leaves_b = jax.tree.leaves(state_a["params"]), jax.tree.leaves(state_b["params"])
+    assert len(leaves_a) == len(leaves_b)
+    for a, b in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def cfg():
     c = tiny_config(vocab_size=96)
@@ -57,24 +69,13 @@ def test_eight_device_mesh_equals_one_device(cfg, single):
     wq = state8["params"]["trunk"]["attn"]["wq"][...]
     assert wq.sharding.spec[1:3] == ("fsdp", "tensor") and len(wq.sharding.device_set) == 8
     assert state8["params"]["embed"][...].sharding.spec == jax.P("tensor", "fsdp")
-    state1, metrics1 = single
-    for m1, m8 in zip(metrics1, metrics8):
-        for k in m1:
-            np.testing.assert_allclose(m1[k], m8[k], rtol=2e-5, atol=1e-6, err_msg=k)
-    for a, b in zip(jax.tree.leaves(state1["params"]), jax.tree.leaves(state8["params"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    _assert_same_run(single, (state8, metrics8))
 
 
 def test_gradient_accumulation_equals_the_full_batch(cfg, single):
     c = cfg.copy_and_resolve_references()
     c.mesh.data, c.train.grad_accum = 1, 4
-    state_acc, metrics_acc = _run(c, jax.devices()[:1])
-    state1, metrics1 = single
-    for m1, ma in zip(metrics1, metrics_acc):
-        for k in m1:
-            np.testing.assert_allclose(m1[k], ma[k], rtol=2e-5, atol=1e-6, err_msg=k)
-    for a, b in zip(jax.tree.leaves(state1["params"]), jax.tree.leaves(state_acc["params"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    _assert_same_run(single, _run(c, jax.devices()[:1]))
 
 
 def test_indivisible_dimensions_are_replicated():
