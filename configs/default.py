@@ -2,7 +2,7 @@
 interpreter's standard-library Python source.
 
 Run:     mtp train                       (same as: mtp train --config configs/default.py)
-Expect:  ~10 minutes on a 2-core CPU (the first run adds ~20 s to build the corpus and tokenizer),
+Expect:  ~9 minutes on a 2-core CPU (the first run adds ~20 s to build the corpus and tokenizer),
          ending with a held-out table whose loss grows and accuracy falls with the distance a head
          looks ahead. Measured (docs/benchmarks.md): head 1 (t+1) 4.01 nats / 25.1% top-1,
          head 2 4.70 / 18.4%, head 3 5.04 / 13.8%, head 4 5.25 / 11.2%. The model (1.8M

@@ -193,11 +193,14 @@ def train(cfg) -> dict:
                 result = evaluate(eval_step, state["params"], _eval_batches(cfg, data, common),
                                   batch_sh, spec.n_future)
                 writer.write(step, _eval_scalars(result), split="validation")
-            if jax.process_count() > 1:  # a notice that reached some processes stops them all
-                preempt.requested = preempt.agreed()
-            if step % t.checkpoint_every == 0 or step == t.steps or preempt.requested:
+            stop = preempt.requested
+            if jax.process_count() > 1:
+                # A notice that reached some processes must stop them all (ckpt.save is
+                # collective); agreeing costs a host sync, so it happens at logging steps only.
+                stop = step % t.log_every == 0 and preempt.agreed()
+            if step % t.checkpoint_every == 0 or step == t.steps or stop:
                 ckpt.save(step, state, train_iter.get_state(), {"step": step}, force=True)
-            if preempt.requested:
+            if stop:
                 log(f"SIGTERM: saved a checkpoint at step {step}; exiting. Rerun the same command to resume.")
                 ckpt.close()
                 sys.exit(0)
@@ -223,7 +226,11 @@ def train(cfg) -> dict:
 def params_digest(params) -> str:
     """SHA-1 over every parameter's bytes in tree order: equal digests = bitwise-equal models."""
     h = hashlib.sha1()
+    from jax.experimental import multihost_utils
+
     for leaf in jax.tree.leaves(params):
+        if not leaf.is_fully_addressable:  # multi-process: gather the global array first
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
         h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
     return h.hexdigest()
 
