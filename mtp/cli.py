@@ -4,6 +4,9 @@
     mtp bench train [--config PATH|NAME] [--heads 1,2,4,8] [--impls vmap,scan] [--steps N] [--json]
     mtp bench faults [--kills K] [--config PATH|NAME] [--steps N]
     mtp plan --config PATH|NAME --mesh data=1,fsdp=8,tensor=1 [--devices N] [--hbm-gib G] [--json]
+    mtp generate --workdir DIR --prompt TEXT [--mode greedy|sample|speculative|speculative_sample]
+                 [--heads K] [--tree 3,2,1] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+    mtp bench decode --workdir DIR --prompts FILE.jsonl [--heads K] [--max-new-tokens N] [--tree SPEC] [--json]
 
 With no ``--config`` the embedded default (configs/default.py) runs. NAME is a file in configs/
 without ``.py`` (e.g. ``tiny``).
@@ -99,6 +102,59 @@ def cmd_plan(args, overrides) -> int:
     return 0
 
 
+def cmd_generate(args, overrides) -> int:
+    import time
+
+    from mtp.decode.api import TextStreamer, decode_config, encode_prompt
+    from mtp.decode.generate import generate
+    from mtp.workdir import WorkdirError, load_model
+
+    if overrides:
+        raise SystemExit("mtp generate takes no --config.* overrides.")
+    try:
+        loaded = load_model(args.workdir, args.step)
+    except WorkdirError as e:
+        raise SystemExit(f"mtp generate: {e}") from None
+    text = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.chat:
+        if not hasattr(loaded.tokenizer, "apply_chat_template"):
+            raise SystemExit("mtp generate --chat: this workdir's tokenizer has no chat template.")
+        text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    try:
+        dc = decode_config(loaded, mode=args.mode, heads=args.heads, tree=args.tree,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, top_k=args.top_k, stop_at_eos=not args.ignore_eos)
+        ids = encode_prompt(loaded, text)
+        import dataclasses
+
+        dc = dataclasses.replace(dc, stream=True)
+        if not args.chat:
+            sys.stdout.write(text)
+        streamer = TextStreamer(loaded.tokenizer, dc.eos_id)
+        t = time.perf_counter()
+        r = generate(loaded.model, [ids], dc, seed=args.seed, pad_to=64, on_tokens=streamer)
+        dt = time.perf_counter() - t
+    except ValueError as e:
+        raise SystemExit(f"mtp generate: {e}") from None
+    sys.stdout.write("\n")
+    n = len(r.tokens[0])
+    print(f"[{n} tokens, {r.forwards} forwards ({n / r.forwards:.2f} tokens/forward), {dt:.2f} s incl."
+          f" compile, mode={dc.mode}, heads={dc.heads}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_decode(args, overrides) -> int:
+    from mtp.bench.decode_bench import main as bench_main
+    from mtp.workdir import WorkdirError
+
+    if overrides:
+        raise SystemExit("mtp bench decode takes no --config.* overrides.")
+    try:
+        return bench_main(args)
+    except (ValueError, WorkdirError) as e:
+        raise SystemExit(f"mtp bench decode: {e}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=5, help="timed steps per row (after one warm-up)")
     b.add_argument("--json", action="store_true", help="print one JSON list on stdout")
     b.set_defaults(func=cmd_bench_train)
+    d = bench.add_parser("decode", help="plain vs self-speculative greedy decoding, batch 1")
+    d.add_argument("--workdir", required=True, help="a trained or converted workdir")
+    d.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} per line')
+    d.add_argument("--heads", type=int, default=None, help="heads used to draft+verify (default all)")
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--tree", default=None, help="draft tree widths per depth, e.g. 3,2,1 (default chain)")
+    d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    d.set_defaults(func=cmd_bench_decode)
     f = bench.add_parser("faults", help="SIGKILL a run K times, resume, compare with an uninterrupted run")
     f.add_argument("--kills", type=int, default=10)
     f.add_argument("--config", default="tiny")
@@ -134,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for the AOT compile")
     pl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     pl.set_defaults(func=cmd_plan)
+    g = sub.add_parser("generate", help="continue a prompt with a workdir's model, streaming the text")
+    g.add_argument("--workdir", required=True)
+    g.add_argument("--prompt", default=None, help="text to continue (default: read stdin)")
+    g.add_argument("--mode", default="greedy", choices=("greedy", "sample", "speculative", "speculative_sample"))
+    g.add_argument("--heads", type=int, default=None, help="speculative: heads used (default all)")
+    g.add_argument("--tree", default=None, help="speculative greedy: draft tree widths, e.g. 3,2,1")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
+    g.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -80,17 +80,26 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.std(D), pd)
         self.wo = param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), cfg.out_std(N * H), pd)
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+    def qkv(self, x_BxTxD, positions_BxT):
+        """Rotated queries ``[B,T,N,H]`` and keys ``[B,T,K,H]``, and values ``[B,T,K,H]``."""
         dt, (B, T, D) = self.dtype, x_BxTxD.shape
         N, K = self.n_heads, self.n_kv_heads
         q_BxTxNxH = dense(x_BxTxD, self.wq[...].astype(dt).reshape(D, -1)).reshape(B, T, N, -1)
         k_BxTxKxH = dense(x_BxTxD, self.wk[...].astype(dt).reshape(D, -1)).reshape(B, T, K, -1)
         v_BxTxKxH = dense(x_BxTxD, self.wv[...].astype(dt).reshape(D, -1)).reshape(B, T, K, -1)
         q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.theta)
-        k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, self.theta)
+        return q_BxTxNxH, rope(k_BxTxKxH, positions_BxT, self.theta), v_BxTxKxH
+
+    def out(self, out_BxTxNxH):
+        B, T = out_BxTxNxH.shape[:2]
+        wo_IxD = self.wo[...].astype(self.dtype).reshape(-1, self.wo.shape[-1])
+        return dense(out_BxTxNxH.reshape(B, T, -1), wo_IxD)
+
+    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.qkv(x_BxTxD, positions_BxT)
         out_BxTxNxH = jax.nn.dot_product_attention(
             q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, implementation="xla")
-        return dense(out_BxTxNxH.reshape(B, T, -1), self.wo[...].astype(dt).reshape(-1, D))
+        return self.out(out_BxTxNxH)
 
 
 class SwiGLU(nnx.Module):

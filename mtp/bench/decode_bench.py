@@ -1,0 +1,141 @@
+"""``mtp bench decode``: plain greedy vs self-speculative greedy, batch 1, on a workdir's model.
+
+For every prompt (one ``{"prompt": ...}`` per JSONL line) both decoders run once to compile and
+once timed; the result compares their outputs token for token (``exact_match``), counts tokens
+per forward and per-head acceptance, and puts plain greedy next to the memory-bandwidth roofline:
+the bytes of the parameters one plain decode step reads (trunk, head 1, norm, unembedding)
+divided into the measured read bandwidth of this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtp.decode.api import PAD_TO, decode_config, encode_prompt
+from mtp.decode.generate import generate
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    prompts = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not JSON ({e.msg}); expected {{\"prompt\": \"...\"}} per line.") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise ValueError(f"{path}:{i}: expected an object with a non-empty string \"prompt\".")
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts; write one {{\"prompt\": \"...\"}} per line.")
+    return prompts
+
+
+def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of a jitted full read (sum) of an array far larger than the caches (best of N)."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: jnp.sum(a))
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    del x
+    return n_bytes / best
+
+
+def decode_step_bytes(model) -> int:
+    """Parameter bytes one plain greedy step reads: all but heads 2..n (the drafting heads)."""
+    from flax import nnx
+
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param))):
+        nbytes = leaf.size * leaf.dtype.itemsize
+        if getattr(path[0], "key", None) == "heads":
+            nbytes //= leaf.shape[0]  # head 1 only
+        total += nbytes
+    return total
+
+
+def _timed(model, ids, dc):
+    generate(model, [ids], dc, pad_to=PAD_TO)  # compile (once per prompt-length bucket)
+    t = time.perf_counter()
+    r = generate(model, [ids], dc, pad_to=PAD_TO)
+    return r, time.perf_counter() - t
+
+
+def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_tokens: int,
+                     tree: str | None = None, bandwidth: float | None = None, log=print) -> dict:
+    heads = heads or loaded.spec.n_future
+    greedy_dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new_tokens, stop_at_eos=False)
+    spec_dc = decode_config(loaded, mode="speculative", heads=heads, tree=tree,
+                            max_new_tokens=max_new_tokens, stop_at_eos=False)
+    t_greedy = t_spec = 0.0
+    n_tokens = forwards = steps = 0
+    accepted = np.zeros(spec_dc.heads, np.int64)
+    exact = True
+    for i, text in enumerate(prompts):
+        ids = encode_prompt(loaded, text)
+        g, dt_g = _timed(loaded.model, ids, greedy_dc)
+        s, dt_s = _timed(loaded.model, ids, spec_dc)
+        same = g.tokens[0] == s.tokens[0]
+        exact &= same
+        t_greedy += dt_g
+        t_spec += dt_s
+        n_tokens += len(g.tokens[0])
+        forwards += s.forwards
+        steps += int(s.steps.sum())
+        accepted += s.accepted.sum(0)
+        log(f"  prompt {i + 1}/{len(prompts)}: {len(ids)} tokens; greedy {len(g.tokens[0]) / dt_g:7.1f} tok/s,"
+            f" speculative {len(s.tokens[0]) / dt_s:7.1f} tok/s, {len(s.tokens[0]) / s.forwards:.2f}"
+            f" tokens/forward{'' if same else '  OUTPUT DIFFERS'}")
+    bandwidth = bandwidth or measure_read_bandwidth()
+    step_bytes = decode_step_bytes(loaded.model)
+    roofline = bandwidth / step_bytes
+    tps_greedy = n_tokens / t_greedy
+    return {
+        "tokens_per_forward": n_tokens / forwards,
+        "accept_rate_per_head": [float(accepted[d] / max(steps, 1)) for d in range(1, spec_dc.heads)],
+        "tokens_per_s_greedy": tps_greedy,
+        "tokens_per_s_speculative": n_tokens / t_spec,
+        "speedup": t_greedy / t_spec,
+        "exact_match": bool(exact),
+        "roofline_tokens_per_s": roofline,
+        "greedy_fraction_of_roofline": tps_greedy / roofline,
+        "heads": spec_dc.heads,
+        "tree": list(spec_dc.tree) if spec_dc.tree else None,
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "new_tokens": n_tokens,
+        "param_bytes_per_step": step_bytes,
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "device": jax.devices()[0].device_kind,
+    }
+
+
+def main(args) -> int:
+    from mtp.workdir import load_model
+
+    log = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if args.json else print
+    prompts = read_prompts(args.prompts)
+    loaded = load_model(args.workdir)
+    log(f"Decode benchmark: {args.workdir} (step {loaded.step}), {len(prompts)} prompts, batch 1,"
+        f" {args.max_new_tokens} new tokens, heads={args.heads or loaded.spec.n_future}"
+        f"{', tree ' + args.tree if args.tree else ''}")
+    result = run_decode_bench(loaded, prompts, heads=args.heads, max_new_tokens=args.max_new_tokens,
+                              tree=args.tree, log=log)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            print(f"{k:28s} {v}")
+    return 0

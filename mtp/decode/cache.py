@@ -1,0 +1,103 @@
+"""KV cache for the trunk and every head layer, and the cached forward pass.
+
+Static shapes: keys/values ``[L, B, S, K, H]`` (trunk) and ``[k, B, S, K, H]`` (the first k heads),
+plus a per-row length pointer ``lengths_B``. A forward over ``T`` new tokens writes their keys and
+values at slots ``lengths_b .. lengths_b + T - 1`` of row b; a new token at block index t attends
+to every slot ``< lengths_b`` (the accepted prefix) and to the block tokens that ``block_mask_TxT``
+allows (causal for a prompt or a chain, ancestors for a tree). Rolling back is setting
+``lengths_B``: slots past the length are never attended to and are overwritten later.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtp.model.lm import MTPLM
+
+
+def init_cache(spec, batch: int, max_len: int, n_heads: int) -> dict:
+    K, H, dt = spec.n_kv_heads, spec.resolved_head_dim, jnp.dtype(spec.dtype)
+    L = spec.trunk_layers
+    n_head_layers = n_heads if spec.head_type == "transformer" else 0
+    return {
+        "trunk_k": jnp.zeros((L, batch, max_len, K, H), dt),
+        "trunk_v": jnp.zeros((L, batch, max_len, K, H), dt),
+        "head_k": jnp.zeros((n_head_layers, batch, max_len, K, H), dt),
+        "head_v": jnp.zeros((n_head_layers, batch, max_len, K, H), dt),
+    }
+
+
+def cache_mask(lengths_B, block_mask_TxT, max_len: int):
+    """bool ``[B, 1, T, S]``: prefix slots ``< lengths_b`` plus the allowed block slots."""
+    T = block_mask_TxT.shape[0]
+    rel_BxS = jnp.arange(max_len, dtype=jnp.int32)[None, :] - lengths_B[:, None]
+    prefix_BxS = rel_BxS < 0
+    in_block_BxS = (rel_BxS >= 0) & (rel_BxS < T)
+    block_BxTxS = jnp.asarray(block_mask_TxT)[:, jnp.clip(rel_BxS, 0, T - 1)].transpose(1, 0, 2)
+    return (prefix_BxS[:, None, :] | (in_block_BxS[:, None, :] & block_BxTxS))[:, None]
+
+
+def _block_step(block, x_BxTxD, positions_BxT, mask_Bx1xTxS, k_BxSxKxH, v_BxSxKxH, slots_BxT):
+    """One transformer layer over the new tokens, writing their keys/values into the cache."""
+    b_Bx1 = jnp.arange(x_BxTxD.shape[0])[:, None]
+    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = block.attn.qkv(block.attn_norm(x_BxTxD), positions_BxT)
+    k_BxSxKxH = k_BxSxKxH.at[b_Bx1, slots_BxT].set(k_BxTxKxH, mode="drop")
+    v_BxSxKxH = v_BxSxKxH.at[b_Bx1, slots_BxT].set(v_BxTxKxH, mode="drop")
+    out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
+                                               implementation="xla")
+    x_BxTxD = x_BxTxD + block.attn.out(out_BxTxNxH)
+    x_BxTxD = x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
+    return x_BxTxD, k_BxSxKxH, v_BxSxKxH
+
+
+def forward_cached(model: MTPLM, cache: dict, tokens_BxT, lengths_B, depth_T, block_mask_TxT,
+                   n_heads: int, unroll: bool = True):
+    """Hidden states of the first ``n_heads`` heads ``[n_heads, B, T, D]`` for new tokens placed at
+    ``lengths_B + depth_T`` (their positions), and the cache with their keys/values written."""
+    S = cache["trunk_k"].shape[2]
+    depth_T = jnp.asarray(depth_T, jnp.int32)
+    positions_BxT = lengths_B[:, None] + depth_T[None, :]
+    slots_BxT = lengths_B[:, None] + jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32)[None, :]
+    mask = cache_mask(lengths_B, block_mask_TxT, S)
+    x_BxTxD = model.embed[...].astype(model.spec.dtype)[tokens_BxT]
+
+    trunk_def, trunk_state = nnx.split(model.trunk)
+
+    def layer(x_BxTxD, xs):
+        state, k_BxSxKxH, v_BxSxKxH = xs
+        x_BxTxD, k_BxSxKxH, v_BxSxKxH = _block_step(nnx.merge(trunk_def, state), x_BxTxD, positions_BxT,
+                                                    mask, k_BxSxKxH, v_BxSxKxH, slots_BxT)
+        return x_BxTxD, (k_BxSxKxH, v_BxSxKxH)
+
+    h_BxTxD, (trunk_k, trunk_v) = jax.lax.scan(layer, x_BxTxD,
+                                               (trunk_state, cache["trunk_k"], cache["trunk_v"]),
+                                               unroll=unroll)
+    head_def, head_state = nnx.split(model.heads)
+    head_state = jax.tree.map(lambda a: a[:n_heads], head_state)
+    if model.spec.head_type == "transformer":
+        def head(state, k_BxSxKxH, v_BxSxKxH):
+            return _block_step(nnx.merge(head_def, state), h_BxTxD, positions_BxT, mask,
+                               k_BxSxKxH, v_BxSxKxH, slots_BxT)
+
+        hidden_NxBxTxD, head_k, head_v = jax.vmap(head)(head_state, cache["head_k"], cache["head_v"])
+    else:
+        hidden_NxBxTxD = jax.vmap(lambda s: nnx.merge(head_def, s)(h_BxTxD, None, None))(head_state)
+        head_k, head_v = cache["head_k"], cache["head_v"]
+    cache = {"trunk_k": trunk_k, "trunk_v": trunk_v, "head_k": head_k, "head_v": head_v}
+    return hidden_NxBxTxD, cache
+
+
+def compact_cache(cache: dict, lengths_B, path_BxD):
+    """Move the accepted tree path's entries (block indices ``path_BxD``) to consecutive slots
+    ``lengths_b + 0 .. D-1`` (a no-op for chains, where the path is 0, 1, 2, ...)."""
+    b_Bx1 = jnp.arange(lengths_B.shape[0])[:, None]
+    src_BxD = lengths_B[:, None] + path_BxD
+    dst_BxD = lengths_B[:, None] + jnp.arange(path_BxD.shape[1], dtype=jnp.int32)[None, :]
+
+    def move(c_LxBxSxKxH):
+        moved = c_LxBxSxKxH[:, b_Bx1, src_BxD]
+        return c_LxBxSxKxH.at[:, b_Bx1, dst_BxD].set(moved, mode="drop")
+
+    return jax.tree.map(move, cache)

@@ -1,0 +1,322 @@
+"""Generation, all on device: prefill + one ``jax.lax.while_loop`` inside one jitted function.
+
+Every step runs ONE cached forward over a block of tokens ``[root, drafts...]``:
+
+- plain decoding (``greedy`` / ``sample``): the block is the last token alone (k = 1 head used);
+- self-speculative (``speculative`` greedy, ``speculative_sample``): the block is the last token
+  plus the drafts heads 2..k made at the previous step (a chain, or a tree of top-w candidates).
+  Head 1 verifies: greedy keeps the longest path whose every token equals head 1's argmax after
+  its parent (so the output is plain greedy's, token for token); sampling accepts draft d with
+  probability p(d) and on rejection samples from p with d removed and renormalized -- the
+  rejection rule for deterministic drafts (Leviathan et al. 2023), so every emitted token is
+  distributed exactly as in plain sampling. Then head 1's own token at the last accepted node is
+  emitted too, heads 2..k at that node draft the next block, and the cache length moves to the
+  accepted prefix (a rollback of the rejected drafts).
+
+Prompts of different lengths are right-padded internally (``padding='left'`` inputs are
+re-aligned); each row has its own cache length, output count and stop flag (EOS or
+``max_new_tokens``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtp.decode.cache import compact_cache, forward_cached, init_cache
+from mtp.decode.tree import DraftTree, build_tree
+
+MODES = ("greedy", "sample", "speculative", "speculative_sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    mode: str = "greedy"
+    heads: int = 1  # heads used: 1 for plain modes; k <= n_future for speculative modes
+    tree: tuple[int, ...] | None = None  # widths per draft depth; None = chain
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_id: int = -1  # -1: never stop early
+    unroll: bool = True
+    stream: bool = False  # call the ``generate(on_tokens=...)`` callback as row 0's tokens appear
+
+    @property
+    def speculative(self) -> bool:
+        return self.mode.startswith("speculative")
+
+    @property
+    def greedy(self) -> bool:
+        return self.mode in ("greedy", "speculative")
+
+    def draft_tree(self) -> DraftTree:
+        if not self.speculative:
+            return build_tree(())
+        return build_tree(self.tree if self.tree is not None else (1,) * (self.heads - 1))
+
+
+def check_decode_config(dc: DecodeConfig, spec) -> None:
+    if dc.mode not in MODES:
+        raise ValueError(f"mode={dc.mode!r} is unknown; use one of {MODES}.")
+    if dc.speculative:
+        if not 2 <= dc.heads <= spec.n_future:
+            raise ValueError(f"Speculative decoding uses heads 2..k to draft: --heads must be in"
+                             f" 2..{spec.n_future} (this model has n_future={spec.n_future}).")
+        if dc.tree is not None and len(dc.tree) != dc.heads - 1:
+            raise ValueError(f"tree {dc.tree} has {len(dc.tree)} depths; with --heads {dc.heads} it"
+                             f" needs {dc.heads - 1}.")
+        if dc.tree is not None and not all(w == 1 for w in dc.tree) and not dc.greedy:
+            raise ValueError("Tree drafts are verified greedily; use --mode speculative (greedy) with"
+                             " --tree, or a chain for speculative sampling.")
+    if not dc.greedy and dc.temperature <= 0:
+        raise ValueError(f"temperature={dc.temperature} must be > 0 for sampling (greedy is"
+                         " --mode greedy).")
+    if not 0 < dc.top_p <= 1:
+        raise ValueError(f"top_p={dc.top_p} must be in (0, 1].")
+    if dc.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={dc.max_new_tokens} must be >= 1.")
+
+
+def filtered_probs(logits_xV, dc: DecodeConfig):
+    """Temperature, top-k and top-p (nucleus) applied: the distribution plain sampling draws from."""
+    logits = logits_xV.astype(jnp.float32) / dc.temperature
+    if dc.top_k > 0:
+        kth = jax.lax.top_k(logits, dc.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dc.top_p < 1.0:
+        sorted_p = jnp.sort(probs, axis=-1)[..., ::-1]
+        before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # mass strictly above each sorted entry
+        cutoff = jnp.min(jnp.where(before < dc.top_p, sorted_p, jnp.inf), axis=-1, keepdims=True)
+        probs = jnp.where(probs >= cutoff, probs, 0.0)
+        probs = probs / probs.sum(-1, keepdims=True)
+    return probs
+
+
+def _sample(key, probs_xV):
+    return jax.random.categorical(key, jnp.log(probs_xV), axis=-1).astype(jnp.int32)
+
+
+def right_align(tokens_BxP, lengths_B, padding: str):
+    """Right-padded tokens from left- or right-padded input."""
+    if padding == "right":
+        return tokens_BxP
+    if padding != "left":
+        raise ValueError(f"padding={padding!r}: use 'left' or 'right'.")
+    P = tokens_BxP.shape[1]
+    idx_BxP = (jnp.arange(P)[None, :] + (P - lengths_B)[:, None]) % P
+    return jnp.take_along_axis(tokens_BxP, idx_BxP, axis=1)
+
+
+def _drafts(model, hidden_HxBxD, tree: DraftTree):
+    """Candidate tokens ``[B, sum(widths)]``: head d+1's top-w_d at the chosen node, per depth."""
+    if tree.max_depth == 0:
+        return jnp.zeros((hidden_HxBxD.shape[1], 0), jnp.int32)
+    logits_HxBxV = model.project(hidden_HxBxD)
+    cands = [jax.lax.top_k(logits_HxBxV[d], w)[1] for d, w in enumerate(tree.widths)]
+    return jnp.concatenate(cands, axis=-1).astype(jnp.int32)
+
+
+def _block_tokens(root_B, cands_BxC, tree: DraftTree):
+    offsets = np.concatenate([[0], np.cumsum(tree.widths)])[:-1] if tree.max_depth else np.zeros(0)
+    idx = [int(offsets[d - 1] + r) for d, r in zip(tree.depth[1:], tree.rank[1:])]
+    if not idx:
+        return root_B[:, None]
+    return jnp.concatenate([root_B[:, None], cands_BxC[:, np.asarray(idx)]], axis=1)
+
+
+def _verify_greedy(logits1_BxTxV, block_BxT, tree: DraftTree):
+    """Deepest node whose path agrees with head 1's argmax, and the tokens it emits."""
+    g_BxT = jnp.argmax(logits1_BxTxV, axis=-1).astype(jnp.int32)
+    parent = np.maximum(tree.parent, 0)
+    match_BxT = (block_BxT == g_BxT[:, parent]).at[:, 0].set(True)
+    anc_TxT = jnp.asarray(tree.mask)
+    accepted_BxT = jnp.all(jnp.where(anc_TxT[None], match_BxT[:, None, :], True), axis=-1)
+    score_BxT = jnp.where(accepted_BxT, jnp.asarray(tree.depth)[None], -1)
+    best_B = jnp.argmax(score_BxT, axis=-1).astype(jnp.int32)
+    n_acc_B = jnp.asarray(tree.depth)[best_B]
+    path_BxD = jnp.asarray(tree.path)[best_B]  # [B, max_depth + 1]
+    emitted_BxD = jnp.take_along_axis(block_BxT, path_BxD[:, 1:], axis=1)
+    emitted_BxD = jnp.concatenate([emitted_BxD, jnp.zeros_like(best_B)[:, None]], axis=1)
+    d_1xD = jnp.arange(tree.max_depth + 1)[None]
+    last_B = jnp.take_along_axis(g_BxT, best_B[:, None], axis=1)[:, 0]
+    emitted_BxD = jnp.where(d_1xD == n_acc_B[:, None], last_B[:, None], emitted_BxD)
+    return best_B, n_acc_B, path_BxD, emitted_BxD
+
+
+def _verify_sample(key, logits1_BxTxV, block_BxT, dc: DecodeConfig):
+    """Chain verification with the rejection rule for deterministic drafts (exact sampling)."""
+    B, T = block_BxT.shape
+    probs_BxTxV = filtered_probs(logits1_BxTxV, dc)
+    k_accept, k_final = jax.random.split(key)
+    drafts_BxM = block_BxT[:, 1:]  # M = T - 1
+    p_draft_BxM = jnp.take_along_axis(probs_BxTxV[:, :-1], drafts_BxM[..., None], axis=-1)[..., 0]
+    u_BxM = jax.random.uniform(k_accept, p_draft_BxM.shape)
+    ok_BxM = u_BxM < p_draft_BxM
+    n_acc_B = jnp.sum(jnp.cumprod(ok_BxM.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+    p_B1V = jnp.take_along_axis(probs_BxTxV, n_acc_B[:, None, None], axis=1)  # [B, 1, V]
+    p_BxV = p_B1V[:, 0]
+    rejected_B = n_acc_B < T - 1
+    bad_B = jnp.take_along_axis(block_BxT, jnp.minimum(n_acc_B + 1, T - 1)[:, None], axis=1)[:, 0]
+    residual_BxV = jnp.where(jnp.arange(p_BxV.shape[-1])[None] == bad_B[:, None], 0.0, p_BxV)
+    total_B = residual_BxV.sum(-1, keepdims=True)
+    residual_BxV = jnp.where(total_B > 0, residual_BxV / jnp.maximum(total_B, 1e-30), p_BxV)
+    final_B = _sample(k_final, jnp.where(rejected_B[:, None], residual_BxV, p_BxV))
+    emitted_BxD = jnp.concatenate([drafts_BxM, jnp.zeros((B, 1), jnp.int32)], axis=1)
+    d_1xD = jnp.arange(T)[None]
+    emitted_BxD = jnp.where(d_1xD == n_acc_B[:, None], final_B[:, None], emitted_BxD)
+    path_BxD = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    return n_acc_B, n_acc_B, path_BxD, emitted_BxD
+
+
+_STREAM_SINK = []  # the on_tokens callback of the generate() call in progress (host side)
+
+
+def _stream_emit(tokens_D, n_new):
+    if _STREAM_SINK:
+        _STREAM_SINK[-1](np.asarray(tokens_D)[:int(n_new)])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "dc"))
+def _generate(graphdef, params, tokens_BxP, lengths_B, key, *, dc: DecodeConfig):
+    model = nnx.merge(graphdef, params)
+    tree = dc.draft_tree()
+    B, P = tokens_BxP.shape
+    T, D = tree.size, tree.max_depth + 1
+    k_heads = tree.n_heads if dc.speculative else 1
+    S = P + dc.max_new_tokens + T + 1
+    M = dc.max_new_tokens + D
+    cache = init_cache(model.spec, B, S, k_heads)
+
+    # Prefill: the prompt as one causal block at lengths 0.
+    zeros_B = jnp.zeros((B,), jnp.int32)
+    causal = np.tril(np.ones((P, P), bool))
+    hidden_HxBxPxD, cache = forward_cached(model, cache, tokens_BxP, zeros_B, np.arange(P), causal,
+                                           k_heads, dc.unroll)
+    last_HxBxD = jnp.take_along_axis(hidden_HxBxPxD, (lengths_B - 1)[None, :, None, None], axis=2)[:, :, 0]
+    logits1_BxV = model.project(last_HxBxD[0])
+    key, k0 = jax.random.split(key)
+    root_B = (jnp.argmax(logits1_BxV, -1).astype(jnp.int32) if dc.greedy
+              else _sample(k0, filtered_probs(logits1_BxV, dc)))
+    cands_BxC = _drafts(model, last_HxBxD[1:], tree)
+
+    if dc.stream:
+        jax.debug.callback(_stream_emit, root_B[:1], 1, ordered=True)
+    out_BxM = jnp.full((B, M), -1, jnp.int32).at[:, 0].set(root_B)
+    n_out_B = jnp.ones((B,), jnp.int32)
+    done_B = (root_B == dc.eos_id) | (n_out_B >= dc.max_new_tokens)
+    stats = {"forwards": jnp.ones((), jnp.int32), "steps_B": jnp.zeros((B,), jnp.int32),
+             "accepted_BxD": jnp.zeros((B, D), jnp.int32)}
+    depth_T, mask_TxT = tree.depth, tree.mask
+
+    def cond(carry):
+        return jnp.any(~carry["done_B"])
+
+    def body(c):
+        block_BxT = _block_tokens(c["root_B"], c["cands_BxC"], tree)
+        hidden_HxBxTxD, cache = forward_cached(model, c["cache"], block_BxT, c["lengths_B"], depth_T,
+                                               mask_TxT, k_heads, dc.unroll)
+        logits1_BxTxV = model.project(hidden_HxBxTxD[0])
+        key, k_step = jax.random.split(c["key"])
+        if dc.greedy:
+            best_B, n_acc_B, path_BxD, emitted_BxD = _verify_greedy(logits1_BxTxV, block_BxT, tree)
+        else:
+            best_B, n_acc_B, path_BxD, emitted_BxD = _verify_sample(k_step, logits1_BxTxV, block_BxT, dc)
+        if not tree.is_chain:
+            cache = compact_cache(cache, c["lengths_B"], path_BxD)
+        live_B = ~c["done_B"]
+        # Drafts for the next block: heads 2..k at the last accepted node.
+        node_HxBxD = jnp.take_along_axis(hidden_HxBxTxD[1:], best_B[None, :, None, None], axis=2)[:, :, 0]
+        cands_BxC = _drafts(model, node_HxBxD, tree)
+        root_B = jnp.take_along_axis(emitted_BxD, n_acc_B[:, None], axis=1)[:, 0]
+        # Outputs: tokens 0..n_acc of ``emitted``, cut at the first EOS, only for live rows.
+        d_1xD = jnp.arange(D)[None]
+        valid_BxD = (d_1xD <= n_acc_B[:, None]) & live_B[:, None]
+        is_eos_BxD = valid_BxD & (emitted_BxD == dc.eos_id)
+        has_eos_B = jnp.any(is_eos_BxD, axis=1)
+        n_new_B = jnp.where(has_eos_B, jnp.argmax(is_eos_BxD, axis=1) + 1, n_acc_B + 1)
+        n_new_B = jnp.where(live_B, n_new_B, 0)
+        pos_BxD = jnp.where(d_1xD < n_new_B[:, None], c["n_out_B"][:, None] + d_1xD, M)
+        out_BxM = c["out_BxM"].at[jnp.arange(B)[:, None], pos_BxD].set(emitted_BxD, mode="drop")
+        n_out_B = c["n_out_B"] + n_new_B
+        if dc.stream:
+            jax.debug.callback(_stream_emit, emitted_BxD[0], n_new_B[0], ordered=True)
+        done_B = c["done_B"] | has_eos_B | (n_out_B >= dc.max_new_tokens)
+        lengths_B = jnp.where(live_B, c["lengths_B"] + n_acc_B + 1, c["lengths_B"])
+        st = c["stats"]
+        stats = {"forwards": st["forwards"] + 1, "steps_B": st["steps_B"] + live_B,
+                 "accepted_BxD": st["accepted_BxD"] + ((d_1xD <= n_acc_B[:, None]) & live_B[:, None])}
+        return {"cache": cache, "lengths_B": lengths_B, "root_B": root_B, "cands_BxC": cands_BxC,
+                "out_BxM": out_BxM, "n_out_B": n_out_B, "done_B": done_B, "key": key, "stats": stats}
+
+    carry = {"cache": cache, "lengths_B": lengths_B, "root_B": root_B, "cands_BxC": cands_BxC,
+             "out_BxM": out_BxM, "n_out_B": n_out_B, "done_B": done_B, "key": key, "stats": stats}
+    carry = jax.lax.while_loop(cond, body, carry)
+    return carry["out_BxM"], carry["n_out_B"], carry["stats"], carry["cache"], carry["lengths_B"]
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    tokens: list[list[int]]  # new tokens per prompt (EOS included when it stopped there)
+    forwards: int  # model forwards of the batch, prefill included
+    steps: np.ndarray  # decode steps per row (prefill excluded)
+    accepted: np.ndarray  # [B, max_depth + 1]: steps in which depth d (0 = head 1's token) was emitted
+    cache: dict | None = None
+    lengths: np.ndarray | None = None
+
+
+def generate(model, prompts: list[list[int]] | np.ndarray, dc: DecodeConfig, *, lengths=None,
+             padding: str = "right", seed: int = 0, pad_to: int = 1, return_cache: bool = False,
+             on_tokens=None):
+    """Generate for a batch of token-id prompts (lists of different lengths, or a padded array with
+    ``lengths`` and ``padding``). ``pad_to`` rounds the prompt length up (fewer recompiles).
+    ``on_tokens(ids)`` receives row 0's new tokens as they are accepted (set ``dc.stream``)."""
+    check_decode_config(dc, model.spec)
+    if isinstance(prompts, np.ndarray | jax.Array):
+        tokens_BxP = np.asarray(prompts, np.int32)
+        lengths_B = np.full(len(tokens_BxP), tokens_BxP.shape[1], np.int32) if lengths is None \
+            else np.asarray(lengths, np.int32)
+    else:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("Every prompt needs at least one token (an empty prompt has nothing to"
+                             " continue); add a BOS token or some text.")
+        lengths_B = np.asarray([len(p) for p in prompts], np.int32)
+        P = int(lengths_B.max())
+        tokens_BxP = np.zeros((len(prompts), P), np.int32)
+        for i, p in enumerate(prompts):
+            tokens_BxP[i, :len(p)] = p
+        padding = "right"
+    if lengths_B.min() < 1 or lengths_B.max() > tokens_BxP.shape[1]:
+        raise ValueError(f"prompt lengths {lengths_B.tolist()} must be in 1..{tokens_BxP.shape[1]}.")
+    vocab = model.spec.vocab_size
+    if tokens_BxP.min() < 0 or tokens_BxP.max() >= vocab:
+        raise ValueError(f"Prompt token ids must be in [0, {vocab}) for this model; got"
+                         f" [{tokens_BxP.min()}, {tokens_BxP.max()}]. Was it encoded with the"
+                         " workdir's tokenizer?")
+    tokens_BxP = np.asarray(right_align(jnp.asarray(tokens_BxP), jnp.asarray(lengths_B), padding))
+    P = -(-tokens_BxP.shape[1] // pad_to) * pad_to
+    tokens_BxP = np.pad(tokens_BxP, ((0, 0), (0, P - tokens_BxP.shape[1])))
+    need = P + dc.max_new_tokens
+    if need > model.spec.max_seq_len:
+        raise ValueError(f"prompt ({P} tokens, padded) + max_new_tokens ({dc.max_new_tokens}) = {need}"
+                         f" exceeds the model's max_seq_len={model.spec.max_seq_len}; shorten the prompt"
+                         " or ask for fewer tokens.")
+    graphdef, params = nnx.split(model)
+    _STREAM_SINK.append(on_tokens or (lambda ids: None))
+    try:
+        out, n_out, stats, cache, lens = _generate(graphdef, params, jnp.asarray(tokens_BxP),
+                                                   jnp.asarray(lengths_B), jax.random.key(seed), dc=dc)
+        out = jax.block_until_ready(out)
+    finally:
+        _STREAM_SINK.pop()
+    out, n_out = np.asarray(out), np.asarray(n_out)
+    tokens = [out[i, :min(int(n_out[i]), dc.max_new_tokens)].tolist() for i in range(len(out))]
+    return GenerateResult(tokens, int(stats["forwards"]), np.asarray(stats["steps_B"]),
+                          np.asarray(stats["accepted_BxD"]),
+                          cache if return_cache else None, np.asarray(lens) if return_cache else None)

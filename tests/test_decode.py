@@ -1,0 +1,210 @@
+"""KV-cached generation and self-speculative decoding: exactness against plain decoding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import tiny_model
+from scipy import stats
+
+from mtp.decode.cache import forward_cached, init_cache
+from mtp.decode.generate import DecodeConfig, filtered_probs, generate
+from mtp.decode.tree import build_tree, parse_tree
+
+
+def full_forward_greedy(model, prompt, n):
+    """Reference: greedy decoding with a full (uncached) forward per token."""
+    seq = list(prompt)
+    for _ in range(n):
+        logits = model(jnp.asarray([seq]))[0, 0, -1]
+        seq.append(int(jnp.argmax(logits)))
+    return seq[len(prompt):]
+
+
+def prompts_of(seed, n, vocab=97, lo=1, hi=12):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(4, vocab, rng.integers(lo, hi)).tolist() for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=1, n_future=4)
+
+
+def with_params(model, pure: dict):
+    graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def heads_like_head1(model, noise=0.0, seed=0):
+    """Copy head 1's layer into every head (+ optional noise): drafts then track head 1."""
+    pure = nnx.to_pure_dict(nnx.state(model))
+    key = jax.random.key(seed)
+    for i, (path, x) in enumerate(jax.tree_util.tree_leaves_with_path(pure["heads"])):
+        noisy = jnp.broadcast_to(x[:1], x.shape)
+        if noise:
+            noisy = noisy + noise * jnp.std(x) * jax.random.normal(jax.random.fold_in(key, i), x.shape)
+        pure["heads"] = jax.tree_util.tree_map_with_path(
+            lambda p, y, path=path, noisy=noisy: noisy if p == path else y, pure["heads"])
+    return with_params(model, pure)
+
+
+def constant_input_model(model, same_heads: bool):
+    """Every token embeds to the same vector, so every position's hidden state is the same and the
+    greedy output repeats one token: with heads = copies of head 1 every draft is right, with
+    independent heads every draft is wrong."""
+    m = heads_like_head1(model) if same_heads else model
+    pure = nnx.to_pure_dict(nnx.state(m))
+    pure["embed"] = jnp.broadcast_to(pure["embed"][7:8], pure["embed"].shape)
+    return with_params(m, pure)
+
+
+def test_cached_greedy_equals_full_forward(model):
+    prompts = prompts_of(0, 3)
+    result = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=8), pad_to=16)
+    for p, out in zip(prompts, result.tokens):
+        assert out == full_forward_greedy(model, p, 8)
+    assert result.forwards == 8  # prefill + 7 steps, one token each
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("heads,tree", [(2, None), (4, None), (4, (3, 2, 1))])
+def test_speculative_greedy_equals_plain_greedy(batch, heads, tree):
+    model = heads_like_head1(tiny_model(seed=1, n_future=4), noise=0.5)
+    prompts = prompts_of(batch, batch)
+    plain = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=24), pad_to=16)
+    spec = generate(model, prompts, DecodeConfig("speculative", heads, tree, max_new_tokens=24), pad_to=16)
+    assert spec.tokens == plain.tokens
+    assert spec.forwards <= plain.forwards
+
+
+@pytest.mark.parametrize("same_heads", [True, False])
+def test_drafts_all_right_and_all_wrong(same_heads):
+    m = constant_input_model(tiny_model(seed=1, n_future=4, tie_embeddings=False), same_heads)
+    prompts = prompts_of(5, 2)
+    plain = generate(m, prompts, DecodeConfig("greedy", max_new_tokens=17), pad_to=16)
+    spec = generate(m, prompts, DecodeConfig("speculative", 4, max_new_tokens=17), pad_to=16)
+    assert spec.tokens == plain.tokens
+    steps = spec.steps.sum()
+    if same_heads:  # every draft accepted: 4 tokens per step (1 from prefill + 4 steps = 17)
+        assert spec.forwards == 5 and (spec.accepted == spec.steps[:, None]).all()
+    else:  # no draft accepted: one token per step, like plain decoding
+        assert spec.forwards == plain.forwards
+        assert spec.accepted[:, 1:].sum() == 0 and spec.accepted[:, 0].sum() == steps
+
+
+def test_padding_sides_and_batching_agree(model):
+    prompts = prompts_of(7, 4)
+    dc = DecodeConfig("speculative", 3, max_new_tokens=10)
+    batched = generate(model, prompts, dc, pad_to=16).tokens
+    single = [generate(model, [p], dc, pad_to=16).tokens[0] for p in prompts]
+    assert batched == single
+    P = max(len(p) for p in prompts)
+    left = np.zeros((4, P), np.int32)
+    for i, p in enumerate(prompts):
+        left[i, P - len(p):] = p
+    lefted = generate(model, left, dc, lengths=[len(p) for p in prompts], padding="left", pad_to=16)
+    assert lefted.tokens == batched
+
+
+def test_stops_at_eos(model):
+    prompt = prompts_of(3, 1)
+    free = generate(model, prompt, DecodeConfig("greedy", max_new_tokens=12)).tokens[0]
+    eos = free[4]
+    first = free.index(eos)
+    for mode, heads in [("greedy", 1), ("speculative", 4)]:
+        out = generate(model, prompt, DecodeConfig(mode, heads, max_new_tokens=12, eos_id=eos)).tokens[0]
+        assert out == free[:first + 1]
+
+
+@pytest.mark.parametrize("tree", [None, (2, 2, 2)])
+def test_cache_after_rollback_equals_cache_from_scratch(tree):
+    model = heads_like_head1(tiny_model(seed=1, n_future=4), noise=0.5)
+    prompts = prompts_of(11, 3)
+    dc = DecodeConfig("speculative", 4, tree, max_new_tokens=20)
+    res = generate(model, prompts, dc, pad_to=16, return_cache=True)
+    assert res.accepted[:, 1:].sum() > 0  # some drafts were accepted and some rolled back
+    for b, (p, out) in enumerate(zip(prompts, res.tokens)):
+        # the cache holds the prompt and every emitted token except the last (the next root)
+        emitted = np.asarray(res.cache["trunk_k"]).shape[2]
+        length = int(res.lengths[b])
+        seq = (p + out)[:length]
+        assert len(seq) == length <= emitted
+        fresh = init_cache(model.spec, 1, 64, 4)
+        _, fresh = forward_cached(model, fresh, jnp.asarray([seq]), jnp.zeros(1, jnp.int32),
+                                  np.arange(length), np.tril(np.ones((length, length), bool)), 4)
+        for name in ("trunk_k", "trunk_v", "head_k", "head_v"):
+            np.testing.assert_allclose(np.asarray(res.cache[name])[:, b, :length],
+                                       np.asarray(fresh[name])[:, 0, :length], atol=2e-5, rtol=1e-5)
+
+
+def test_tree_accepts_at_least_as_much_as_chain():
+    model = heads_like_head1(tiny_model(seed=1, n_future=4), noise=1.0, seed=3)
+    prompts = prompts_of(13, 8)
+    chain = generate(model, prompts, DecodeConfig("speculative", 4, max_new_tokens=32), pad_to=16)
+    tree = generate(model, prompts, DecodeConfig("speculative", 4, (4, 2, 1), max_new_tokens=32), pad_to=16)
+    assert tree.tokens == chain.tokens
+    per_step = lambda r: (r.accepted.sum() / r.steps.sum())
+    assert per_step(tree) >= per_step(chain)
+    assert chain.accepted[:, 1:].sum() > 0
+
+
+def test_tree_structure():
+    t = parse_tree("3,2,1", 4)
+    assert t.size == 1 + 3 + 6 + 6 and t.max_depth == 3
+    assert (t.parent[1:4] == 0).all() and t.mask[t.size - 1].sum() == 4  # a leaf sees 3 ancestors
+    assert parse_tree(None, 3).is_chain and parse_tree(None, 3).size == 3
+    with pytest.raises(ValueError, match="widths"):
+        parse_tree("3,2", 4)
+    assert (build_tree((2,)).path == np.asarray([[0, 0], [0, 1], [0, 2]])).all()
+
+
+def test_filtered_probs_top_k_top_p():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    p = filtered_probs(logits, DecodeConfig("sample", top_k=2))
+    np.testing.assert_allclose(p[0], [0.625, 0.375, 0, 0], atol=1e-6)
+    p = filtered_probs(logits, DecodeConfig("sample", top_p=0.7))  # smallest set with mass >= 0.7
+    np.testing.assert_allclose(p[0], [0.625, 0.375, 0, 0], atol=1e-6)
+    p = filtered_probs(logits, DecodeConfig("sample", temperature=0.5))
+    np.testing.assert_allclose(p[0], np.asarray([0.25, 0.09, 0.0225, 0.0025]) / 0.365, atol=1e-6)
+
+
+def test_bad_requests_are_rejected(model):
+    with pytest.raises(ValueError, match="heads must be in 2..4"):
+        generate(model, [[5]], DecodeConfig("speculative", 5))
+    with pytest.raises(ValueError, match=r"\[0, 97\)"):
+        generate(model, [[500]], DecodeConfig("greedy"))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, [[5] * 10], DecodeConfig("greedy", max_new_tokens=60))
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[]], DecodeConfig("greedy"))
+
+
+def exact_two_token_probs(model, prompt, dc):
+    """p(x1, x2 | prompt) under plain sampling with ``dc``'s filtering, from full forwards."""
+    V = model.spec.vocab_size
+    p1 = np.asarray(filtered_probs(model(jnp.asarray([prompt]))[0, 0, -1], dc))
+    seqs = jnp.asarray([prompt + [v] for v in range(V)])
+    p2 = np.asarray(filtered_probs(model(seqs)[0, :, -1], dc))
+    return p1[:, None] * p2
+
+
+@pytest.mark.parametrize("mode", ["sample", "speculative_sample"])
+def test_sampling_is_exact(mode):
+    """Chi-square: 6000 two-token samples against the exact plain-sampling distribution."""
+    model = heads_like_head1(tiny_model(seed=2, vocab_size=8, n_future=3, init_std=0.5), noise=0.3)
+    prompt = [3, 1, 4]
+    dc = DecodeConfig(mode, 1 if mode == "sample" else 3, max_new_tokens=2, temperature=1.0)
+    n = 6000
+    res = generate(model, np.asarray([prompt] * n, np.int32), dc, seed=17)
+    if mode == "speculative_sample":
+        assert res.accepted[:, 1].sum() > n // 10  # drafts were accepted often enough to matter
+    joint = exact_two_token_probs(model, prompt, dc).ravel()
+    counts = np.bincount([a * 8 + b for a, b in res.tokens], minlength=64)
+    keep = joint * n >= 5
+    observed = np.append(counts[keep], counts[~keep].sum())
+    expected = np.append(joint[keep] * n, joint[~keep].sum() * n)
+    _, pvalue = stats.chisquare(observed, expected * observed.sum() / expected.sum())
+    assert pvalue > 1e-3, (pvalue, observed, expected)
