@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench_train)
     d = bench.add_parser("decode", help="plain vs self-speculative greedy decoding, batch 1")
     d.add_argument("--workdir", required=True, help="a trained or converted workdir")
-    d.add_argument("--prompts", required=True, help='JSONL, one {"prompt": ...} per line')
+    d.add_argument("--prompts", default=None,
+                   help='JSONL, one {"prompt": ...} per line (default: held-out snippets of the workdir\'s data)')
+    d.add_argument("--n-prompts", type=int, default=8, help="held-out prompts when --prompts is not given")
     d.add_argument("--heads", type=int, default=None, help="heads used to draft+verify (default all)")
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--tree", default=None, help="draft tree widths per depth, e.g. 3,2,1 (default chain)")

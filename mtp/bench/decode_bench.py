@@ -22,7 +22,41 @@ from mtp.decode.api import PAD_TO, decode_config, encode_prompt
 from mtp.decode.generate import generate
 
 
+def heldout_prompts(data_cfg, n: int = 8, lines: int = 6, seed: int = 0) -> list[str]:
+    """``n`` code prompts from the validation split of a data config: each starts at a ``def`` or
+    ``class`` line of a different held-out file and runs ``lines`` lines (files the model never
+    trained on, picked deterministically)."""
+    import random
+
+    from mtp.data.corpus import list_files, read_text, split_of
+
+    files = list_files(data_cfg)
+    val = [p for p in files.relative_paths if split_of(p, files.val_fraction) == "validation"]
+    rng = random.Random(seed)
+    rng.shuffle(val)
+    prompts = []
+    for rel in val:
+        text = read_text(files.root / rel)
+        if not text:
+            continue
+        src = text.splitlines(keepends=True)
+        starts = [i for i, line in enumerate(src) if line.lstrip().startswith(("def ", "class "))]
+        if not starts:
+            continue
+        i = rng.choice(starts)
+        prompt = "".join(src[i:i + lines])
+        if 40 <= len(prompt) <= 600:
+            prompts.append(prompt)
+        if len(prompts) == n:
+            break
+    if not prompts:
+        raise ValueError(f"No held-out prompts found in data.source={data_cfg.source!r}; pass --prompts FILE.jsonl.")
+    return prompts
+
+
 def read_prompts(path: str | Path) -> list[str]:
+    if not Path(path).is_file():
+        raise ValueError(f"--prompts {path}: no such file; write one {{\"prompt\": \"...\"}} per line.")
     prompts = []
     for i, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -126,8 +160,12 @@ def main(args) -> int:
     from mtp.workdir import load_model
 
     log = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if args.json else print
-    prompts = read_prompts(args.prompts)
     loaded = load_model(args.workdir)
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    else:
+        prompts = heldout_prompts(loaded.cfg.data, n=args.n_prompts)
+        log(f"No --prompts: using {len(prompts)} held-out snippets (validation split of {loaded.cfg.data.source}).")
     log(f"Decode benchmark: {args.workdir} (step {loaded.step}), {len(prompts)} prompts, batch 1,"
         f" {args.max_new_tokens} new tokens, heads={args.heads or loaded.spec.n_future}"
         f"{', tree ' + args.tree if args.tree else ''}")

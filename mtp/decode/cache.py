@@ -74,17 +74,19 @@ def forward_cached(model: MTPLM, cache: dict, tokens_BxT, lengths_B, depth_T, bl
     h_BxTxD, (trunk_k, trunk_v) = jax.lax.scan(layer, x_BxTxD,
                                                (trunk_state, cache["trunk_k"], cache["trunk_v"]),
                                                unroll=unroll)
+    # Heads one at a time with static slices: plain 2-D matmuls (a vmapped batched matmul is
+    # several times slower on XLA:CPU), n_heads <= n_future is small.
     head_def, head_state = nnx.split(model.heads)
-    head_state = jax.tree.map(lambda a: a[:n_heads], head_state)
-    if model.spec.head_type == "transformer":
-        def head(state, k_BxSxKxH, v_BxSxKxH):
-            return _block_step(nnx.merge(head_def, state), h_BxTxD, positions_BxT, mask,
-                               k_BxSxKxH, v_BxSxKxH, slots_BxT)
-
-        hidden_NxBxTxD, head_k, head_v = jax.vmap(head)(head_state, cache["head_k"], cache["head_v"])
-    else:
-        hidden_NxBxTxD = jax.vmap(lambda s: nnx.merge(head_def, s)(h_BxTxD, None, None))(head_state)
-        head_k, head_v = cache["head_k"], cache["head_v"]
+    head_k, head_v, hidden = cache["head_k"], cache["head_v"], []
+    for i in range(n_heads):
+        head = nnx.merge(head_def, jax.tree.map(lambda a, i=i: a[i], head_state))
+        if model.spec.head_type == "transformer":
+            h_i, k_i, v_i = _block_step(head, h_BxTxD, positions_BxT, mask, head_k[i], head_v[i], slots_BxT)
+            head_k, head_v = head_k.at[i].set(k_i), head_v.at[i].set(v_i)
+        else:
+            h_i = head(h_BxTxD, None, None)
+        hidden.append(h_i)
+    hidden_NxBxTxD = jnp.stack(hidden)
     cache = {"trunk_k": trunk_k, "trunk_v": trunk_v, "head_k": head_k, "head_v": head_v}
     return hidden_NxBxTxD, cache
 
