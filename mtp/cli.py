@@ -4,6 +4,8 @@
     mtp bench train [--config PATH|NAME] [--heads 1,2,4,8] [--impls vmap,scan] [--steps N] [--json]
     mtp bench faults [--kills K] [--config PATH|NAME] [--steps N]
     mtp plan --config PATH|NAME --mesh data=1,fsdp=8,tensor=1 [--devices N] [--hbm-gib G] [--json]
+    mtp convert (--gguf FILE | --hf DIR) --workdir DIR [--force]
+    mtp sweep --config PATH|NAME --sweep model.n_future=1,2,4 [--sweep KEY=V,...] [--parameter-matched] --workdir W
     mtp generate --workdir DIR --prompt TEXT [--mode greedy|sample|speculative|speculative_sample]
                  [--heads K] [--tree 3,2,1] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     mtp bench decode --workdir DIR --prompts FILE.jsonl [--heads K] [--max-new-tokens N] [--tree SPEC] [--json]
@@ -215,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
     g.set_defaults(func=cmd_generate)
+    from mtp.convert.cli import add_parser as add_convert
+    from mtp.sweep.cli import add_parser as add_sweep
+
+    add_sweep(sub)
+    add_convert(sub)
     return parser
 
 

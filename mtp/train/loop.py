@@ -21,6 +21,7 @@ from mtp.model.spec import ModelSpec
 from mtp.perf import peak_flops
 from mtp.sharding import batch_sharding, make_mesh, rules_from_config
 from mtp.train.checkpoint import Checkpointer, save_json
+from mtp.train.init_from import check_source_model, ensure_source, init_params, merge_fresh, trainable_masks
 from mtp.train.metrics import MetricWriter
 from mtp.train.optim import lr_schedule, make_optimizer
 from mtp.train.state import make_layout
@@ -116,18 +117,27 @@ def train(cfg) -> dict:
                           f"{cfg.model.vocab_size}. Set model.vocab_size={data.tokenizer.vocab_size}.")
     if jax.process_index() == 0:
         save_json(workdir / "config.json", cfg.to_dict())
-        shutil.copy(data.tokenizer.path, workdir / "tokenizer.model")
+        if data.tokenizer.path is None:  # the byte tokenizer: an empty marker file names it
+            (workdir / "tokenizer.bytes").touch()
+        else:
+            shutil.copy(data.tokenizer.path, workdir / "tokenizer.model")
 
     spec = ModelSpec.from_config(cfg.model)
     mesh = make_mesh(cfg.mesh)
     rules = rules_from_config(cfg.sharding.rules)
     t = cfg.train
-    tx = make_optimizer(cfg.optim, t.steps)
+    source = ensure_source(cfg.init)  # init.workdir (converted first when init.gguf/init.hf say so)
+    n_source_heads = check_source_model(source, cfg.model) if source else 0
+    from mtp.workdir import abstract_params
+
+    trainable, update_scale = trainable_masks(abstract_params(spec)[1], t.trainable, n_source_heads,
+                                              spec.n_future)
+    tx = make_optimizer(cfg.optim, t.steps, trainable, update_scale)
     schedule = lr_schedule(cfg.optim, t.steps)
     layout, init = make_layout(spec, tx, mesh, rules, cfg.seed)
     batch_sh = batch_sharding(mesh, rules)
     weights = head_weights(cfg.loss, spec.n_future)
-    train_step = make_train_step(layout, tx, schedule, mesh, rules, cfg, weights, batch_sh)
+    train_step = make_train_step(layout, tx, schedule, mesh, rules, cfg, weights, batch_sh, trainable)
     eval_step = make_eval_step(layout, mesh, rules, cfg, batch_sh)
 
     local_batch = t.batch_size // jax.process_count()
@@ -147,9 +157,18 @@ def train(cfg) -> dict:
         log(f"Resumed from {ckpt.directory}/{start} (step {int(state['step'])}).")
     else:
         state, start = init(), 0
+        if source is not None:
+            loaded = init_params(source, layout.abstract["params"], cfg.init.new_heads)
+            params = merge_fresh(loaded, jax.device_get(state["params"]))
+            state["params"] = jax.device_put(params, layout.shardings["params"])
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     log(f"Model: {n_params / 1e6:.2f}M parameters, n_future={spec.n_future} ({spec.head_type} heads),"
         f" trunk {spec.trunk_layers} layers; mesh {dict(mesh.shape)}; workdir {workdir}")
+    if trainable is not None:
+        n_train = sum(x.size for x, tr in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(trainable)) if tr)
+        if update_scale is not None:
+            n_train -= n_source_heads * n_train // spec.n_future
+        log(f"Trainable ({t.trainable}): {n_train / 1e6:.2f}M parameters; the rest stay frozen.")
 
     peak, peak_src = peak_flops(cfg.perf, cfg.model.dtype)
     flops_per_token = spec.flops_per_token(t.seq_len)

@@ -20,8 +20,10 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(optim_cfg, total_steps: int, trainable=None) -> optax.GradientTransformation:
-    """``trainable``: optional bool pytree (like params); False leaves are frozen (no update)."""
+def make_optimizer(optim_cfg, total_steps: int, trainable=None, update_scale=None) -> optax.GradientTransformation:
+    """``trainable``: optional bool pytree (like params); False leaves are frozen (no update).
+    ``update_scale``: optional pytree of arrays broadcast against each parameter that multiply its
+    final update (0 freezes a slice, e.g. one head of the stacked heads, weight decay included)."""
     tx = optax.chain(
         optax.clip_by_global_norm(optim_cfg.clip_norm),
         optax.adamw(lr_schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
@@ -30,4 +32,8 @@ def make_optimizer(optim_cfg, total_steps: int, trainable=None) -> optax.Gradien
     if trainable is not None:
         labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
         tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    if update_scale is not None:
+        scale = optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, s: u * s, updates,
+                                                                          update_scale))
+        tx = optax.chain(tx, scale)
     return tx

@@ -29,13 +29,17 @@ def _per_head_metrics(prefix_sums: dict, n_future: int) -> dict:
     return out
 
 
-def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sharding):
-    """Returns ``step(state, batch) -> (state, metrics)``, jitted over the mesh."""
+def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sharding, trainable=None):
+    """Returns ``step(state, batch) -> (state, metrics)``, jitted over the mesh. ``trainable``
+    (bool pytree like the params): frozen leaves are wrapped in stop_gradient, so nothing is
+    back-propagated into a frozen trunk (its activations are computed once, forward only)."""
     graphdef, n_future = layout.graphdef, cfg.model.n_future
     impl, chunk, n_micro = cfg.loss.impl, cfg.loss.chunk_size, cfg.train.grad_accum
     weights_N = jnp.asarray(weights_N)
 
     def loss_fn(params, tokens_BxT, segment_ids_BxT, normalizer_N):
+        if trainable is not None:
+            params = jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), trainable, params)
         model = nnx.merge(graphdef, params)
         return compute_loss(impl, model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk)
 

