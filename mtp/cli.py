@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--heads", type=int, default=None, help="heads used to draft+verify (default all)")
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--tree", default=None, help="draft tree widths per depth, e.g. 3,2,1 (default chain)")
+    d.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and decoder (best counts)")
     d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     d.set_defaults(func=cmd_bench_decode)
     f = bench.add_parser("faults", help="SIGKILL a run K times, resume, compare with an uninterrupted run")
