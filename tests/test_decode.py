@@ -1,11 +1,10 @@
 """KV-cached generation and self-speculative decoding: exactness against plain decoding."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import tiny_model
+from helpers import heads_like_head1, tiny_model, with_params
 from scipy import stats
 
 from mtp.decode.cache import forward_cached, init_cache
@@ -30,25 +29,6 @@ def prompts_of(seed, n, vocab=97, lo=1, hi=12):
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(seed=1, n_future=4)
-
-
-def with_params(model, pure: dict):
-    graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
-
-
-def heads_like_head1(model, noise=0.0, seed=0):
-    """Copy head 1's layer into every head (+ optional noise): drafts then track head 1."""
-    pure = nnx.to_pure_dict(nnx.state(model))
-    key = jax.random.key(seed)
-    for i, (path, x) in enumerate(jax.tree_util.tree_leaves_with_path(pure["heads"])):
-        noisy = jnp.broadcast_to(x[:1], x.shape)
-        if noise:
-            noisy = noisy + noise * jnp.std(x) * jax.random.normal(jax.random.fold_in(key, i), x.shape)
-        pure["heads"] = jax.tree_util.tree_map_with_path(
-            lambda p, y, path=path, noisy=noisy: noisy if p == path else y, pure["heads"])
-    return with_params(model, pure)
 
 
 def constant_input_model(model, same_heads: bool):

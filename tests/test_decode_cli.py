@@ -1,0 +1,60 @@
+"""`mtp generate` and `mtp bench decode` on a small workdir (byte tokenizer, heads copied from
+head 1 so speculation accepts drafts)."""
+
+import json
+
+import pytest
+from flax import nnx
+from helpers import heads_like_head1, tiny_config, tiny_model
+
+from mtp.cli import main
+from mtp.workdir import save_params
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("decode_cli") / "w"
+    d.mkdir()
+    cfg = tiny_config(vocab_size=260, n_future=3, max_seq_len=128)
+    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (d / "tokenizer.bytes").touch()
+    model = heads_like_head1(tiny_model(seed=4, vocab_size=260, n_future=3, max_seq_len=128), noise=0.3)
+    save_params(d, nnx.state(model, nnx.Param))
+    return d
+
+
+def test_bench_decode_json(workdir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["def f(x):", "import os\n", "a = [1,"]))
+    rc = main(["bench", "decode", "--workdir", str(workdir), "--prompts", str(prompts), "--heads", "3",
+               "--max-new-tokens", "24", "--repeats", "1", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("tokens_per_forward", "accept_rate_per_head", "tokens_per_s_greedy", "tokens_per_s_speculative",
+                "speedup", "exact_match", "roofline_tokens_per_s"):
+        assert key in out
+    assert out["exact_match"] is True
+    assert out["tokens_per_forward"] > 1.0 and len(out["accept_rate_per_head"]) == 2
+    assert out["new_tokens"] == 3 * 24
+
+
+def test_generate_streams_the_same_text_in_every_greedy_mode(workdir, capsys):
+    texts = []
+    for mode in ("greedy", "speculative"):
+        assert main(["generate", "--workdir", str(workdir), "--prompt", "x = ", "--mode", mode,
+                     "--max-new-tokens", "12", "--ignore-eos"]) == 0
+        captured = capsys.readouterr()
+        texts.append(captured.out)
+        assert "12 tokens" in captured.err
+    assert texts[0] == texts[1] and texts[0].startswith("x = ")
+
+
+def test_bad_prompt_file_is_named(workdir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2"):
+        main(["bench", "decode", "--workdir", str(workdir), "--prompts", str(bad)])
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["bench", "decode", "--workdir", str(workdir), "--prompts", str(tmp_path / "missing.jsonl")])
+    with pytest.raises(SystemExit, match="not an mtp workdir"):
+        main(["generate", "--workdir", str(tmp_path), "--prompt", "x"])
