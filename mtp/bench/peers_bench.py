@@ -1,0 +1,182 @@
+"""``mtp bench peers``: our plain and self-speculative greedy decoding next to Hugging Face
+transformers ``generate`` (fp32, CPU) and llama.cpp (``llama-cpp-python``, the GGUF as shipped),
+in one run, batch 1, greedy, the same prompts and the same number of new tokens (EOS ignored by
+every engine, so all produce exactly ``--max-new-tokens``).
+
+Peers are optional extras: a missing package is reported as ``{"skipped": reason}`` in its row,
+never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mtp.bench.decode_bench import decode_step_bytes, heldout_prompts, measure_read_bandwidth, read_prompts
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def bench_ours(loaded, prompt_ids, max_new: int, heads: int, tree, repeats: int, log) -> dict:
+    from mtp.decode.api import PAD_TO, decode_config
+    from mtp.decode.generate import generate
+
+    rows = {}
+    outputs = {}
+    modes = [("mtp greedy", "greedy", 1, None)]
+    if loaded.spec.n_future >= 2:
+        modes.append((f"mtp speculative (heads={heads}{', tree ' + ','.join(map(str, tree)) if tree else ''})",
+                      "speculative", heads, tree))
+    for label, mode, k, tr in modes:
+        dc = decode_config(loaded, mode=mode, heads=k, tree=tr, max_new_tokens=max_new, stop_at_eos=False)
+        total_t, total_n, forwards, outs = 0.0, 0, 0, []
+        for ids in prompt_ids:
+            r = generate(loaded.model, [ids], dc, pad_to=PAD_TO)  # compile / warm up
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                r = generate(loaded.model, [ids], dc, pad_to=PAD_TO)
+                best = min(best, time.perf_counter() - t)
+            total_t += best
+            total_n += len(r.tokens[0])
+            forwards += r.forwards
+            outs.append(r.tokens[0])
+        rows[label] = {"tokens_per_s": total_n / total_t, "tokens_per_forward": total_n / forwards}
+        outputs[mode] = outs
+        log(f"  {label}: {total_n / total_t:.2f} tokens/s")
+    if "speculative" in outputs:
+        rows[modes[1][0]]["identical_to_mtp_greedy"] = outputs["speculative"] == outputs["greedy"]
+    return rows, outputs["greedy"]
+
+
+def bench_transformers(gguf: Path, prompt_ids, max_new: int, log) -> tuple[dict, list | None]:
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        return {"skipped": f"transformers/torch not installed ({e.name}); pip install -e '.[dev]'"}, None
+    torch.set_num_threads(_threads())
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+    model.eval()
+    total_t, total_n, outs = 0.0, 0, []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            x = torch.tensor([ids])
+            kw = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, num_beams=1,
+                      pad_token_id=model.config.eos_token_id)
+            model.generate(x, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                           pad_token_id=model.config.eos_token_id)  # warm up
+            t = time.perf_counter()
+            out = model.generate(x, **kw)
+            total_t += time.perf_counter() - t
+            new = out[0, len(ids):].tolist()
+            total_n += len(new)
+            outs.append(new)
+    log(f"  transformers: {total_n / total_t:.2f} tokens/s")
+    return {"tokens_per_s": total_n / total_t, "dtype": "float32", "threads": torch.get_num_threads()}, outs
+
+
+def bench_llama_cpp(gguf: Path, prompt_ids, max_new: int, log) -> tuple[dict, list | None]:
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"skipped": "llama-cpp-python not installed; pip install -e '.[peers]' (compiles llama.cpp)"}, None
+    n_ctx = max(len(p) for p in prompt_ids) + max_new + 8
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=_threads(), n_batch=512, verbose=False,
+                          logits_all=False)
+    total_t, total_n, outs = 0.0, 0, []
+    for ids in prompt_ids:
+        for warm in (True, False):
+            llm.reset()
+            new = []
+            t = time.perf_counter()
+            for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+                new.append(int(tok))
+                if len(new) == (4 if warm else max_new):
+                    break
+            dt = time.perf_counter() - t
+        total_t += dt
+        total_n += len(new)
+        outs.append(new)
+    log(f"  llama.cpp: {total_n / total_t:.2f} tokens/s")
+    return {"tokens_per_s": total_n / total_t, "weights": "GGUF as shipped", "threads": _threads(),
+            "version": getattr(llama_cpp, "__version__", "?")}, outs
+
+
+def _agreement(ours: list[list[int]], theirs: list[list[int]] | None) -> float | None:
+    """Mean length of the common prefix with our greedy output, as a fraction of the tokens."""
+    if theirs is None:
+        return None
+    fracs = []
+    for a, b in zip(ours, theirs):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        fracs.append(n / max(len(a), 1))
+    return float(np.mean(fracs))
+
+
+def run_peers(args) -> dict:
+    from mtp.train.init_from import resolve_gguf
+    from mtp.workdir import load_model
+
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    gguf = Path(resolve_gguf(args.gguf))
+    if not gguf.is_file():
+        raise ValueError(f"--gguf {gguf}: no such file.")
+    loaded = load_model(args.workdir)
+    prompts = read_prompts(args.prompts) if args.prompts else heldout_prompts(loaded.cfg.data, n=args.n_prompts)
+    prompt_ids = [loaded.tokenizer.encode(p) for p in prompts]
+    heads = args.heads or loaded.spec.n_future
+    tree = tuple(int(w) for w in args.tree.split(",")) if args.tree else None
+    log(f"Peers: {len(prompts)} prompts, batch 1, greedy, {args.max_new_tokens} new tokens, {_threads()} threads")
+    ours, ours_greedy = bench_ours(loaded, prompt_ids, args.max_new_tokens, heads, tree, args.repeats, log)
+    rows = dict(ours)
+    hf, hf_out = bench_transformers(gguf, prompt_ids, args.max_new_tokens, log)
+    if hf_out is not None:
+        hf["agreement_with_mtp_greedy"] = _agreement(ours_greedy, hf_out)
+    rows["transformers generate (fp32)"] = hf
+    lc, lc_out = bench_llama_cpp(gguf, prompt_ids, args.max_new_tokens, log)
+    if lc_out is not None:
+        lc["agreement_with_mtp_greedy"] = _agreement(ours_greedy, lc_out)
+    rows["llama.cpp (llama-cpp-python)"] = lc
+    bw = measure_read_bandwidth()
+    roofline = bw / decode_step_bytes(loaded.model)
+    greedy = rows["mtp greedy"]["tokens_per_s"]
+    result = {"rows": rows, "roofline_tokens_per_s": roofline, "greedy_fraction_of_roofline": greedy / roofline,
+              "read_bandwidth_gb_s": bw / 1e9, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+              "workdir": str(args.workdir), "gguf": str(gguf)}
+    spec_label = next((k for k in rows if k.startswith("mtp speculative")), None)
+    if spec_label:
+        spec = rows[spec_label]["tokens_per_s"]
+        for peer in ("transformers generate (fp32)", "llama.cpp (llama-cpp-python)"):
+            if "tokens_per_s" in rows[peer]:
+                result[f"speculative_vs_{peer.split()[0]}"] = spec / rows[peer]["tokens_per_s"]
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = ["| engine | tokens/s | tokens/forward | notes |", "|---|---|---|---|"]
+    for name, row in result["rows"].items():
+        if "skipped" in row:
+            lines.append(f"| {name} | — | — | skipped: {row['skipped']} |")
+            continue
+        notes = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                          if k not in ("tokens_per_s", "tokens_per_forward"))
+        tpf = f"{row['tokens_per_forward']:.2f}" if "tokens_per_forward" in row else "—"
+        lines.append(f"| {name} | {row['tokens_per_s']:.2f} | {tpf} | {notes} |")
+    lines.append(f"\nroofline (read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s / parameter bytes per plain"
+                 f" step): {result['roofline_tokens_per_s']:.2f} tokens/s; mtp greedy at"
+                 f" {100 * result['greedy_fraction_of_roofline']:.0f}% of it")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    result = run_peers(args)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
