@@ -5,6 +5,8 @@
     mtp bench faults [--kills K] [--config PATH|NAME] [--steps N]
     mtp plan --config PATH|NAME --mesh data=1,fsdp=8,tensor=1 [--devices N] [--hbm-gib G] [--json]
     mtp convert (--gguf FILE | --hf DIR) --workdir DIR [--force]
+    mtp eval --workdir DIR [--batches N] [--json]
+    mtp humaneval --workdir DIR [--problems FILE.jsonl] [--limit N] [--n-samples N] [--k 1,10] [--mode M]
     mtp sweep --config PATH|NAME --sweep model.n_future=1,2,4 [--sweep KEY=V,...] [--parameter-matched] --workdir W
     mtp generate --workdir DIR --prompt TEXT [--mode greedy|sample|speculative|speculative_sample]
                  [--heads K] [--tree 3,2,1] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
@@ -241,10 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
     g.set_defaults(func=cmd_generate)
     from mtp.convert.cli import add_parser as add_convert
+    from mtp.evals.cli import add_parsers as add_evals
     from mtp.sweep.cli import add_parser as add_sweep
 
     add_sweep(sub)
     add_convert(sub)
+    add_evals(sub)
     return parser
 
 

@@ -287,15 +287,21 @@ def test_greedy_continuations_equal_step_by_step_generation():
 
 
 def test_head_metrics_agree_with_the_training_loss_and_are_rates():
-    model = tiny_model(1, n_future=3)
-    tokens, seg = _batch(B=4, T=16, seed=2)
+    model = tiny_model(1, n_future=4)
+    tokens, seg = _batch(seed=2)
     sums = jax.device_get(batch_sums_jit(model, tokens, seg))
-    _, aux = nnx.jit(loss_vmap)(model, jnp.asarray(tokens), jnp.asarray(seg), jnp.ones(3),
-                               jnp.ones(3))
+    _, aux = nnx.jit(loss_vmap)(model, jnp.asarray(tokens), jnp.asarray(seg), jnp.ones(4),
+                               jnp.ones(4))
     np.testing.assert_allclose(sums["ce"], aux["sum_ce"], rtol=1e-5)
     np.testing.assert_allclose(sums["top1"], aux["sum_correct"])
     np.testing.assert_allclose(sums["count"], aux["count"])
     result = evaluate_batches(model, [{"tokens": tokens, "segment_ids": seg}] * 2)
+    # a budget of one row's logits: the same sums, one row per call
+    sliced = evaluate_batches(model, [{"tokens": tokens, "segment_ids": seg}] * 2,
+                              budget_bytes=4 * 12 * 97 * 4)
+    np.testing.assert_allclose(sliced["loss"], result["loss"], rtol=1e-5)
+    assert sliced["top5"] == result["top5"] and sliced["chain"] == result["chain"]
+    np.testing.assert_allclose(result["loss"], sums["ce"] / sums["count"], rtol=1e-6)
     for h in result["heads"]:
         assert 0 <= h["top1"] <= h["top5"] <= 1
         assert h["acceptance"] is None or 0 <= h["chain"] <= h["acceptance"] <= 1
@@ -316,14 +322,13 @@ def test_acceptance_is_one_when_every_head_agrees_with_the_greedy_continuation()
 def test_acceptance_detects_a_head_that_disagrees():
     # Head 1 copied into head 2 predicts the NEXT token again, not the one after: it agrees
     # with g_2 only where the greedy continuation repeats a token, so acceptance drops below 1.
-    model = tiny_model(3, n_future=2, vocab_size=31)
+    model = tiny_model(3, n_future=4)
     state = nnx.state(model.heads)
     nnx.update(model.heads, jax.tree.map(lambda x: x.at[1].set(x[0]), state))
-    tokens, seg = _batch(B=4, T=16, seed=4)
-    tokens = tokens % 31
+    tokens, seg = _batch(seed=4)
     sums = jax.device_get(batch_sums_jit(model, tokens, seg))
-    g = np.asarray(greedy_continuations_jit(model, tokens, seg, 2))
-    _, mask = head_targets(jnp.asarray(tokens), jnp.asarray(seg), 2)
+    g = np.asarray(greedy_continuations_jit(model, tokens, seg, 4))
+    _, mask = head_targets(jnp.asarray(tokens), jnp.asarray(seg), 4)
     expected = np.sum((g[0] == g[1]) * np.asarray(mask[1]))  # head 2's argmax is g_1
     assert sums["accepted"][1] == expected < sums["count"][1]
 

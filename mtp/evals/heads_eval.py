@@ -155,13 +155,24 @@ def summarize(total: dict, n_future: int) -> dict:
     }
 
 
-def evaluate_batches(model, batches) -> dict:
+def rows_per_call(spec, batch_rows: int, seq_len: int, budget_bytes: int = 2**30) -> int:
+    """The largest divisor of ``batch_rows`` whose ``[n_future, rows, T, V]`` float32 logits fit
+    in ``budget_bytes`` (at least 1): big batches are evaluated a slice of rows at a time."""
+    per_row = spec.n_future * seq_len * spec.vocab_size * 4
+    fit = max(1, budget_bytes // max(per_row, 1))
+    return max(d for d in range(1, batch_rows + 1) if batch_rows % d == 0 and d <= fit)
+
+
+def evaluate_batches(model, batches, budget_bytes: int = 2**30) -> dict:
     """``summarize`` over an iterable of ``{'tokens', 'segment_ids'}`` host batches."""
     total = None
     n_batches = 0
     for batch in batches:
-        sums = jax.device_get(batch_sums_jit(model, batch["tokens"], batch["segment_ids"]))
-        total = sums if total is None else jax.tree.map(np.add, total, sums)
+        tokens, seg = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
+        rows = rows_per_call(model.spec, tokens.shape[0], tokens.shape[1], budget_bytes)
+        for r in range(0, tokens.shape[0], rows):
+            sums = jax.device_get(batch_sums_jit(model, tokens[r:r + rows], seg[r:r + rows]))
+            total = sums if total is None else jax.tree.map(np.add, total, sums)
         n_batches += 1
     if total is None:
         raise ValueError("No evaluation batches: the held-out split gave none.")
