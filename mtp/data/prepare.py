@@ -7,6 +7,7 @@ that is ~10x more tokens/s, and the same pass yields the per-split token counts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -215,9 +216,29 @@ def tokenized_documents(
     return documents
 
 
+@contextlib.contextmanager
+def _cache_lock(cache_dir: pathlib.Path):
+    """One builder at a time per cache directory, across independent processes (parallel test
+    workers, two jobs started together): the second waits, then reuses what the first built."""
+    import fcntl
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".prepare.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def prepare_data(data_cfg: ml_collections.ConfigDict) -> PreparedData:
     """Builds (or reuses) the corpus, its tokenizer (trained on train), token arrays and stats."""
     check_data_config(data_cfg)
+    with _cache_lock(resolve_cache_dir(data_cfg)):
+        return _prepare_data(data_cfg)
+
+
+def _prepare_data(data_cfg: ml_collections.ConfigDict) -> PreparedData:
     corpus_name, sources, skipped = _corpus(data_cfg)
     cache_dir = resolve_cache_dir(data_cfg)
     if data_cfg.get("tokenizer", "sentencepiece") == "bytes":
