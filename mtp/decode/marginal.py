@@ -82,6 +82,7 @@ def _chunk(graphdef, params, cache, length_1, tokens_1xT, depth_T, mask_TxT, lea
 
 # --- host side: tries over path chunks -------------------------------------------------------------
 def _bucket(n: int, cap: int) -> int:
+    """Power of two >= n (at least 8), at most ``max(cap, n)``: few distinct compiled shapes."""
     b = 8
     while b < n:
         b *= 2
@@ -131,9 +132,12 @@ class _Runner:
         padded[0, :P] = tokens
         return _prefill(self.graphdef, self.params, jnp.asarray(padded), S=P_pad + max(self.chunk, extra))
 
+    def topk(self, topm: int) -> int:
+        return min(self.V, _bucket(topm, self.V))  # compiled top-k width; results are cut to topm
+
     def root(self, h_D, topm: int):
-        tok, logp, p = _root(self.graphdef, self.params, h_D, topm=topm)
-        return np.asarray(tok), np.asarray(logp, np.float64), np.asarray(p, np.float64)
+        tok, logp, p = _root(self.graphdef, self.params, h_D, topm=self.topk(topm))
+        return np.asarray(tok)[:topm], np.asarray(logp, np.float64)[:topm], np.asarray(p, np.float64)
 
     def evaluate(self, cache, length: int, paths_NxJ, logw_N, member_NxM, topm: int):
         """Top-m continuations ``[N, topm]`` of every path and ``sum_n member * w_n p(.|path_n)``
@@ -158,14 +162,14 @@ class _Runner:
             leaf[:C] = leaves
             logw = np.full(Tb, -np.inf, np.float32)
             logw[:C] = logw_N[first:last]
-            member = np.zeros((Tb, M), bool)
-            member[:C] = member_NxM[first:last]
+            member = np.zeros((Tb, -(-M // 4) * 4), bool)  # columns padded: fewer compiled shapes
+            member[:C, :M] = member_NxM[first:last]
             t, lp, a = _chunk(self.graphdef, self.params, cache, length_1, jnp.asarray(tok_T[None]),
                               jnp.asarray(depth_T), jnp.asarray(mask), jnp.asarray(leaf), jnp.asarray(logw),
-                              jnp.asarray(member), topm=topm)
-            top_tok[first:last] = np.asarray(t)[:C]
-            top_logp[first:last] = np.asarray(lp)[:C]
-            acc += np.asarray(a, np.float64)
+                              jnp.asarray(member), topm=self.topk(topm))
+            top_tok[first:last] = np.asarray(t)[:C, :topm]
+            top_logp[first:last] = np.asarray(lp)[:C, :topm]
+            acc += np.asarray(a, np.float64)[:M]
             self.forwards += 1
             self.block_tokens += T
         return top_tok, top_logp, acc
