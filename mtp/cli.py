@@ -6,6 +6,7 @@
     mtp plan --config PATH|NAME --mesh data=1,fsdp=8,tensor=1 [--devices N] [--hbm-gib G] [--json]
     mtp convert (--gguf FILE | --hf DIR) --workdir DIR [--force]
     mtp eval --workdir DIR [--batches N] [--json]
+    mtp study --workdir DIR --data code|text|PATH --steps N --out OUT [--layers 10,20,29]
     mtp humaneval --workdir DIR [--problems FILE.jsonl] [--limit N] [--n-samples N] [--k 1,10] [--mode M]
     mtp sweep --config PATH|NAME --sweep model.n_future=1,2,4 [--sweep KEY=V,...] [--parameter-matched] --workdir W
     mtp generate --workdir DIR --prompt TEXT [--mode greedy|sample|speculative|speculative_sample]
@@ -244,11 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     from mtp.convert.cli import add_parser as add_convert
     from mtp.evals.cli import add_parsers as add_evals
+    from mtp.study import add_parser as add_study
     from mtp.sweep.cli import add_parser as add_sweep
 
     add_sweep(sub)
     add_convert(sub)
     add_evals(sub)
+    add_study(sub)
     return parser
 
 

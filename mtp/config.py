@@ -51,6 +51,11 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # compute dtype
     m.param_dtype = "float32"
     m.init_std = 0.0  # 0 -> 1/sqrt(fan_in) per matrix
+    # retrofitting heads onto a pretrained model (Mehra et al. 2025; mtp/model/lm.py)
+    m.branch_layer = 0  # 0: heads read the final trunk output; l: heads 2..n read trunk layer l's output
+    m.hidden_mix = "none"  # 'weighted': heads 2..n read a learned softmax mix of all trunk states
+    m.lora_rank = 0  # > 0: LoRA adapters of this rank on every transformer layer (train.trainable='lora')
+    m.lora_alpha = 16.0  # LoRA scale = lora_alpha / lora_rank
 
     c.loss = lo = ml_collections.ConfigDict()
     lo.impl = "scan"  # 'vmap' | 'scan' (memory-flat)
@@ -92,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.tensorboard = True
     t.log_data_hashes = False  # WORKDIR/data_log.jsonl: a hash of each step's batch (resume checks)
     t.trainable = "all"  # 'all' | 'heads' (trunk frozen) | 'new_heads' (also the source's own heads)
+    #  | 'lora' (LoRA factors + new heads; base weights frozen; needs model.lora_rank > 0)
 
     c.init = it = ml_collections.ConfigDict()  # start from another workdir (mtp/train/init_from.py)
     it.workdir = ""  # copy matching parameters from this workdir's newest checkpoint
@@ -206,6 +212,27 @@ def _check(cond: bool, key: str, value, fix: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {fix}")
 
 
+def _validate_retrofit(m, trunk: int, trainable: str) -> None:
+    """model.branch_layer / hidden_mix / lora_rank / lora_alpha (keys absent from old configs = off)."""
+    from mtp.model.lm import HIDDEN_MIXES
+
+    branch, mix = m.get("branch_layer", 0), m.get("hidden_mix", "none")
+    rank, alpha = m.get("lora_rank", 0), m.get("lora_alpha", 16.0)
+    _check(isinstance(branch, int) and 0 <= branch < trunk, "model.branch_layer", branch,
+           f"use 0 (heads read the final trunk output) or a trunk layer 1..{trunk - 1} whose output"
+           f" heads 2..n read (the trunk has {trunk} layers).")
+    _check(mix in HIDDEN_MIXES, "model.hidden_mix", mix, f"use one of {HIDDEN_MIXES}.")
+    _check(not (branch and mix != "none"), "model.branch_layer", branch,
+           f"model.hidden_mix={mix!r} already picks what heads 2..n read (a learned mix of every layer);"
+           " set model.branch_layer=0 or model.hidden_mix='none'.")
+    _check(m.n_future >= 2 or (branch == 0 and mix == "none"), "model.n_future", m.n_future,
+           "model.branch_layer / model.hidden_mix change what heads 2..n read: use n_future >= 2.")
+    _check(isinstance(rank, int) and rank >= 0, "model.lora_rank", rank, "use 0 (no LoRA) or a positive rank.")
+    _check(alpha > 0, "model.lora_alpha", alpha, "use a positive LoRA scale numerator (scale = alpha / rank).")
+    _check(trainable != "lora" or rank > 0, "train.trainable", trainable,
+           "'lora' trains LoRA adapters: set model.lora_rank > 0 (e.g. 16).")
+
+
 def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 1) -> None:
     """Everything that can be checked before data or compilation; raises ConfigError."""
     from mtp.losses import LOSS_IMPLS, WEIGHTINGS, head_weights
@@ -229,6 +256,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 
            f"parameter_matched removes n_future-1={m.n_future - 1} trunk layers, leaving {trunk};"
            " use more layers, fewer heads, or model.parameter_matched=False.")
     _check(m.remat in REMATS, "model.remat", m.remat, f"use one of {REMATS}.")
+    _validate_retrofit(m, trunk, t.trainable)
     _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"use one of {DTYPES}.")
     _check(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"use one of {DTYPES}.")
     _check(lo.impl in LOSS_IMPLS, "loss.impl", lo.impl, f"use one of {LOSS_IMPLS}.")
@@ -242,7 +270,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 
     _check(t.seq_len >= 2, "train.seq_len", t.seq_len, "needs at least 2 tokens.")
     _check(t.steps >= 1, "train.steps", t.steps, "train for at least one step.")
     _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "use 1 for no accumulation.")
-    trainables = ("all", "heads", "new_heads")
+    trainables = ("all", "heads", "new_heads", "lora")
     _check(t.trainable in trainables, "train.trainable", t.trainable, f"use one of {trainables}.")
     _check(t.trainable != "new_heads" or bool(cfg.init.workdir), "train.trainable", t.trainable,
            "'new_heads' means heads the init.workdir model lacks: set init.workdir (or use 'heads').")

@@ -9,8 +9,9 @@ when position t is padding (segment id 0).
   ``lax.scan``, each head's forward, loss and backward done at once with ``jax.vjp`` and only the
   gradient sums kept, so one head's activations and logits are alive at a time and nothing is
   recomputed; gradients of all heads accumulate into the trunk output (a ``custom_vjp`` passes
-  them on). ``chunk`` further cuts each head's cross-entropy into ``[B, chunk, V]`` blocks (at
-  the price of recomputing the logits); 0 = whole sequence.
+  them on; with ``model.branch_layer`` / ``hidden_mix`` the heads read per-head inputs and their
+  gradients accumulate per input). ``chunk`` further cuts each head's cross-entropy into
+  ``[B, chunk, V]`` blocks (at the price of recomputing the logits); 0 = whole sequence.
 
 Both return ``(loss, aux)``: ``loss = sum_i w_i * sum_ce_i / count_i`` where ``count_i`` is the
 number of valid targets of head i in the WHOLE batch (``normalizer_N``; with gradient accumulation
@@ -117,13 +118,21 @@ def chunked_ce(hidden_BxTxD, norm_scale_D, eps, unembed_DxV, targets_BxT, mask_B
     return sum_ce, sum_correct
 
 
-def _memory_flat_heads(head_def, eps: float, chunk: int):
+def _memory_flat_heads(head_def, eps: float, chunk: int, sourced: bool = False):
     """``f(h, head_state, unembed, norm_scale, positions, attn_mask, targets_N, mask_N, weights_N,
-    normalizer_N) -> (loss, sum_ce_N, sum_correct_N)`` whose gradient is computed head by head
-    INSIDE the forward pass (Gloeckle et al.'s memory-efficient schedule): ``lax.scan`` over the
-    heads runs each head's forward, loss and ``jax.vjp`` backward at once and keeps only the
+    normalizer_N, src_N) -> (loss, sum_ce_N, sum_correct_N)`` whose gradient is computed head by
+    head INSIDE the forward pass (Gloeckle et al.'s memory-efficient schedule): ``lax.scan`` over
+    the heads runs each head's forward, loss and ``jax.vjp`` backward at once and keeps only the
     running sums of the gradients, so one head's activations and logits are alive at a time and
-    nothing is recomputed. A ``custom_vjp`` hands those gradients to the trunk's backward pass."""
+    nothing is recomputed. A ``custom_vjp`` hands those gradients to the trunk's backward pass.
+
+    ``h`` is the trunk output ``[B, T, D]`` every head reads (``src_N`` unused), or, with
+    ``sourced``, ``[S, B, T, D]`` per-head sources (branch layer, hidden mix): head i reads
+    ``h[src_N[i]]`` and its input gradient is added into slot ``src_N[i]`` of an ``[S, B, T, D]``
+    accumulator."""
+
+    def pick(h, src):
+        return jax.lax.dynamic_index_in_dim(h, src, 0, keepdims=False) if sourced else h
 
     def head_loss(h, state_i, unembed, norm_scale, positions, attn_mask, targets, mask, w, norm):
         hidden = nnx.merge(head_def, state_i)(h, positions, attn_mask)
@@ -131,33 +140,37 @@ def _memory_flat_heads(head_def, eps: float, chunk: int):
         return w * sum_ce / jnp.maximum(norm, 1.0), (sum_ce, sum_correct)
 
     def primal(h, head_state, unembed, norm_scale, positions, attn_mask, targets_N, mask_N,
-               weights_N, normalizer_N):
+               weights_N, normalizer_N, src_N):
         def body(_, xs):
-            state_i, targets, mask, w, norm = xs
-            return None, head_loss(h, state_i, unembed, norm_scale, positions, attn_mask,
+            state_i, targets, mask, w, norm, src = xs
+            return None, head_loss(pick(h, src), state_i, unembed, norm_scale, positions, attn_mask,
                                    targets, mask, w, norm)
 
         _, (loss_N, (ce_N, correct_N)) = jax.lax.scan(
-            body, None, (head_state, targets_N, mask_N, weights_N, normalizer_N))
+            body, None, (head_state, targets_N, mask_N, weights_N, normalizer_N, src_N))
         return loss_N.sum(), ce_N, correct_N
 
     def fwd(h, head_state, unembed, norm_scale, positions, attn_mask, targets_N, mask_N,
-            weights_N, normalizer_N):
+            weights_N, normalizer_N, src_N):
         def body(acc, xs):
-            state_i, targets, mask, w, norm = xs
+            state_i, targets, mask, w, norm, src = xs
 
             def f(h_, s_, u_, n_):
                 return head_loss(h_, s_, u_, n_, positions, attn_mask, targets, mask, w, norm)
 
-            loss_i, vjp, aux_i = jax.vjp(f, h, state_i, unembed, norm_scale, has_aux=True)
+            loss_i, vjp, aux_i = jax.vjp(f, pick(h, src), state_i, unembed, norm_scale, has_aux=True)
             g_h, g_state, g_unembed, g_norm = vjp(jnp.ones_like(loss_i))
-            acc = (acc[0] + g_h.astype(jnp.float32), acc[1] + g_unembed.astype(jnp.float32),
-                   acc[2] + g_norm.astype(jnp.float32))
+            g_h = g_h.astype(jnp.float32)
+            if sourced:
+                acc_h = jax.lax.dynamic_update_index_in_dim(acc[0], pick(acc[0], src) + g_h, src, 0)
+            else:
+                acc_h = acc[0] + g_h
+            acc = (acc_h, acc[1] + g_unembed.astype(jnp.float32), acc[2] + g_norm.astype(jnp.float32))
             return acc, (loss_i, aux_i, g_state)
 
         zeros = tuple(jnp.zeros(x.shape, jnp.float32) for x in (h, unembed, norm_scale))
         (g_h, g_unembed, g_norm), (loss_N, (ce_N, correct_N), g_state) = jax.lax.scan(
-            body, zeros, (head_state, targets_N, mask_N, weights_N, normalizer_N))
+            body, zeros, (head_state, targets_N, mask_N, weights_N, normalizer_N, src_N))
         grads = (g_h.astype(h.dtype), g_state, g_unembed.astype(unembed.dtype),
                  g_norm.astype(norm_scale.dtype))
         return (loss_N.sum(), ce_N, correct_N), grads
@@ -165,7 +178,7 @@ def _memory_flat_heads(head_def, eps: float, chunk: int):
     def bwd(grads, cotangents):
         g_loss = cotangents[0]  # the per-head sums are metrics: their cotangents are ignored
         g_h, g_state, g_unembed, g_norm = jax.tree.map(lambda g: g * g_loss.astype(g.dtype), grads)
-        return (g_h, g_state, g_unembed, g_norm) + (None,) * 6
+        return (g_h, g_state, g_unembed, g_norm) + (None,) * 7
 
     f = jax.custom_vjp(primal)
     f.defvjp(fwd, bwd)
@@ -175,13 +188,14 @@ def _memory_flat_heads(head_def, eps: float, chunk: int):
 def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int = 128):
     spec = model.spec
     targets_NxBxT, mask_NxBxT = head_targets(tokens_BxT, segment_ids_BxT, spec.n_future)
-    h_BxTxD, positions_BxT, mask_Bx1xTxT = model.trunk_hidden(tokens_BxT, segment_ids_BxT)
+    h, src_N, positions_BxT, mask_Bx1xTxT = model.trunk_features(tokens_BxT, segment_ids_BxT)
     head_def, head_state = nnx.split(model.heads)
-    heads = _memory_flat_heads(head_def, spec.norm_eps, chunk)
+    heads = _memory_flat_heads(head_def, spec.norm_eps, chunk, sourced=src_N is not None)
+    src_N = jnp.zeros(spec.n_future, jnp.int32) if src_N is None else jnp.asarray(src_N, jnp.int32)
     loss, sum_ce_N, sum_correct_N = heads(
-        h_BxTxD, head_state, model.unembed_DxV(), model.final_norm.scale[...], positions_BxT,
+        h, head_state, model.unembed_DxV(), model.final_norm.scale[...], positions_BxT,
         mask_Bx1xTxT, targets_NxBxT, mask_NxBxT, jnp.asarray(weights_N, jnp.float32),
-        jnp.asarray(normalizer_N, jnp.float32))
+        jnp.asarray(normalizer_N, jnp.float32), src_N)
     count_N = mask_NxBxT.sum((1, 2)).astype(jnp.float32)
     return loss, {"sum_ce": sum_ce_N, "sum_correct": sum_correct_N, "count": count_N}
 

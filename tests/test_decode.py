@@ -60,6 +60,22 @@ def test_speculative_greedy_equals_plain_greedy(batch, heads, tree):
     assert spec.forwards <= plain.forwards
 
 
+@pytest.mark.parametrize("extra", [dict(branch_layer=1), dict(hidden_mix="weighted")])
+def test_branch_layer_and_hidden_mix_decode_exactly(extra):
+    """The cached forward feeds heads 2..n the same inputs as the full forward (branch layer or
+    mix), so every head's logits agree and speculative decoding stays exact."""
+    model = heads_like_head1(tiny_model(seed=1, n_future=3, **extra), noise=0.5)
+    seq = prompts_of(21, 1, lo=9, hi=10)[0]
+    T = len(seq)
+    hidden, _ = forward_cached(model, init_cache(model.spec, 1, 64, 3), jnp.asarray([seq]), jnp.zeros(1, jnp.int32),
+                               np.arange(T), np.tril(np.ones((T, T), bool)), 3)
+    np.testing.assert_allclose(model.project(hidden), model(jnp.asarray([seq])), atol=1e-4, rtol=1e-4)
+    prompts = prompts_of(22, 2)
+    plain = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=12), pad_to=16)
+    spec = generate(model, prompts, DecodeConfig("speculative", 3, max_new_tokens=12), pad_to=16)
+    assert spec.tokens == plain.tokens
+
+
 @pytest.mark.parametrize("same_heads", [True, False])
 def test_drafts_all_right_and_all_wrong(same_heads):
     m = constant_input_model(tiny_model(seed=1, n_future=4, tie_embeddings=False), same_heads)

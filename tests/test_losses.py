@@ -59,9 +59,13 @@ def _loss_and_grads(impl, model, tokens, seg, weights, chunk=4):
     return jax.value_and_grad(f, has_aux=True)(params)
 
 
-@pytest.mark.parametrize("head_type, chunk", [("transformer", 4), ("transformer", 0), ("linear", 4)])
-def test_vmap_and_scan_give_the_same_loss_and_gradients(head_type, chunk):
-    model = tiny_model(head_type=head_type, n_future=4)
+@pytest.mark.parametrize("head_type, chunk, extra", [
+    ("transformer", 4, {}), ("transformer", 0, {}), ("linear", 4, {}),
+    # heads 2..n read another input: per-head sources in the memory-flat loss
+    ("transformer", 4, dict(branch_layer=1)), ("transformer", 4, dict(hidden_mix="weighted", lora_rank=2)),
+])
+def test_vmap_and_scan_give_the_same_loss_and_gradients(head_type, chunk, extra):
+    model = tiny_model(head_type=head_type, n_future=4, **extra)
     tokens = random_tokens(5, (2, 16))
     seg = jnp.array([[1] * 7 + [2] * 9, [1] * 13 + [0] * 3])
     weights = jnp.array([1.0, 0.5, 0.25, 0.125])

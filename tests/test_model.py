@@ -10,9 +10,10 @@ from helpers import random_tokens, tiny_model, tiny_spec
 from mtp.model.transformer import attention_mask, positions_from_segments
 
 
-@pytest.mark.parametrize("head_type", ["transformer", "linear"])
-def test_every_head_is_causal(head_type):
-    model = tiny_model(head_type=head_type)
+@pytest.mark.parametrize("head_type, extra", [("transformer", {}), ("linear", {}),
+                                               ("transformer", dict(branch_layer=1, lora_rank=2))])
+def test_every_head_is_causal(head_type, extra):
+    model = tiny_model(head_type=head_type, **extra)
     tokens = random_tokens(0, (2, 16))
     t = 9
     changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 13) % 97)

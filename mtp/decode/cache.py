@@ -65,15 +65,21 @@ def forward_cached(model: MTPLM, cache: dict, tokens_BxT, lengths_B, depth_T, bl
 
     trunk_def, trunk_state = nnx.split(model.trunk)
 
+    states = not model.shared_head_input  # heads 2..n read an earlier layer or a mix of all
+
     def layer(x_BxTxD, xs):
         state, k_BxSxKxH, v_BxSxKxH = xs
         x_BxTxD, k_BxSxKxH, v_BxSxKxH = _block_step(nnx.merge(trunk_def, state), x_BxTxD, positions_BxT,
                                                     mask, k_BxSxKxH, v_BxSxKxH, slots_BxT)
-        return x_BxTxD, (k_BxSxKxH, v_BxSxKxH)
+        return x_BxTxD, (k_BxSxKxH, v_BxSxKxH, x_BxTxD if states else None)
 
-    h_BxTxD, (trunk_k, trunk_v) = jax.lax.scan(layer, x_BxTxD,
-                                               (trunk_state, cache["trunk_k"], cache["trunk_v"]),
-                                               unroll=unroll)
+    h_BxTxD, (trunk_k, trunk_v, states_LxBxTxD) = jax.lax.scan(
+        layer, x_BxTxD, (trunk_state, cache["trunk_k"], cache["trunk_v"]), unroll=unroll)
+    if states and n_heads > 1:  # the same head inputs as MTPLM.trunk_features
+        sources, src_N = model.head_sources(x_BxTxD, states_LxBxTxD)
+        head_in = [sources[src_N[i]] for i in range(n_heads)]
+    else:
+        head_in = [h_BxTxD] * n_heads
     # Heads one at a time with static slices: plain 2-D matmuls (a vmapped batched matmul is
     # several times slower on XLA:CPU), n_heads <= n_future is small.
     head_def, head_state = nnx.split(model.heads)
@@ -81,10 +87,10 @@ def forward_cached(model: MTPLM, cache: dict, tokens_BxT, lengths_B, depth_T, bl
     for i in range(n_heads):
         head = nnx.merge(head_def, jax.tree.map(lambda a, i=i: a[i], head_state))
         if model.spec.head_type == "transformer":
-            h_i, k_i, v_i = _block_step(head, h_BxTxD, positions_BxT, mask, head_k[i], head_v[i], slots_BxT)
+            h_i, k_i, v_i = _block_step(head, head_in[i], positions_BxT, mask, head_k[i], head_v[i], slots_BxT)
             head_k, head_v = head_k.at[i].set(k_i), head_v.at[i].set(v_i)
         else:
-            h_i = head(h_BxTxD, None, None)
+            h_i = head(head_in[i], None, None)
         hidden.append(h_i)
     hidden_NxBxTxD = jnp.stack(hidden)
     cache = {"trunk_k": trunk_k, "trunk_v": trunk_v, "head_k": head_k, "head_v": head_v}

@@ -1,8 +1,15 @@
 """MTP output heads, stacked on a leading ``mtp_heads`` axis and applied with ``nnx.vmap``.
 
-Head i (1-based) maps the trunk's hidden state at position t to a hidden state from which the
-shared norm + unembedding predict token t+i (Gloeckle et al. 2024). ``'transformer'``: one
-transformer layer per head (the paper's choice). ``'linear'``: one D x D matrix per head.
+Head i (1-based) maps a hidden state at position t to a hidden state from which the shared norm +
+unembedding predict token t+i (Gloeckle et al. 2024). ``'transformer'``: one transformer layer per
+head (the paper's choice; LoRA adapters too when ``lora_rank > 0``, since head 1 is the pretrained
+model's own last layer for imported models). ``'linear'``: ``x + x @ W`` with one D x D matrix per
+head. ``'medusa'``: the Medusa ResBlock ``x + silu(x @ W + b)`` (Cai et al. 2024) with ``W = 0``,
+``b = 0`` at init, so a new head starts as the identity (it predicts what head 1's input predicts
+through the shared unembedding) and learns from there.
+
+Head 1 reads the trunk's final output; heads 2..n read the same, or (``model.branch_layer`` /
+``model.hidden_mix``) an earlier layer's output or a learned mix of all layers (``MTPLM.trunk_features``).
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtp.model.transformer import Block, dense, param, stacked_blocks
+from mtp.model.transformer import Block, dense, param, stacked_blocks, zeros_param
 
 
 class LinearHead(nnx.Module):
@@ -25,28 +32,49 @@ class LinearHead(nnx.Module):
         return x_BxTxD + dense(x_BxTxD, self.w[...].astype(self.dtype))
 
 
-HEAD_TYPES = ("transformer", "linear")
+class MedusaHead(nnx.Module):
+    """Medusa's ResBlock ``x + silu(x @ W + b)``; ``W``, ``b`` start at 0 (identity head)."""
+
+    def __init__(self, spec, *, rngs: nnx.Rngs):
+        del rngs
+        D, pd = spec.d_model, jnp.dtype(spec.param_dtype)
+        self.dtype = jnp.dtype(spec.dtype)
+        self.w = zeros_param((D, D), ("embed", "embed_out"), pd)
+        self.b = zeros_param((D,), ("embed_out",), pd)
+
+    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+        del positions_BxT, mask_Bx1xTxT
+        dt = self.dtype
+        return x_BxTxD + jax.nn.silu(dense(x_BxTxD, self.w[...].astype(dt)) + self.b[...].astype(dt))
+
+
+HEAD_TYPES = ("transformer", "linear", "medusa")
+_SIMPLE_HEADS = {"linear": LinearHead, "medusa": MedusaHead}
 
 
 def make_heads(spec, *, rngs: nnx.Rngs) -> nnx.Module:
     if spec.head_type == "transformer":
-        return stacked_blocks(spec, spec.n_future, "mtp_heads", rngs=rngs)
-    if spec.head_type == "linear":
+        return stacked_blocks(spec, spec.n_future, "mtp_heads", rngs=rngs, lora_rank=spec.lora_rank)
+    if spec.head_type in _SIMPLE_HEADS:
+        cls = _SIMPLE_HEADS[spec.head_type]
 
         @nnx.split_rngs(splits=spec.n_future)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "mtp_heads"})
         def create(rngs):
-            return LinearHead(spec, rngs=rngs)
+            return cls(spec, rngs=rngs)
 
         return create(rngs)
     raise ValueError(f"model.head_type={spec.head_type!r} is unknown; use one of {HEAD_TYPES}.")
 
 
-def apply_heads(heads: Block | LinearHead, h_BxTxD, positions_BxT, mask_Bx1xTxT) -> jax.Array:
-    """All heads at once: hidden states ``[n_future, B, T, D]``."""
+def apply_heads(heads: Block | LinearHead | MedusaHead, h_xBxTxD, positions_BxT, mask_Bx1xTxT,
+                per_head: bool = False) -> jax.Array:
+    """All heads at once: hidden states ``[n_future, B, T, D]``. The input is one ``[B, T, D]``
+    shared by every head, or (``per_head``) one per head, ``[n_future, B, T, D]``."""
 
-    @nnx.vmap(in_axes=(0, None), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "mtp_heads"})
+    @nnx.vmap(in_axes=(0, 0 if per_head else None), out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "mtp_heads"})
     def run(head, x_BxTxD):
         return head(x_BxTxD, positions_BxT, mask_Bx1xTxT)
 
-    return run(heads, h_BxTxD)
+    return run(heads, h_xBxTxD)

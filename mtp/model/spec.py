@@ -26,6 +26,11 @@ class ModelSpec:
     dtype: str = "float32"
     param_dtype: str = "float32"
     init_std: float = 0.0  # 0 -> 1/sqrt(fan_in) per matrix; > 0 -> this std everywhere
+    # Retrofitting (Mehra et al. 2025): where heads 2..n read from, and LoRA adapters.
+    branch_layer: int = 0  # 0: every head reads the final trunk output; l: heads 2..n read layer l's
+    hidden_mix: str = "none"  # 'weighted': heads 2..n read a learned softmax mix of all trunk states
+    lora_rank: int = 0  # > 0: LoRA of this rank on every transformer layer's projections
+    lora_alpha: float = 16.0  # LoRA scale alpha / rank
 
     @classmethod
     def from_config(cls, model_cfg) -> ModelSpec:
@@ -60,20 +65,34 @@ class ModelSpec:
         attn = D * H * (2 * self.n_heads + 2 * self.n_kv_heads)
         return attn + 3 * D * F + 2 * D
 
+    def lora_layer_params(self) -> int:
+        """LoRA factors of one transformer layer: r * (fan_in + fan_out) per projection."""
+        D, H, F = self.d_model, self.resolved_head_dim, self.resolved_d_ff
+        NH, KH = self.n_heads * H, self.n_kv_heads * H
+        per_rank = (D + NH) + 2 * (D + KH) + (NH + D) + 2 * (D + F) + (F + D)
+        return self.lora_rank * per_rank
+
     def head_params(self) -> int:
-        per = self.layer_params() if self.head_type == "transformer" else self.d_model ** 2
+        if self.head_type == "transformer":
+            per = self.layer_params() + self.lora_layer_params()
+        else:
+            per = self.d_model ** 2 + (self.d_model if self.head_type == "medusa" else 0)
         return self.n_future * per
+
+    def mix_params(self) -> int:
+        return self.n_future * (self.trunk_layers + 1) if self.hidden_mix == "weighted" else 0
 
     def param_count(self) -> int:
         embed = self.vocab_size * self.d_model
         unembed = 0 if self.tie_embeddings else embed
-        return embed + unembed + self.trunk_layers * self.layer_params() + self.head_params() + self.d_model
+        trunk = self.trunk_layers * (self.layer_params() + self.lora_layer_params())
+        return embed + unembed + trunk + self.head_params() + self.mix_params() + self.d_model
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward) of trunk, heads and the
         n_future unembeddings; attention scores counted with the causal half."""
         D, H = self.d_model, self.resolved_head_dim
-        layer_mm = self.layer_params() - 2 * D
+        layer_mm = self.layer_params() - 2 * D + self.lora_layer_params()
         attn_scores = 2 * 2 * self.n_heads * H * seq_len / 2  # QK^T and AV, causal half
         layer = 2 * layer_mm + attn_scores
         head = layer if self.head_type == "transformer" else 2 * D * D

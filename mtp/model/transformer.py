@@ -7,6 +7,8 @@ maps to mesh axes.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -17,6 +19,10 @@ from mtp.sharding import constrain
 def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
     init = nnx.with_partitioning(nnx.initializers.normal(std), axes)
     return nnx.Param(init(rngs.params(), shape, dtype))
+
+
+def zeros_param(shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, axes)(None, shape, dtype))
 
 
 def rms_norm(x_xD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
@@ -69,8 +75,33 @@ def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Ar
     return out.astype(x_BxTxNxH.dtype)
 
 
-class Attention(nnx.Module):
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+class LoRA:
+    """Low-rank adapters (Hu et al. 2021) on a module's projections: ``W + (alpha/r) * A @ B``,
+    computed as ``x @ W + ((x @ A) * alpha/r) @ B`` (no merged ``[I, O]`` weight, so a frozen base
+    weight gets no weight gradient). ``A`` ``[*in, r]`` ~ normal(1/sqrt(fan_in)), ``B`` ``[r, *out]``
+    = 0: the adapted layer starts as an exact no-op. Base weights keep their names and shapes (so
+    checkpoints and converters still load); the factors are ``{name}_lora_a`` / ``{name}_lora_b``."""
+
+    def add_lora(self, rngs, name: str, in_shape, out_shape, in_axes, out_axes, cfg, pd):
+        fan_in = math.prod(in_shape)
+        setattr(self, f"{name}_lora_a", param(rngs, (*in_shape, self.lora_rank), (*in_axes, None),
+                                              cfg.std(fan_in), pd))
+        setattr(self, f"{name}_lora_b", zeros_param((self.lora_rank, *out_shape), (None, *out_axes), pd))
+
+    def proj(self, x_xI: jax.Array, name: str) -> jax.Array:
+        """``x @ W`` for weight ``name`` flattened to ``[I, O]`` (``I`` = x's last axis), plus the
+        LoRA term when the module has adapters."""
+        dt, n_in = self.dtype, x_xI.shape[-1]
+        y = dense(x_xI, getattr(self, name)[...].astype(dt).reshape(n_in, -1))
+        if not self.lora_rank:
+            return y
+        a_IxR = getattr(self, f"{name}_lora_a")[...].astype(dt).reshape(n_in, -1)
+        b_RxO = getattr(self, f"{name}_lora_b")[...].astype(dt).reshape(self.lora_rank, -1)
+        return y + dense(dense(x_xI, a_IxR) * jnp.asarray(self.lora_scale, dt), b_RxO)
+
+
+class Attention(nnx.Module, LoRA):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, lora_rank: int = 0):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
         pd = jnp.dtype(cfg.param_dtype)
         self.n_heads, self.n_kv_heads, self.theta = N, K, cfg.rope_theta
@@ -79,21 +110,27 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.std(D), pd)
         self.wv = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.std(D), pd)
         self.wo = param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), cfg.out_std(N * H), pd)
+        self.lora_rank = lora_rank
+        if lora_rank:
+            self.lora_scale = float(cfg.lora_alpha) / lora_rank
+            for name, kv in (("wq", N), ("wk", K), ("wv", K)):
+                self.add_lora(rngs, name, (D,), (kv, H), ("embed",),
+                              ("q_heads" if name == "wq" else "kv_heads", "head_dim"), cfg, pd)
+            self.add_lora(rngs, "wo", (N, H), (D,), ("q_heads", "head_dim"), ("embed",), cfg, pd)
 
     def qkv(self, x_BxTxD, positions_BxT):
         """Rotated queries ``[B,T,N,H]`` and keys ``[B,T,K,H]``, and values ``[B,T,K,H]``."""
-        dt, (B, T, D) = self.dtype, x_BxTxD.shape
+        B, T, _ = x_BxTxD.shape
         N, K = self.n_heads, self.n_kv_heads
-        q_BxTxNxH = dense(x_BxTxD, self.wq[...].astype(dt).reshape(D, -1)).reshape(B, T, N, -1)
-        k_BxTxKxH = dense(x_BxTxD, self.wk[...].astype(dt).reshape(D, -1)).reshape(B, T, K, -1)
-        v_BxTxKxH = dense(x_BxTxD, self.wv[...].astype(dt).reshape(D, -1)).reshape(B, T, K, -1)
+        q_BxTxNxH = self.proj(x_BxTxD, "wq").reshape(B, T, N, -1)
+        k_BxTxKxH = self.proj(x_BxTxD, "wk").reshape(B, T, K, -1)
+        v_BxTxKxH = self.proj(x_BxTxD, "wv").reshape(B, T, K, -1)
         q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.theta)
         return q_BxTxNxH, rope(k_BxTxKxH, positions_BxT, self.theta), v_BxTxKxH
 
     def out(self, out_BxTxNxH):
         B, T = out_BxTxNxH.shape[:2]
-        wo_IxD = self.wo[...].astype(self.dtype).reshape(-1, self.wo.shape[-1])
-        return dense(out_BxTxNxH.reshape(B, T, -1), wo_IxD)
+        return self.proj(out_BxTxNxH.reshape(B, T, -1), "wo")
 
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.qkv(x_BxTxD, positions_BxT)
@@ -102,32 +139,38 @@ class Attention(nnx.Module):
         return self.out(out_BxTxNxH)
 
 
-class SwiGLU(nnx.Module):
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+class SwiGLU(nnx.Module, LoRA):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, lora_rank: int = 0):
         D, F = cfg.d_model, cfg.resolved_d_ff
         pd = jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
         self.w_gate = param(rngs, (D, F), ("embed", "mlp"), cfg.std(D), pd)
         self.w_up = param(rngs, (D, F), ("embed", "mlp"), cfg.std(D), pd)
         self.w_down = param(rngs, (F, D), ("mlp", "embed"), cfg.out_std(F), pd)
+        self.lora_rank = lora_rank
+        if lora_rank:
+            self.lora_scale = float(cfg.lora_alpha) / lora_rank
+            self.add_lora(rngs, "w_gate", (D,), (F,), ("embed",), ("mlp",), cfg, pd)
+            self.add_lora(rngs, "w_up", (D,), (F,), ("embed",), ("mlp",), cfg, pd)
+            self.add_lora(rngs, "w_down", (F,), (D,), ("mlp",), ("embed",), cfg, pd)
 
     def __call__(self, x_BxTxD):
-        dt = self.dtype
-        gate_BxTxF = dense(x_BxTxD, self.w_gate[...].astype(dt))
-        up_BxTxF = dense(x_BxTxD, self.w_up[...].astype(dt))
+        gate_BxTxF = self.proj(x_BxTxD, "w_gate")
+        up_BxTxF = self.proj(x_BxTxD, "w_up")
         h_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "seq", "mlp"))
-        return dense(h_BxTxF, self.w_down[...].astype(dt))
+        return self.proj(h_BxTxF, "w_down")
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)). ``lora_rank > 0``
+    adds LoRA adapters to every attention and MLP projection."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, lora_rank: int = 0):
         pd = jnp.dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs, lora_rank=lora_rank)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd)
-        self.mlp = SwiGLU(cfg, rngs=rngs)
+        self.mlp = SwiGLU(cfg, rngs=rngs, lora_rank=lora_rank)
 
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
         x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_Bx1xTxT)
@@ -143,25 +186,35 @@ REMAT_POLICIES = {
 }
 
 
-def stacked_blocks(cfg, n: int, axis_name: str, *, rngs: nnx.Rngs) -> Block:
+def stacked_blocks(cfg, n: int, axis_name: str, *, rngs: nnx.Rngs, lora_rank: int = 0) -> Block:
     """``n`` Blocks whose parameters are stacked on a leading axis named ``axis_name``."""
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: axis_name})
     def create(rngs: nnx.Rngs) -> Block:
-        return Block(cfg, rngs=rngs)
+        return Block(cfg, rngs=rngs, lora_rank=lora_rank)
 
     return create(rngs)
 
 
-def scan_blocks(blocks: Block, x_BxTxD, positions_BxT, mask_Bx1xTxT, remat: str):
-    """Apply stacked ``blocks`` in sequence with ``nnx.scan`` (one compiled layer body)."""
+def scan_blocks(blocks: Block, x_BxTxD, positions_BxT, mask_Bx1xTxT, remat: str, *,
+                return_states: bool = False):
+    """Apply stacked ``blocks`` in sequence with ``nnx.scan`` (one compiled layer body).
+    ``return_states``: also every layer's output, ``[L, B, T, D]`` (the scan's ys)."""
 
     def body(x, block):
-        return block(x, positions_BxT, mask_Bx1xTxT)
+        x = block(x, positions_BxT, mask_Bx1xTxT)
+        return (x, x) if return_states else x
 
     if remat != "none":
         body = nnx.remat(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    scanned = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+    out_axes = (nnx.Carry, 0) if return_states else nnx.Carry
+    scanned = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=out_axes,
                        transform_metadata={nnx.PARTITION_NAME: "layers"})
     return scanned(x_BxTxD, blocks)
+
+
+def slice_blocks(blocks: Block, start: int, stop: int) -> Block:
+    """Layers ``start:stop`` of stacked ``blocks`` (a view for running part of the stack)."""
+    graphdef, state = nnx.split(blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], state))

@@ -8,9 +8,16 @@ next-token layer is a much better start than noise) or keep their random init ('
 When ``init.workdir`` has no checkpoint yet and ``init.gguf`` / ``init.hf`` names a model, it is
 converted there first.
 
-``train.trainable``: 'all' (joint fine-tuning), 'heads' (every head; trunk, embeddings and final
-norm frozen), 'new_heads' (only heads the source did not have: the frozen-backbone recipe of
-Mehra et al. 2025, where head 1 is the pretrained model's own last layer).
+Parameters a source predating them cannot have -- LoRA factors (``*_lora_a``, ``*_lora_b``) and
+``mix_logits`` -- keep their fresh init (LoRA: an exact no-op; see ``mtp.model.transformer.LoRA``).
+
+``train.trainable``: 'all' (joint fine-tuning; with ``loss.head_weights`` the first weight is the
+NTP loss weight), 'heads' (every head; trunk, embeddings and final norm frozen), 'new_heads' (only
+heads the source did not have: the frozen-backbone recipe of Mehra et al. 2025, where head 1 is
+the pretrained model's own last layer), 'lora' (joint fine-tuning through LoRA, ``model.lora_rank
+> 0``: every LoRA factor, trunk and heads, plus the heads the source lacks in full -- all heads
+when there is no init.workdir; base trunk weights, embeddings and final norm frozen).
+``model.hidden_mix``'s ``mix_logits`` train with the heads in every mode.
 """
 
 from __future__ import annotations
@@ -24,7 +31,26 @@ import numpy as np
 
 from mtp.config import ConfigError
 
-TRAINABLE = ("all", "heads", "new_heads")
+TRAINABLE = ("all", "heads", "new_heads", "lora")
+FRESH_OK = ("_lora_a']", "_lora_b']", "['mix_logits']")  # keys a source may lack (fresh init kept)
+
+
+def _fresh_ok(key: str) -> bool:
+    return any(k in key for k in FRESH_OK)
+
+
+def fold_lora(flat: dict, alpha: float, wanted) -> dict:
+    """Source LoRA factors this model has no slot for (``model.lora_rank=0``) are folded into their
+    base weights, ``W + (alpha/r) A @ B``, so a LoRA fine-tune is not silently dropped."""
+    flat = dict(flat)
+    for a_key in [k for k in flat if "_lora_a']" in k and k not in wanted]:
+        b_key, w_key = a_key.replace("_lora_a']", "_lora_b']"), a_key.replace("_lora_a']", "']")
+        a, b, w = np.asarray(flat.pop(a_key)), np.asarray(flat.pop(b_key)), np.asarray(flat[w_key])
+        n, r = a.shape[0], a.shape[-1]
+        delta = np.einsum("nir,nro->nio", a.reshape(n, -1, r).astype(np.float32),
+                          b.reshape(n, r, -1).astype(np.float32)) * (alpha / r)
+        flat[w_key] = (w.astype(np.float32) + delta.reshape(w.shape)).astype(w.dtype)
+    return flat
 
 
 def _log(msg: str) -> None:
@@ -102,15 +128,24 @@ def init_params(src: Path, abstract_params, new_heads: str):
 
     flat, step = restore_flat(src)
     leaves, treedef = jax.tree_util.tree_flatten_with_path({"params": abstract_params})
+    wanted = {jax.tree_util.keystr(path) for path, _ in leaves}
+    if any("_lora_a']" in k and k not in wanted for k in flat):
+        from mtp.workdir import load_config_json
+
+        flat = fold_lora(flat, float(load_config_json(src).model.get("lora_alpha", 16.0)), wanted)
+        _log(f"init: LoRA adapters of {src} folded into their base weights (model.lora_rank=0 here)")
     out = []
     for path, abstract in leaves:
         key = jax.tree_util.keystr(path)
+        if key not in flat and _fresh_ok(key):  # filled with the fresh init by merge_fresh
+            out.append(np.full(abstract.shape, np.nan, abstract.dtype))
+            continue
         if key not in flat:
             raise ConfigError(f"init.workdir={str(src)!r} lacks parameter {key}.")
         value = np.asarray(flat[key])
         want = tuple(abstract.shape)
         if value.shape != want:
-            is_head = key.startswith("['params']['heads']")
+            is_head = key.startswith(("['params']['heads']", "['params']['mix_logits']"))  # [n_future, ...]
             if not (is_head and value.shape[1:] == want[1:] and value.shape[0] < want[0]):
                 raise ConfigError(f"init: parameter {key} is {value.shape} in {src} but this config"
                                   f" needs {want}.")
@@ -136,17 +171,40 @@ def trainable_masks(abstract_params, trainable: str, n_source_heads: int, n_futu
     if trainable not in TRAINABLE:
         raise ConfigError(f"train.trainable={trainable!r} is unknown; use one of {TRAINABLE}.")
 
+    def name(k):
+        return str(getattr(k, "key", k))
+
     def is_head(path):
-        return getattr(path[0], "key", None) == "heads"
+        return name(path[0]) == "heads"
+
+    def is_mix(path):
+        return name(path[0]) == "mix_logits"
+
+    def is_lora(path):  # the last key may be the Variable's '.value'
+        return any(name(k).endswith(("_lora_a", "_lora_b")) for k in path)
 
     leaves = jax.tree_util.tree_leaves_with_path(abstract_params)
     treedef = jax.tree.structure(abstract_params)
     if trainable == "all":
         return None, None
-    train = [is_head(p) for p, _ in leaves]
+    lora = trainable == "lora"
+    train = [is_head(p) or is_mix(p) or (lora and is_lora(p)) for p, _ in leaves]
     if trainable == "heads" or n_source_heads == 0:
         return jax.tree.unflatten(treedef, train), None
+
+    def per_head(p):  # only the heads the source lacks train (their LoRA too, unless 'lora')
+        return is_head(p) and not (lora and is_lora(p))
+
     scale_N = (np.arange(n_future) >= n_source_heads).astype(np.float32)
-    scales = [jnp.asarray(scale_N.reshape(-1, *([1] * (len(x.shape) - 1))) if is_head(p) else 1.0, x.dtype)
+    scales = [jnp.asarray(scale_N.reshape(-1, *([1] * (len(x.shape) - 1))) if per_head(p) else 1.0, x.dtype)
               for p, x in leaves]
     return jax.tree.unflatten(treedef, train), jax.tree.unflatten(treedef, scales)
+
+
+def trainable_count(params, trainable, update_scale) -> int:
+    """How many parameter entries the optimizer updates under ``trainable_masks``' result."""
+    if trainable is None:
+        return sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    scales = jax.tree.leaves(update_scale) if update_scale is not None else [1.0] * len(jax.tree.leaves(params))
+    return sum(int(np.broadcast_to(np.asarray(s) != 0, np.shape(x)).sum())
+               for x, t, s in zip(jax.tree.leaves(params), jax.tree.leaves(trainable), scales) if t)

@@ -14,9 +14,11 @@ def lr_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params):
-    """Weight decay on matrices only: not on norm scales."""
+    """Weight decay on matrices only: not on norm scales, biases (Medusa heads' ``b``) or the hidden
+    mix logits (decay would pull the mix toward uniform)."""
     def keep(path, _):
-        return not any("norm" in str(getattr(k, "key", k)) for k in path)
+        names = [str(getattr(k, "key", k)) for k in path]
+        return not any("norm" in n or n in ("b", "mix_logits") for n in names)
     return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -1,0 +1,51 @@
+"""`mtp study` on a tiny NTP model produces every row of the retrofitting comparison."""
+
+import json
+
+import pytest
+from helpers import tiny_config
+
+from mtp.study import run_study
+from mtp.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    cfg = tiny_config(n_future=1, vocab_size=512)
+    cfg.workdir = str(root / "ntp")
+    cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_batches = 2, 2, 1
+    cfg.train.tensorboard = False
+    train(cfg)
+    result = run_study(root / "ntp", "code", steps=2, out=root / "out", layers=[1, 2], ms=(1, 8), positions=4,
+                       batch_size=8, seq_len=16, eval_batches=1, lora_rank=2)
+    return root / "out", result
+
+
+def test_every_row_is_there(study):
+    out, result = study
+    methods = {r["method"] for r in result["rows"]}
+    assert methods == {"marginal_m1", "marginal_m8", "frozen_L1", "frozen_L2", "frozen_weighted", "joint_full",
+                       "joint_lora"}
+    for m in methods:
+        ks = sorted(r["k"] for r in result["rows"] if r["method"] == m)
+        assert ks == [2, 3, 4], (m, ks)
+    for r in result["rows"]:
+        assert 0.0 <= r["top1"] <= r["top5"] <= 1.0, r
+    saved = json.loads((out / "study.json").read_text())
+    assert len(saved["rows"]) == len(result["rows"])
+    assert (out / "study.png").stat().st_size > 0 and "joint_lora" in (out / "study.md").read_text()
+
+
+def test_joint_rows_report_the_ntp_loss_move(study):
+    _, result = study
+    joint = [r for r in result["rows"] if r["method"].startswith("joint")]
+    assert all("ntp_loss_before" in r and "ntp_loss_after" in r for r in joint)
+
+
+def test_bad_layers_are_rejected(study, tmp_path):
+    out, result = study
+    with pytest.raises(ValueError, match="trunk layers run 1..2"):
+        run_study(result["workdir"], "code", steps=1, out=tmp_path, layers=[5], methods=["frozen"])
+    with pytest.raises(ValueError, match="--data"):
+        run_study(result["workdir"], "no-such-data", steps=1, out=tmp_path)
