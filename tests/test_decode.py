@@ -124,10 +124,11 @@ def test_cache_after_rollback_equals_cache_from_scratch(tree):
     assert res.accepted[:, 1:].sum() > 0  # some drafts were accepted and some rolled back
     for b, (p, out) in enumerate(zip(prompts, res.tokens)):
         # the cache holds the prompt and every emitted token except the last (the next root)
-        emitted = np.asarray(res.cache["trunk_k"]).shape[2]
+        # (the last step may accept past max_new_tokens: those cached tokens are cut from the output)
         length = int(res.lengths[b])
+        assert length >= len(p) + len(out) - 1
         seq = (p + out)[:length]
-        assert len(seq) == length <= emitted
+        length = len(seq)
         fresh = init_cache(model.spec, 1, 64, 4)
         _, fresh = forward_cached(model, fresh, jnp.asarray([seq]), jnp.zeros(1, jnp.int32),
                                   np.arange(length), np.tril(np.ones((length, length), bool)), 4)
@@ -187,20 +188,27 @@ def exact_two_token_probs(model, prompt, dc):
     return p1[:, None] * p2
 
 
-@pytest.mark.parametrize("mode", ["sample", "speculative_sample"])
-def test_sampling_is_exact(mode):
-    """Chi-square: 6000 two-token samples against the exact plain-sampling distribution."""
-    model = heads_like_head1(tiny_model(seed=2, vocab_size=8, n_future=3, init_std=0.5), noise=0.3)
+@pytest.mark.parametrize("mode,constant", [("sample", False), ("speculative_sample", False),
+                                           ("speculative_sample", True)])
+def test_sampling_is_exact(mode, constant):
+    """Chi-square: 6000 two-token samples against the exact plain-sampling distribution. The
+    constant-input variant makes drafts right ~half the time, so the accept/residual rule carries
+    most of the samples."""
+    model = heads_like_head1(tiny_model(seed=2, vocab_size=8, n_future=3, init_std=0.5,
+                                        tie_embeddings=not constant), noise=0.3)
+    if constant:
+        model = constant_input_model(model, same_heads=True)
     prompt = [3, 1, 4]
     dc = DecodeConfig(mode, 1 if mode == "sample" else 3, max_new_tokens=2, temperature=1.0)
     n = 6000
     res = generate(model, np.asarray([prompt] * n, np.int32), dc, seed=17)
     if mode == "speculative_sample":
-        assert res.accepted[:, 1].sum() > n // 10  # drafts were accepted often enough to matter
+        assert res.accepted[:, 1].sum() > (n // 5 if constant else n // 100)  # the accept path is exercised
     joint = exact_two_token_probs(model, prompt, dc).ravel()
     counts = np.bincount([a * 8 + b for a, b in res.tokens], minlength=64)
     keep = joint * n >= 5
     observed = np.append(counts[keep], counts[~keep].sum())
     expected = np.append(joint[keep] * n, joint[~keep].sum() * n)
-    _, pvalue = stats.chisquare(observed, expected * observed.sum() / expected.sum())
+    expected = expected.astype(np.float64) * observed.sum() / expected.astype(np.float64).sum()
+    _, pvalue = stats.chisquare(observed.astype(np.float64), expected)
     assert pvalue > 1e-3, (pvalue, observed, expected)
