@@ -21,7 +21,14 @@ from mtp.model.spec import ModelSpec
 from mtp.perf import peak_flops
 from mtp.sharding import batch_sharding, make_mesh, rules_from_config
 from mtp.train.checkpoint import Checkpointer, save_json
-from mtp.train.init_from import check_source_model, ensure_source, init_params, merge_fresh, trainable_masks
+from mtp.train.init_from import (
+    check_source_model,
+    ensure_source,
+    init_params,
+    merge_fresh,
+    trainable_count,
+    trainable_masks,
+)
 from mtp.train.metrics import MetricWriter
 from mtp.train.optim import lr_schedule, make_optimizer
 from mtp.train.state import make_layout
@@ -170,9 +177,7 @@ def train(cfg) -> dict:
     log(f"Model: {n_params / 1e6:.2f}M parameters, n_future={spec.n_future} ({spec.head_type} heads),"
         f" trunk {spec.trunk_layers} layers; mesh {dict(mesh.shape)}; workdir {workdir}")
     if trainable is not None:
-        n_train = sum(x.size for x, tr in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(trainable)) if tr)
-        if update_scale is not None:
-            n_train -= n_source_heads * n_train // spec.n_future
+        n_train = trainable_count(layout.abstract["params"], trainable, update_scale)
         log(f"Trainable ({t.trainable}): {n_train / 1e6:.2f}M parameters; the rest stay frozen.")
 
     peak, peak_src = peak_flops(cfg.perf, cfg.model.dtype)
