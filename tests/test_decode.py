@@ -1,5 +1,6 @@
 """KV-cached generation and self-speculative decoding: exactness against plain decoding."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,12 +13,15 @@ from mtp.decode.generate import DecodeConfig, filtered_probs, generate
 from mtp.decode.tree import build_tree, parse_tree
 
 
-def full_forward_greedy(model, prompt, n):
-    """Reference: greedy decoding with a full (uncached) forward per token."""
+def full_forward_greedy(model, prompt, n, width=32):
+    """Reference: greedy decoding with a full (uncached) forward per token (one jitted forward over
+    a fixed-width causal window; positions after the last token cannot affect it)."""
+    graphdef, state = nnx.split(model)
+    logits_fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0, 0])
     seq = list(prompt)
     for _ in range(n):
-        logits = model(jnp.asarray([seq]))[0, 0, -1]
-        seq.append(int(jnp.argmax(logits)))
+        padded = jnp.asarray([seq + [0] * (width - len(seq))])
+        seq.append(int(jnp.argmax(logits_fn(state, padded)[len(seq) - 1])))
     return seq[len(prompt):]
 
 

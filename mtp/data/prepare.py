@@ -234,6 +234,10 @@ def _cache_lock(cache_dir: pathlib.Path):
 def prepare_data(data_cfg: ml_collections.ConfigDict) -> PreparedData:
     """Builds (or reuses) the corpus, its tokenizer (trained on train), token arrays and stats."""
     check_data_config(data_cfg)
+    if not is_synthetic(data_cfg.source):
+        from mtp.data.corpus import list_files
+
+        list_files(data_cfg)  # an empty or missing corpus fails here, before anything is written
     with _cache_lock(resolve_cache_dir(data_cfg)):
         return _prepare_data(data_cfg)
 
