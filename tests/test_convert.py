@@ -10,14 +10,13 @@ import json
 import struct
 from pathlib import Path
 
+import gguf  # an install requirement of mtp: a missing package must fail, not skip
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
 
 from mtp.convert import ConvertError, convert_gguf, convert_hf
-
-gguf = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType as Q  # noqa: E402
-from gguf.quants import dequantize, quantize  # noqa: E402
 
 VOCAB, D, F, N, K, H, LAYERS = 300, 64, 256, 4, 2, 16, 3
 THETA, EPS = 5000.0, 1e-6
