@@ -227,6 +227,13 @@ def _validate_retrofit(m, trunk: int, trainable: str) -> None:
            " set model.branch_layer=0 or model.hidden_mix='none'.")
     _check(m.n_future >= 2 or (branch == 0 and mix == "none"), "model.n_future", m.n_future,
            "model.branch_layer / model.hidden_mix change what heads 2..n read: use n_future >= 2.")
+    causal = m.head_type == "causal"
+    _check(not causal or m.n_future >= 2, "model.n_future", m.n_future,
+           "head_type='causal' chains heads 2..n onto head 1: use n_future >= 2 (n_future=1 is a plain"
+           " next-token LM; use head_type='transformer').")
+    _check(not causal or (branch == 0 and mix == "none"), "model.head_type", m.head_type,
+           "causal heads read head k-1's output, not the trunk: set model.branch_layer=0 and"
+           " model.hidden_mix='none', or use head_type='transformer'.")
     _check(isinstance(rank, int) and rank >= 0, "model.lora_rank", rank, "use 0 (no LoRA) or a positive rank.")
     _check(alpha > 0, "model.lora_alpha", alpha, "use a positive LoRA scale numerator (scale = alpha / rank).")
     _check(trainable != "lora" or rank > 0, "train.trainable", trainable,

@@ -10,7 +10,9 @@ when position t is padding (segment id 0).
   gradient sums kept, so one head's activations and logits are alive at a time and nothing is
   recomputed; gradients of all heads accumulate into the trunk output (a ``custom_vjp`` passes
   them on; with ``model.branch_layer`` / ``hidden_mix`` the heads read per-head inputs and their
-  gradients accumulate per input). ``chunk`` further cuts each head's cross-entropy into
+  gradients accumulate per input; sequential ``'causal'`` heads depend on each other, so there the
+  head forwards run in sequence under plain autodiff and only the losses go one head at a time).
+  ``chunk`` further cuts each head's cross-entropy into
   ``[B, chunk, V]`` blocks (at the price of recomputing the logits); 0 = whole sequence.
 
 Both return ``(loss, aux)``: ``loss = sum_i w_i * sum_ce_i / count_i`` where ``count_i`` is the
@@ -185,8 +187,29 @@ def _memory_flat_heads(head_def, eps: float, chunk: int, sourced: bool = False):
     return f
 
 
+def _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int):
+    """``head_type='causal'``: head k reads head k-1's output, so the head forwards run in sequence
+    (``MTPLM.causal_head_hidden``) under plain autodiff; the cross-entropies still go one head at a
+    time (``lax.scan``, chunked), so only one head's logits are ever alive."""
+    spec = model.spec
+    targets_NxBxT, mask_NxBxT = head_targets(tokens_BxT, segment_ids_BxT, spec.n_future)
+    hidden_NxBxTxD = model.all_head_hidden(tokens_BxT, segment_ids_BxT)
+    unembed, scale = model.unembed_DxV(), model.final_norm.scale[...]
+
+    def body(_, xs):
+        hidden, targets, mask = xs
+        return None, chunked_ce(hidden, scale, spec.norm_eps, unembed, targets, mask, chunk)
+
+    _, (sum_ce_N, sum_correct_N) = jax.lax.scan(body, None, (hidden_NxBxTxD, targets_NxBxT, mask_NxBxT))
+    count_N = mask_NxBxT.sum((1, 2)).astype(jnp.float32)
+    return _finish(sum_ce_N, sum_correct_N, count_N, jnp.asarray(weights_N, jnp.float32),
+                   jnp.asarray(normalizer_N, jnp.float32))
+
+
 def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int = 128):
     spec = model.spec
+    if spec.head_type == "causal":
+        return _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk)
     targets_NxBxT, mask_NxBxT = head_targets(tokens_BxT, segment_ids_BxT, spec.n_future)
     h, src_N, positions_BxT, mask_Bx1xTxT = model.trunk_features(tokens_BxT, segment_ids_BxT)
     head_def, head_state = nnx.split(model.heads)

@@ -1,8 +1,19 @@
 """Every test sees 8 simulated CPU devices (set before JAX is imported) so mesh tests can run;
-single-device tests build their mesh from ``jax.devices()[:1]``."""
+single-device tests build their mesh from ``jax.devices()[:1]``.
+
+Compiled programs go to a persistent XLA cache shared by the test processes (xdist workers and the
+``mtp train`` subprocesses of the resume / multi-host / sweep tests, which compile the same tiny
+programs again and again). The cache is keyed by the program and the compiler flags, so it never
+changes what a test computes; set ``MTP_TEST_XLA_CACHE=off`` to time cold compiles.
+"""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if os.environ.get("MTP_TEST_XLA_CACHE", "on") != "off":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"mtp-tests-xla-cache-{os.getuid()}"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")

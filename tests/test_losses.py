@@ -63,6 +63,7 @@ def _loss_and_grads(impl, model, tokens, seg, weights, chunk=4):
     ("transformer", 4, {}), ("transformer", 0, {}), ("linear", 4, {}),
     # heads 2..n read another input: per-head sources in the memory-flat loss
     ("transformer", 4, dict(branch_layer=1)), ("transformer", 4, dict(hidden_mix="weighted", lora_rank=2)),
+    ("causal", 4, {}),  # sequential heads: the scan path runs them in order under plain autodiff
 ])
 def test_vmap_and_scan_give_the_same_loss_and_gradients(head_type, chunk, extra):
     model = tiny_model(head_type=head_type, n_future=4, **extra)

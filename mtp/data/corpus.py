@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
+import functools
 import glob as globlib
 import hashlib
 import logging
@@ -95,11 +97,29 @@ def _stdlib_root() -> pathlib.Path:
     return pathlib.Path(sysconfig.get_paths()["stdlib"]).resolve()
 
 
+@functools.lru_cache(maxsize=8)
+def _stdlib_files(pattern: str) -> tuple[pathlib.Path, tuple[pathlib.Path, ...]]:
+    """The stdlib's files matching `pattern`, once per process (the running stdlib does not change).
+
+    ``**/NAME_GLOB`` walks the tree pruning site-packages (installed packages would otherwise be
+    walked only to be dropped); other patterns fall back to ``Path.glob``.
+    """
+    root = _stdlib_root()
+    simple = re.fullmatch(r"\*\*/([^/]+)", pattern)
+    if not simple:
+        return root, tuple(root.glob(pattern))
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_EXCLUDED_DIRS]
+        files.extend(pathlib.Path(dirpath, f) for f in filenames if fnmatch.fnmatchcase(f, simple.group(1)))
+    return root, tuple(files)
+
+
 def _candidate_files(source: str, pattern: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
     """(root, files) for a source that is 'stdlib', a directory, or a glob."""
     if source == STDLIB:
-        root = _stdlib_root()
-        return root, list(root.glob(pattern))
+        root, files = _stdlib_files(pattern)
+        return root, list(files)
     if _GLOB_CHARS.search(source):
         expanded = os.path.expanduser(source)
         prefix = _GLOB_CHARS.split(expanded, maxsplit=1)[0]

@@ -12,21 +12,26 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from mtp.model.heads import LAYER_HEADS, causal_combine
 from mtp.model.lm import MTPLM
 
 
 def init_cache(spec, batch: int, max_len: int, n_heads: int) -> dict:
     K, H, dt = spec.n_kv_heads, spec.resolved_head_dim, jnp.dtype(spec.dtype)
     L = spec.trunk_layers
-    n_head_layers = n_heads if spec.head_type == "transformer" else 0
-    return {
+    n_head_layers = n_heads if spec.head_type in LAYER_HEADS else 0
+    cache = {
         "trunk_k": jnp.zeros((L, batch, max_len, K, H), dt),
         "trunk_v": jnp.zeros((L, batch, max_len, K, H), dt),
         "head_k": jnp.zeros((n_head_layers, batch, max_len, K, H), dt),
         "head_v": jnp.zeros((n_head_layers, batch, max_len, K, H), dt),
     }
+    if spec.head_type == "causal":  # head 1's output per slot: what sequential head 2 reads
+        cache["h1"] = jnp.zeros((1, batch, max_len, spec.d_model), dt)
+    return cache
 
 
 def cache_mask(lengths_B, block_mask_TxT, max_len: int):
@@ -86,15 +91,56 @@ def forward_cached(model: MTPLM, cache: dict, tokens_BxT, lengths_B, depth_T, bl
     head_k, head_v, hidden = cache["head_k"], cache["head_v"], []
     for i in range(n_heads):
         head = nnx.merge(head_def, jax.tree.map(lambda a, i=i: a[i], head_state))
-        if model.spec.head_type == "transformer":
+        if model.spec.head_type in LAYER_HEADS:
             h_i, k_i, v_i = _block_step(head, head_in[i], positions_BxT, mask, head_k[i], head_v[i], slots_BxT)
             head_k, head_v = head_k.at[i].set(k_i), head_v.at[i].set(v_i)
         else:
             h_i = head(head_in[i], None, None)
         hidden.append(h_i)
     hidden_NxBxTxD = jnp.stack(hidden)
-    cache = {"trunk_k": trunk_k, "trunk_v": trunk_v, "head_k": head_k, "head_v": head_v}
-    return hidden_NxBxTxD, cache
+    new = {"trunk_k": trunk_k, "trunk_v": trunk_v, "head_k": head_k, "head_v": head_v}
+    if "h1" in cache:
+        b_Bx1 = jnp.arange(tokens_BxT.shape[0])[:, None]
+        new["h1"] = cache["h1"].at[0, b_Bx1, slots_BxT].set(hidden_NxBxTxD[0], mode="drop")
+    return hidden_NxBxTxD, new
+
+
+def causal_drafts(model: MTPLM, cache: dict, seq_BxS, lengths_B, n_heads: int, window: int):
+    """Sequential (``head_type='causal'``) drafting: ``(drafts [B, n_heads-1], cache)``.
+
+    ``lengths_B`` slots hold the accepted prefix in the trunk cache and head 1's outputs
+    (``cache['h1']``); ``seq_BxS`` holds the tokens by position, the next (not yet cached) token
+    at ``lengths_b``. Head k at position p reads head k-1's output there and token ``p + k - 1``;
+    its cache entries are final only once that token is known, so every call recomputes heads
+    2..k over the last ``window`` positions (``>= 2k - 1`` covers what changed since the last
+    call, see ``generate``) on top of their cached older entries, feeding each head the drafts of
+    the heads before it where the tokens are not known yet: draft k (head k at the last position)
+    predicts token ``lengths_b + k - 1``.
+    """
+    spec = model.spec
+    B, S = seq_BxS.shape
+    b_Bx1 = jnp.arange(B)[:, None]
+    start_B = jnp.maximum(lengths_B - window, 0)
+    pos_BxW = start_B[:, None] + jnp.arange(window, dtype=jnp.int32)[None, :]
+    mask = cache_mask(start_B, np.tril(np.ones((window, window), bool)), S)
+    last_B = lengths_B - 1 - start_B
+    prev_BxWxD = cache["h1"][0][b_Bx1, jnp.minimum(pos_BxW, S - 1)]
+    embed = model.embed[...].astype(spec.dtype)
+    head_def, head_state = nnx.split(model.heads)
+    head_k, head_v, drafts = cache["head_k"], cache["head_v"], []
+    for k in range(2, n_heads + 1):
+        tok_BxW = seq_BxS[b_Bx1, jnp.minimum(pos_BxW + k - 1, S - 1)]
+        x = causal_combine(prev_BxWxD, embed[tok_BxW], model.causal_proj[k - 2], model.causal_h_norm[k - 2],
+                           model.causal_e_norm[k - 2], spec.norm_eps)
+        head = nnx.merge(head_def, jax.tree.map(lambda a, i=k - 1: a[i], head_state))
+        prev_BxWxD, k_i, v_i = _block_step(head, x, pos_BxW, mask, head_k[k - 1], head_v[k - 1], pos_BxW)
+        head_k, head_v = head_k.at[k - 1].set(k_i), head_v.at[k - 1].set(v_i)
+        last_BxD = jnp.take_along_axis(prev_BxWxD, last_B[:, None, None], axis=1)[:, 0]
+        d_B = jnp.argmax(model.project(last_BxD), -1).astype(jnp.int32)
+        seq_BxS = seq_BxS.at[jnp.arange(B), lengths_B + k - 1].set(d_B, mode="drop")
+        drafts.append(d_B)
+    cache = {**cache, "head_k": head_k, "head_v": head_v}
+    return jnp.stack(drafts, axis=1), cache
 
 
 def compact_cache(cache: dict, lengths_B, path_BxD):

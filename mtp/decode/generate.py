@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp.decode.cache import compact_cache, forward_cached, init_cache
+from mtp.decode.cache import causal_drafts, compact_cache, forward_cached, init_cache
 from mtp.decode.tree import DraftTree, build_tree
 
 MODES = ("greedy", "sample", "speculative", "speculative_sample")
@@ -71,6 +71,9 @@ def check_decode_config(dc: DecodeConfig, spec) -> None:
         if dc.tree is not None and len(dc.tree) != dc.heads - 1:
             raise ValueError(f"tree {dc.tree} has {len(dc.tree)} depths; with --heads {dc.heads} it"
                              f" needs {dc.heads - 1}.")
+        if spec.head_type == "causal" and dc.tree is not None and not all(w == 1 for w in dc.tree):
+            raise ValueError(f"tree {dc.tree}: sequential (causal) heads draft one token each, every"
+                             " draft from the one before it; use a chain (no --tree).")
         if dc.tree is not None and not all(w == 1 for w in dc.tree) and not dc.greedy:
             raise ValueError("Tree drafts are verified greedily; use --mode speculative (greedy) with"
                              " --tree, or a chain for speculative sampling.")
@@ -193,18 +196,28 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, key, *, dc: DecodeConfig)
     S = P + dc.max_new_tokens + T + 1
     M = dc.max_new_tokens + D
     cache = init_cache(model.spec, B, S, k_heads)
+    # Sequential heads draft in their own pass (causal_drafts): the verify forward runs head 1 only,
+    # and the tokens by position (prompt, emitted, drafts) stay on device.
+    sequential = model.spec.head_type == "causal" and k_heads > 1
+    fwd_heads = 1 if sequential else k_heads
+    window = 2 * k_heads - 1  # >= accepted + 1 new positions + the k-1 still waiting for their token
+    b_B = jnp.arange(B)
 
     # Prefill: the prompt as one causal block at lengths 0.
     zeros_B = jnp.zeros((B,), jnp.int32)
     causal = np.tril(np.ones((P, P), bool))
     hidden_HxBxPxD, cache = forward_cached(model, cache, tokens_BxP, zeros_B, np.arange(P), causal,
-                                           k_heads, dc.unroll)
+                                           fwd_heads, dc.unroll)
     last_HxBxD = jnp.take_along_axis(hidden_HxBxPxD, (lengths_B - 1)[None, :, None, None], axis=2)[:, :, 0]
     logits1_BxV = model.project(last_HxBxD[0])
     key, k0 = jax.random.split(key)
     root_B = (jnp.argmax(logits1_BxV, -1).astype(jnp.int32) if dc.greedy
               else _sample(k0, filtered_probs(logits1_BxV, dc)))
-    cands_BxC = _drafts(model, last_HxBxD[1:], tree)
+    seq_BxS = jnp.zeros((B, S), jnp.int32).at[:, :P].set(tokens_BxP).at[b_B, lengths_B].set(root_B)
+    if sequential:  # heads 2..k over the whole prompt, then the drafts at its last position
+        cands_BxC, cache = causal_drafts(model, cache, seq_BxS, lengths_B, k_heads, P)
+    else:
+        cands_BxC = _drafts(model, last_HxBxD[1:], tree)
 
     if dc.stream:
         jax.debug.callback(_stream_emit, root_B[:1], 1, ordered=True)
@@ -221,7 +234,7 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, key, *, dc: DecodeConfig)
     def body(c):
         block_BxT = _block_tokens(c["root_B"], c["cands_BxC"], tree)
         hidden_HxBxTxD, cache = forward_cached(model, c["cache"], block_BxT, c["lengths_B"], depth_T,
-                                               mask_TxT, k_heads, dc.unroll)
+                                               mask_TxT, fwd_heads, dc.unroll)
         logits1_BxTxV = model.project(hidden_HxBxTxD[0])
         key, k_step = jax.random.split(c["key"])
         if dc.greedy:
@@ -230,13 +243,21 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, key, *, dc: DecodeConfig)
             best_B, n_acc_B, path_BxD, emitted_BxD = _verify_sample(k_step, logits1_BxTxV, block_BxT, dc)
         if not tree.is_chain:
             cache = compact_cache(cache, c["lengths_B"], path_BxD)
-        live_B = ~c["done_B"]
-        # Drafts for the next block: heads 2..k at the last accepted node.
-        node_HxBxD = jnp.take_along_axis(hidden_HxBxTxD[1:], best_B[None, :, None, None], axis=2)[:, :, 0]
-        cands_BxC = _drafts(model, node_HxBxD, tree)
         root_B = jnp.take_along_axis(emitted_BxD, n_acc_B[:, None], axis=1)[:, 0]
-        # Outputs: tokens 0..n_acc of ``emitted``, cut at the first EOS, only for live rows.
+        live_B = ~c["done_B"]
         d_1xD = jnp.arange(D)[None]
+        lengths_B = jnp.where(live_B, c["lengths_B"] + n_acc_B + 1, c["lengths_B"])
+        seq_BxS = c["seq_BxS"]
+        # Drafts for the next block: heads 2..k at the last accepted node.
+        if sequential:  # the emitted tokens join the sequence at positions old length + 1 + d
+            in_BxD = (d_1xD <= n_acc_B[:, None]) & live_B[:, None]
+            seq_pos_BxD = jnp.where(in_BxD, c["lengths_B"][:, None] + 1 + d_1xD, S)
+            seq_BxS = seq_BxS.at[b_B[:, None], seq_pos_BxD].set(emitted_BxD, mode="drop")
+            cands_BxC, cache = causal_drafts(model, cache, seq_BxS, lengths_B, k_heads, window)
+        else:
+            node_HxBxD = jnp.take_along_axis(hidden_HxBxTxD[1:], best_B[None, :, None, None], axis=2)[:, :, 0]
+            cands_BxC = _drafts(model, node_HxBxD, tree)
+        # Outputs: tokens 0..n_acc of ``emitted``, cut at the first EOS, only for live rows.
         valid_BxD = (d_1xD <= n_acc_B[:, None]) & live_B[:, None]
         is_eos_BxD = valid_BxD & (emitted_BxD == dc.eos_id)
         has_eos_B = jnp.any(is_eos_BxD, axis=1)
@@ -248,15 +269,16 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, key, *, dc: DecodeConfig)
         if dc.stream:
             jax.debug.callback(_stream_emit, emitted_BxD[0], n_new_B[0], ordered=True)
         done_B = c["done_B"] | has_eos_B | (n_out_B >= dc.max_new_tokens)
-        lengths_B = jnp.where(live_B, c["lengths_B"] + n_acc_B + 1, c["lengths_B"])
         st = c["stats"]
         stats = {"forwards": st["forwards"] + 1, "steps_B": st["steps_B"] + live_B,
                  "accepted_BxD": st["accepted_BxD"] + ((d_1xD <= n_acc_B[:, None]) & live_B[:, None])}
         return {"cache": cache, "lengths_B": lengths_B, "root_B": root_B, "cands_BxC": cands_BxC,
-                "out_BxM": out_BxM, "n_out_B": n_out_B, "done_B": done_B, "key": key, "stats": stats}
+                "out_BxM": out_BxM, "n_out_B": n_out_B, "done_B": done_B, "key": key, "stats": stats,
+                "seq_BxS": seq_BxS}
 
     carry = {"cache": cache, "lengths_B": lengths_B, "root_B": root_B, "cands_BxC": cands_BxC,
-             "out_BxM": out_BxM, "n_out_B": n_out_B, "done_B": done_B, "key": key, "stats": stats}
+             "out_BxM": out_BxM, "n_out_B": n_out_B, "done_B": done_B, "key": key, "stats": stats,
+             "seq_BxS": seq_BxS}
     carry = jax.lax.while_loop(cond, body, carry)
     return carry["out_BxM"], carry["n_out_B"], carry["stats"], carry["cache"], carry["lengths_B"]
 

@@ -17,6 +17,11 @@ counts for head ``k`` where its target is valid: ``t+k`` inside the row and the 
   greedy continuation, so ``tokens_per_forward = 1 + sum_{k>=2} chain_k`` is the expected number
   of tokens each verify forward yields (over true-data prefixes, not the model's own text).
 
+Sequential heads (``head_type='causal'``): head ``k``'s draft here comes from the teacher-forced
+forward, whose input at ``t`` is the TRUE token ``x_{t+k-1}`` where decoding feeds the drafts before
+it; their acceptance and tokens per forward are therefore optimistic estimates (``mtp bench decode``
+measures the real ones).
+
 The greedy continuations are exact, for every position at once: forward ``j`` (``j = 1..n-1``)
 runs the model over ``[x, g_1, ..., g_j]`` (``(j+1)*T`` tokens) with a tree attention mask — the
 copy of ``g_i(t)`` sits at RoPE position ``pos(t)+i`` and attends to ``x``'s prefix up to ``t`` in

@@ -6,7 +6,10 @@ head (the paper's choice; LoRA adapters too when ``lora_rank > 0``, since head 1
 model's own last layer for imported models). ``'linear'``: ``x + x @ W`` with one D x D matrix per
 head. ``'medusa'``: the Medusa ResBlock ``x + silu(x @ W + b)`` (Cai et al. 2024) with ``W = 0``,
 ``b = 0`` at init, so a new head starts as the identity (it predicts what head 1's input predicts
-through the shared unembedding) and learns from there.
+through the shared unembedding) and learns from there. ``'causal'``: sequential heads
+(DeepSeek-V3's MTP modules): head 1 is a transformer layer on the trunk output; head k >= 2 reads
+``[norm(h^{k-1}_t) ; norm(embed(x_{t+k-1}))] @ W_k`` (head k-1's output at t and the embedding of
+the token before the one it predicts) through its own transformer layer; see ``MTPLM.causal_head_hidden``.
 
 Head 1 reads the trunk's final output; heads 2..n read the same, or (``model.branch_layer`` /
 ``model.hidden_mix``) an earlier layer's output or a learned mix of all layers (``MTPLM.trunk_features``).
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtp.model.transformer import Block, dense, param, stacked_blocks, zeros_param
+from mtp.model.transformer import Block, dense, param, rms_norm, stacked_blocks, zeros_param
 
 
 class LinearHead(nnx.Module):
@@ -48,12 +51,19 @@ class MedusaHead(nnx.Module):
         return x_BxTxD + jax.nn.silu(dense(x_BxTxD, self.w[...].astype(dt)) + self.b[...].astype(dt))
 
 
-HEAD_TYPES = ("transformer", "linear", "medusa")
+def causal_combine(prev_xD, emb_xD, w_2DxD, h_norm_D, e_norm_D, eps: float) -> jax.Array:
+    """A sequential head's input: ``[rms_norm(prev) ; rms_norm(emb)] @ W`` (DeepSeek-V3's MTP)."""
+    x = jnp.concatenate([rms_norm(prev_xD, h_norm_D, eps), rms_norm(emb_xD, e_norm_D, eps)], axis=-1)
+    return dense(x, w_2DxD.astype(prev_xD.dtype))
+
+
+HEAD_TYPES = ("transformer", "linear", "medusa", "causal")
+LAYER_HEADS = ("transformer", "causal")  # head types made of transformer layers (with a KV cache)
 _SIMPLE_HEADS = {"linear": LinearHead, "medusa": MedusaHead}
 
 
 def make_heads(spec, *, rngs: nnx.Rngs) -> nnx.Module:
-    if spec.head_type == "transformer":
+    if spec.head_type in LAYER_HEADS:
         return stacked_blocks(spec, spec.n_future, "mtp_heads", rngs=rngs, lora_rank=spec.lora_rank)
     if spec.head_type in _SIMPLE_HEADS:
         cls = _SIMPLE_HEADS[spec.head_type]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp.model.heads import apply_heads, make_heads
+from mtp.model.heads import apply_heads, causal_combine, make_heads
 from mtp.model.spec import ModelSpec
 from mtp.model.transformer import (
     RMSNorm,
@@ -66,6 +66,12 @@ class MTPLM(nnx.Module):
         if spec.hidden_mix == "weighted":
             init = nnx.with_partitioning(mix_logits_init(spec), ("mtp_heads", None))
             self.mix_logits = nnx.Param(init(None, (spec.n_future, spec.trunk_layers + 1), jnp.float32))
+        if spec.head_type == "causal":  # heads 2..n: [norm(h); norm(embed)] @ W, W: [2D, D]
+            K, D = spec.n_future - 1, spec.d_model
+            self.causal_proj = param(rngs, (K, 2 * D, D), ("mtp_heads", None, "embed_out"), spec.std(2 * D), pd)
+            ones = nnx.with_partitioning(nnx.initializers.ones, ("mtp_heads", "norm"))
+            self.causal_h_norm = nnx.Param(ones(None, (K, D), pd))
+            self.causal_e_norm = nnx.Param(ones(None, (K, D), pd))
 
     # --- pieces, used separately by the memory-flat loss and the cached decoder --------------------
     def embed_tokens(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None):
@@ -142,8 +148,39 @@ class MTPLM(nnx.Module):
             else h_xBxTxD[src_N]
         return apply_heads(self.heads, per_head, positions_BxT, mask_Bx1xTxT, per_head=True)
 
+    def causal_head_hidden(self, h_BxTxD, tokens_BxT, positions_BxT, mask_Bx1xTxT) -> jax.Array:
+        """``head_type='causal'`` (sequential heads, DeepSeek-V3's MTP modules): every head's output
+        ``[n_future, B, T, D]``. Head 1 is a transformer layer on the trunk output; head k >= 2 at
+        position t reads ``[norm(h^{k-1}_t) ; norm(embed(x_{t+k-1}))] @ W_k`` (teacher forcing: the
+        true token before the one it predicts; 0 past the end, where its targets are masked anyway)
+        through its own transformer layer. A ``lax.scan`` over heads 2..n carries ``h^{k-1}``."""
+        spec, N = self.spec, self.spec.n_future
+        head_def, head_state = nnx.split(self.heads)
+        head1 = nnx.merge(head_def, jax.tree.map(lambda a: a[0], head_state))
+        h1_BxTxD = head1(h_BxTxD, positions_BxT, mask_Bx1xTxT)
+        if N == 1:
+            return h1_BxTxD[None]
+        embed = self.embed[...].astype(spec.dtype)
+        e_KxBxTxD = jnp.stack([embed[jnp.pad(tokens_BxT[:, k:], ((0, 0), (0, k)))] for k in range(1, N)])
+        rest = jax.tree.map(lambda a: a[1:], head_state)
+
+        def body(prev_BxTxD, xs):
+            state, w, hn, en, e_BxTxD = xs
+            x_BxTxD = causal_combine(prev_BxTxD, e_BxTxD, w, hn, en, spec.norm_eps)
+            out = nnx.merge(head_def, state)(x_BxTxD, positions_BxT, mask_Bx1xTxT)
+            return out, out
+
+        _, rest_KxBxTxD = jax.lax.scan(body, h1_BxTxD, (rest, self.causal_proj[...], self.causal_h_norm[...],
+                                                        self.causal_e_norm[...], e_KxBxTxD))
+        return jnp.concatenate([h1_BxTxD[None], rest_KxBxTxD])
+
+    def all_head_hidden(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
+        """Every head's output ``[n_future, B, T, D]`` (before the shared norm + unembedding)."""
+        h, src_N, positions_BxT, mask_Bx1xTxT = self.trunk_features(tokens_BxT, segment_ids_BxT)
+        if self.spec.head_type == "causal":
+            return self.causal_head_hidden(h, tokens_BxT, positions_BxT, mask_Bx1xTxT)
+        return self.head_hidden(h, positions_BxT, mask_Bx1xTxT, src_N)
+
     def __call__(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None):
         """Logits of every head: ``[n_future, B, T, V]``; head i predicts token t+i."""
-        h, src_N, positions_BxT, mask_Bx1xTxT = self.trunk_features(tokens_BxT, segment_ids_BxT)
-        hidden_NxBxTxD = self.head_hidden(h, positions_BxT, mask_Bx1xTxT, src_N)
-        return self.project(hidden_NxBxTxD)
+        return self.project(self.all_head_hidden(tokens_BxT, segment_ids_BxT))

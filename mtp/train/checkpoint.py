@@ -15,6 +15,12 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+# Replica-parallel saving splits every replicated array into one slice per replica; each slice of a
+# new shape is a small eager XLA compile. Worth it for big arrays only: below 1 MiB per slice
+# (biases, norms, small models) one replica writes the whole array.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=1 << 20), override=True)
+
 
 def _flatten(tree) -> tuple[dict, object]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)

@@ -160,9 +160,18 @@ def init_params(src: Path, abstract_params, new_heads: str):
     return jax.tree_util.tree_unflatten(treedef, out)["params"]
 
 
-def merge_fresh(loaded, fresh):
-    """Random-init values where ``loaded`` has NaN placeholders (new heads with new_heads='random')."""
-    return jax.tree.map(lambda a, b: jnp.where(jnp.isnan(a), b, a) if np.isnan(a).any() else a, loaded, fresh)
+def needs_fresh(loaded) -> list[bool]:
+    """Which leaves of ``init_params``' output hold NaN placeholders (tree order)."""
+    return [bool(np.isnan(x).any()) for x in jax.tree.leaves(loaded)]
+
+
+def merge_fresh(loaded, fresh: list):
+    """Fill the NaN placeholders of ``loaded`` (new heads with new_heads='random', LoRA, mix logits)
+    from ``fresh``: the random-init values of exactly the leaves ``needs_fresh`` flags, in order."""
+    leaves, treedef = jax.tree.flatten(loaded)
+    fresh = iter(fresh)
+    out = [np.where(np.isnan(a), np.asarray(next(fresh)), a) if np.isnan(a).any() else a for a in leaves]
+    return jax.tree.unflatten(treedef, out)
 
 
 def trainable_masks(abstract_params, trainable: str, n_source_heads: int, n_future: int):

@@ -26,12 +26,13 @@ from mtp.train.init_from import (
     ensure_source,
     init_params,
     merge_fresh,
+    needs_fresh,
     trainable_count,
     trainable_masks,
 )
 from mtp.train.metrics import MetricWriter
 from mtp.train.optim import lr_schedule, make_optimizer
-from mtp.train.state import make_layout
+from mtp.train.state import fresh_params, make_layout
 from mtp.train.step import make_eval_step, make_train_step
 
 
@@ -168,11 +169,13 @@ def train(cfg) -> dict:
             train_iter.set_state(data_state)
         log(f"Resumed from {ckpt.directory}/{start} (step {int(state['step'])}).")
     else:
-        state, start = init(), 0
-        if source is not None:
+        start = 0
+        if source is None:
+            state = init()
+        else:  # the source's values; only the leaves it lacks (new heads, LoRA, mix) are drawn
             loaded = init_params(source, layout.abstract["params"], cfg.init.new_heads)
-            params = merge_fresh(loaded, jax.device_get(state["params"]))
-            state["params"] = jax.device_put(params, layout.shardings["params"])
+            params = merge_fresh(loaded, fresh_params(spec, cfg.seed, needs_fresh(loaded)))
+            state = init(jax.device_put(params, layout.shardings["params"]))
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     log(f"Model: {n_params / 1e6:.2f}M parameters, n_future={spec.n_future} ({spec.head_type} heads),"
         f" trunk {spec.trunk_layers} layers; mesh {dict(mesh.shape)}; workdir {workdir}")

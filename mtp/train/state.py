@@ -49,8 +49,23 @@ def make_layout(spec: ModelSpec, tx, mesh: Mesh, rules, seed: int) -> tuple[Stat
                 "step": jax.ShapeDtypeStruct((), jnp.int32)}
     shardings = {"params": params_sh, "opt_state": opt_sh, "step": replicated}
 
-    def init_fn():
-        params = nnx.state(MTPLM(spec, rngs=nnx.Rngs(seed)), nnx.Param)
+    def init_fn(params=None):
+        if params is None:
+            params = nnx.state(MTPLM(spec, rngs=nnx.Rngs(seed)), nnx.Param)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
+    # init() draws every parameter; init(params) (e.g. a pretrained model's, already merged) only
+    # builds the optimizer state around them, so nothing random is compiled.
     return StateLayout(graphdef, abstract, shardings), jax.jit(init_fn, out_shardings=shardings)
+
+
+def fresh_params(spec: ModelSpec, seed: int, wanted) -> list:
+    """The random init of the parameter leaves flagged in ``wanted`` (a list of bools in tree order):
+    the same values ``init()`` draws for them, but only their random draws are compiled (XLA drops
+    the rest), which matters when a pretrained model supplies everything else."""
+
+    def draw():
+        leaves = jax.tree.leaves(nnx.state(MTPLM(spec, rngs=nnx.Rngs(seed)), nnx.Param))
+        return [x for x, w in zip(leaves, wanted, strict=True) if w]
+
+    return jax.jit(draw)() if any(wanted) else []
