@@ -246,6 +246,8 @@ def add_parser(sub) -> None:
     p.add_argument("--layers", default=None, help="branch layers for frozen_L rows, e.g. 10,20,29")
     p.add_argument("--ms", default="1,8,64", help="marginalization widths")
     p.add_argument("--positions", type=int, default=64, help="held-out positions for the marginal rows")
+    p.add_argument("--max-paths", type=int, default=4096,
+                   help="marginal rows: intermediate paths per position; m^(k-1) above it switches to a beam")
     p.add_argument("--methods", default=None,
                    help="subset of marginal,frozen,frozen_weighted,joint_full,joint_lora (default all)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -265,6 +267,7 @@ def _cmd(args, overrides) -> int:
         result = run_study(args.workdir, args.data, args.steps, args.out,
                            layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
                            ms=tuple(int(x) for x in args.ms.split(",")), positions=args.positions,
+                           max_paths=args.max_paths,
                            batch_size=args.batch_size, seq_len=args.seq_len, eval_batches=args.eval_batches,
                            lr=args.lr, ntp_weight=args.ntp_weight, lora_rank=args.lora_rank,
                            methods=args.methods.split(",") if args.methods else None)
