@@ -238,6 +238,15 @@ def test_short_training_run_on_induction(tmp_path, monkeypatch):
     assert json.loads((w / "config.json").read_text())["data"]["tokenizer"] == "bytes"
     assert len(result["loss"]) == 2 and all(np.isfinite(result["loss"]))
 
-    from mtp.workdir import load_tokenizer
+    from mtp.workdir import load_model, load_tokenizer
 
     assert isinstance(load_tokenizer(w), ByteTokenizer)
+
+    from mtp.evals.task_eval import evaluate_task_accuracy  # mtp eval --task
+
+    loaded = load_model(w)
+    scored = evaluate_task_accuracy(loaded, n_examples=4, batch_size=4)
+    assert scored["task"] == "induction" and scored["n"] == 4 and 0.0 <= scored["accuracy"] <= 1.0
+    loaded.cfg.data.source = "stdlib"
+    with pytest.raises(ValueError, match="not a synthetic task"):
+        evaluate_task_accuracy(loaded)

@@ -322,7 +322,8 @@ def generate(model, prompts: list[list[int]] | np.ndarray, dc: DecodeConfig, *, 
                          f" [{tokens_BxP.min()}, {tokens_BxP.max()}]. Was it encoded with the"
                          " workdir's tokenizer?")
     tokens_BxP = np.asarray(right_align(jnp.asarray(tokens_BxP), jnp.asarray(lengths_B), padding))
-    P = -(-tokens_BxP.shape[1] // pad_to) * pad_to
+    P = -(-tokens_BxP.shape[1] // pad_to) * pad_to  # rounding up never pushes past max_seq_len
+    P = max(tokens_BxP.shape[1], min(P, model.spec.max_seq_len - dc.max_new_tokens))
     tokens_BxP = np.pad(tokens_BxP, ((0, 0), (0, P - tokens_BxP.shape[1])))
     need = P + dc.max_new_tokens
     if need > model.spec.max_seq_len:

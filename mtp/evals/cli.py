@@ -32,9 +32,20 @@ def cmd_eval(args, overrides=()) -> int:
 
     _no_overrides("eval", overrides)
     try:
-        loaded = load_model(args.workdir)
+        loaded = load_model(args.workdir, args.step)
     except WorkdirError as e:
         raise SystemExit(f"mtp eval: {e}") from None
+    if args.task:
+        from mtp.evals.task_eval import evaluate_task_accuracy
+
+        try:
+            result = evaluate_task_accuracy(loaded, args.examples, mode=args.mode, heads=args.heads)
+        except ValueError as e:
+            raise SystemExit(f"mtp eval --task: {e}") from None
+        print(json.dumps(result, indent=1) if args.json else
+              f"{result['task']} accuracy {result['accuracy']:.4f} on {result['n']} {result['split']} examples"
+              f" (step {result['step']}, {result['mode']} decoding, {result['seconds']:.1f} s)")
+        return 0
     data_override = {"source": args.data} if args.data else None
     result = evaluate_heads(loaded, data_override, batches=args.batches, seq_len=args.seq_len,
                             batch_size=args.batch_size)
@@ -163,6 +174,13 @@ def add_parsers(subparsers) -> None:
     e.add_argument("--data", default=None,
                    help="evaluate on another data.source (a directory or glob) instead of the run's")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.add_argument("--step", type=int, default=None, help="evaluate this checkpoint (default: the newest)")
+    e.add_argument("--task", action="store_true",
+                   help="synthetic-task runs (induction, polynomial): decode held-out examples and report"
+                        " the task's accuracy instead of the per-head table")
+    e.add_argument("--examples", type=int, default=200, help="--task: held-out examples to decode")
+    e.add_argument("--mode", choices=("greedy", "speculative"), default="greedy", help="--task: decoding mode")
+    e.add_argument("--heads", type=int, default=None, help="--task --mode speculative: heads that draft")
     e.set_defaults(func=cmd_eval)
 
     h = subparsers.add_parser("humaneval", help="generate completions for HumanEval-format problems,"
