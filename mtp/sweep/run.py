@@ -212,9 +212,13 @@ def _mean(xs):
 
 
 def default_prompts(data_cfg, n: int = 4, max_chars: int = 256) -> list[str]:
-    """The first lines (up to ``max_chars``) of the first ``n`` held-out (validation) files."""
+    """The first lines (up to ``max_chars``) of the first ``n`` held-out (validation) files; for a
+    synthetic task (induction, polynomial), the prompts of its first ``n`` validation examples."""
+    from mtp.data import synthetic
     from mtp.data.corpus import assign_splits, list_files, read_text
 
+    if synthetic.is_synthetic(str(data_cfg.source)):
+        return [e.prompt[:max_chars] for e in synthetic.task_examples(data_cfg, "validation")[:n]]
     files = list_files(data_cfg)
     held_out = sorted(assign_splits(list(files.relative_paths), files.val_fraction)["validation"])
     prompts = []
