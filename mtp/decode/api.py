@@ -89,8 +89,9 @@ class TextStreamer:
     """Prints the text of a growing token list as it grows (decoding the whole list each time, so
     multi-byte characters and merged pieces come out right)."""
 
-    def __init__(self, tokenizer, eos_id: int, file=sys.stdout):
-        self.tokenizer, self.eos_id, self.file = tokenizer, eos_id, file
+    def __init__(self, tokenizer, eos_id: int, file=None):
+        self.tokenizer, self.eos_id = tokenizer, eos_id
+        self.file = file or sys.stdout  # the stdout of now, not of import time
         self.ids: list[int] = []
         self.printed = ""
 

@@ -262,7 +262,7 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, key, *, dc: DecodeConfig)
         is_eos_BxD = valid_BxD & (emitted_BxD == dc.eos_id)
         has_eos_B = jnp.any(is_eos_BxD, axis=1)
         n_new_B = jnp.where(has_eos_B, jnp.argmax(is_eos_BxD, axis=1) + 1, n_acc_B + 1)
-        n_new_B = jnp.where(live_B, n_new_B, 0)
+        n_new_B = jnp.where(live_B, jnp.minimum(n_new_B, dc.max_new_tokens - c["n_out_B"]), 0)  # never past the budget
         pos_BxD = jnp.where(d_1xD < n_new_B[:, None], c["n_out_B"][:, None] + d_1xD, M)
         out_BxM = c["out_BxM"].at[jnp.arange(B)[:, None], pos_BxD].set(emitted_BxD, mode="drop")
         n_out_B = c["n_out_B"] + n_new_B
