@@ -87,10 +87,9 @@ def forward_cached(model: MTPLM, cache: dict, tokens_BxT, lengths_B, depth_T, bl
         head_in = [h_BxTxD] * n_heads
     # Heads one at a time with static slices: plain 2-D matmuls (a vmapped batched matmul is
     # several times slower on XLA:CPU), n_heads <= n_future is small.
-    head_def, head_state = nnx.split(model.heads)
     head_k, head_v, hidden = cache["head_k"], cache["head_v"], []
     for i in range(n_heads):
-        head = nnx.merge(head_def, jax.tree.map(lambda a, i=i: a[i], head_state))
+        head = model.head_layer(i)
         if model.spec.head_type in LAYER_HEADS:
             h_i, k_i, v_i = _block_step(head, head_in[i], positions_BxT, mask, head_k[i], head_v[i], slots_BxT)
             head_k, head_v = head_k.at[i].set(k_i), head_v.at[i].set(v_i)
@@ -126,14 +125,13 @@ def causal_drafts(model: MTPLM, cache: dict, seq_BxS, lengths_B, n_heads: int, w
     last_B = lengths_B - 1 - start_B
     prev_BxWxD = cache["h1"][0][b_Bx1, jnp.minimum(pos_BxW, S - 1)]
     embed = model.embed[...].astype(spec.dtype)
-    head_def, head_state = nnx.split(model.heads)
     head_k, head_v, drafts = cache["head_k"], cache["head_v"], []
     for k in range(2, n_heads + 1):
         tok_BxW = seq_BxS[b_Bx1, jnp.minimum(pos_BxW + k - 1, S - 1)]
         x = causal_combine(prev_BxWxD, embed[tok_BxW], model.causal_proj[k - 2], model.causal_h_norm[k - 2],
                            model.causal_e_norm[k - 2], spec.norm_eps)
-        head = nnx.merge(head_def, jax.tree.map(lambda a, i=k - 1: a[i], head_state))
-        prev_BxWxD, k_i, v_i = _block_step(head, x, pos_BxW, mask, head_k[k - 1], head_v[k - 1], pos_BxW)
+        prev_BxWxD, k_i, v_i = _block_step(model.head_layer(k - 1), x, pos_BxW, mask, head_k[k - 1],
+                                           head_v[k - 1], pos_BxW)
         head_k, head_v = head_k.at[k - 1].set(k_i), head_v.at[k - 1].set(v_i)
         last_BxD = jnp.take_along_axis(prev_BxWxD, last_B[:, None, None], axis=1)[:, 0]
         d_B = jnp.argmax(model.project(last_BxD), -1).astype(jnp.int32)

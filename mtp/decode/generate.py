@@ -196,8 +196,7 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, key, *, dc: DecodeConfig)
     S = P + dc.max_new_tokens + T + 1
     M = dc.max_new_tokens + D
     cache = init_cache(model.spec, B, S, k_heads)
-    # Sequential heads draft in their own pass (causal_drafts): the verify forward runs head 1 only,
-    # and the tokens by position (prompt, emitted, drafts) stay on device.
+    # Sequential heads draft in their own pass (causal_drafts): the verify forward runs head 1 only.
     sequential = model.spec.head_type == "causal" and k_heads > 1
     fwd_heads = 1 if sequential else k_heads
     window = 2 * k_heads - 1  # >= accepted + 1 new positions + the k-1 still waiting for their token
@@ -213,8 +212,9 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, key, *, dc: DecodeConfig)
     key, k0 = jax.random.split(key)
     root_B = (jnp.argmax(logits1_BxV, -1).astype(jnp.int32) if dc.greedy
               else _sample(k0, filtered_probs(logits1_BxV, dc)))
-    seq_BxS = jnp.zeros((B, S), jnp.int32).at[:, :P].set(tokens_BxP).at[b_B, lengths_B].set(root_B)
+    seq_BxS = None  # sequential heads only: tokens by position (prompt, emitted, drafts)
     if sequential:  # heads 2..k over the whole prompt, then the drafts at its last position
+        seq_BxS = jnp.zeros((B, S), jnp.int32).at[:, :P].set(tokens_BxP).at[b_B, lengths_B].set(root_B)
         cands_BxC, cache = causal_drafts(model, cache, seq_BxS, lengths_B, k_heads, P)
     else:
         cands_BxC = _drafts(model, last_HxBxD[1:], tree)

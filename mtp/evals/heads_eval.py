@@ -62,8 +62,7 @@ def _tree_mask(segment_ids_BxT: jax.Array, levels: int) -> jax.Array:
 
 def _first_head(model):
     """Head 1 alone (the stacked heads sliced at index 0)."""
-    head_def, head_state = nnx.split(model.heads)
-    return nnx.merge(head_def, jax.tree.map(lambda x: x[0], head_state))
+    return model.head_layer(0)
 
 
 def greedy_continuations(model, tokens_BxT, segment_ids_BxT, depth: int,

@@ -148,6 +148,12 @@ class MTPLM(nnx.Module):
             else h_xBxTxD[src_N]
         return apply_heads(self.heads, per_head, positions_BxT, mask_Bx1xTxT, per_head=True)
 
+    def head_layer(self, i: int):
+        """Head ``i`` (0-based) alone: the stacked heads sliced at ``i`` (a view, for running heads
+        one at a time with plain 2-D matmuls)."""
+        head_def, head_state = nnx.split(self.heads)
+        return nnx.merge(head_def, jax.tree.map(lambda a: a[i], head_state))
+
     def causal_head_hidden(self, h_BxTxD, tokens_BxT, positions_BxT, mask_Bx1xTxT) -> jax.Array:
         """``head_type='causal'`` (sequential heads, DeepSeek-V3's MTP modules): every head's output
         ``[n_future, B, T, D]``. Head 1 is a transformer layer on the trunk output; head k >= 2 at
@@ -155,11 +161,10 @@ class MTPLM(nnx.Module):
         true token before the one it predicts; 0 past the end, where its targets are masked anyway)
         through its own transformer layer. A ``lax.scan`` over heads 2..n carries ``h^{k-1}``."""
         spec, N = self.spec, self.spec.n_future
-        head_def, head_state = nnx.split(self.heads)
-        head1 = nnx.merge(head_def, jax.tree.map(lambda a: a[0], head_state))
-        h1_BxTxD = head1(h_BxTxD, positions_BxT, mask_Bx1xTxT)
+        h1_BxTxD = self.head_layer(0)(h_BxTxD, positions_BxT, mask_Bx1xTxT)
         if N == 1:
             return h1_BxTxD[None]
+        head_def, head_state = nnx.split(self.heads)
         embed = self.embed[...].astype(spec.dtype)
         e_KxBxTxD = jnp.stack([embed[jnp.pad(tokens_BxT[:, k:], ((0, 0), (0, k)))] for k in range(1, N)])
         rest = jax.tree.map(lambda a: a[1:], head_state)
