@@ -114,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
     o.b2 = 0.95
     o.eps = 1e-8
     o.clip_norm = 1.0
+    o.backbone_lr_scale = 1.0  # train.trainable='all': non-head parameters learn at lr * this (< 1 keeps a
+    #  pretrained backbone close to its NTP solution while new heads learn at lr)
 
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = -1
@@ -281,6 +283,10 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 
     _check(t.trainable in trainables, "train.trainable", t.trainable, f"use one of {trainables}.")
     _check(t.trainable != "new_heads" or bool(cfg.init.workdir), "train.trainable", t.trainable,
            "'new_heads' means heads the init.workdir model lacks: set init.workdir (or use 'heads').")
+    bb = cfg.optim.get("backbone_lr_scale", 1.0)
+    _check(0 < bb <= 1, "optim.backbone_lr_scale", bb, "use a factor in (0, 1]; 1 = one learning rate for all.")
+    _check(bb == 1.0 or t.trainable == "all", "optim.backbone_lr_scale", bb,
+           f"it scales the backbone's updates when train.trainable='all' (here {t.trainable!r}): leave it at 1.")
     _check(cfg.init.new_heads in ("copy_last", "random"), "init.new_heads", cfg.init.new_heads,
            "use 'copy_last' or 'random'.")
     kinds = ("sentencepiece", "bytes", "pretrained")

@@ -13,11 +13,15 @@ the same held-out data:
 - ``frozen_weighted``: the same heads fed a learned softmax mix of all hidden layers
   (``model.hidden_mix='weighted'``).
 - ``joint_full``: heads and backbone trained together (``train.trainable='all'``), the NTP loss kept
-  in with weight ``--ntp-weight``; ``joint_lora``: the backbone through rank-``--lora-rank`` LoRA
+  in with weight ``--ntp-weight``, the backbone at ``--lr`` x ``--joint-lr-scale``
+  (``optim.backbone_lr_scale``; a pretrained trunk at the new heads' rate forgets NTP); ``joint_lora``: the backbone through rank-``--lora-rank`` LoRA
   adapters only. Both report how far the NTP (head 1) loss moved.
 
-Writes ``OUT/study.json``, ``OUT/study.md`` and ``OUT/study.png``; each trained row keeps its
-workdir under ``OUT/runs/`` (rerunning the study resumes/reuses finished rows).
+Writes ``OUT/study.json``, ``OUT/study.md`` and ``OUT/study.png`` after every finished method (a
+stopped study keeps what it measured); each trained row keeps its workdir under ``OUT/runs/``.
+Rerunning the same command resumes: rows already in ``study.json`` (same settings) are kept and
+trained rows reuse their finished workdirs. A ``study.json`` written with other settings is kept
+as ``study.<time>.json`` and the study starts over.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def data_overrides(data: str) -> dict:
 
 
 def _row_config(src: Path, out: Path, name: str, data: dict, steps: int, batch_size: int, seq_len: int,
-                model: dict, trainable: str, head_weights: tuple, lr: float):
+                model: dict, trainable: str, head_weights: tuple, lr: float, backbone_lr_scale: float = 1.0):
     from mtp.workdir import load_config_json
 
     cfg = load_config_json(src)
@@ -71,6 +75,7 @@ def _row_config(src: Path, out: Path, name: str, data: dict, steps: int, batch_s
     cfg.train.tensorboard = False
     cfg.loss.head_weights = head_weights
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay = lr, max(1, steps // 10), 0.0
+    cfg.optim.backbone_lr_scale = backbone_lr_scale if trainable == "all" else 1.0
     return cfg
 
 
@@ -118,16 +123,43 @@ def heldout_sequences(loaded, data: dict, n: int, seq_len: int) -> list[list[int
     return seqs[:n]
 
 
+def _settings(**kw) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+
+
+def _resume(out: Path, settings: dict) -> list[dict]:
+    """Rows of an earlier run of the same study (same settings); an earlier file with other
+    settings is renamed, never overwritten."""
+    path = out / "study.json"
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        old = {}
+    if old.get("settings") == settings:
+        rows = old.get("rows", [])
+        _log(f"resuming: {len(rows)} rows already in {path}")
+        return rows
+    keep = out / f"study.{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.rename(keep)
+    _log(f"{path} was written with other settings: kept as {keep.name}, starting over")
+    return []
+
+
 def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, layers=None, ms=(1, 8, 64),
               positions: int = 64, max_paths: int = 4096, batch_size: int = 4, seq_len: int = 256,
               eval_batches: int = 4, lr: float = 1e-3, ntp_weight: float = 1.0, lora_rank: int = 8,
-              methods=None) -> dict:
+              joint_lr_scale: float = 0.05, methods=None) -> dict:
     from mtp.decode.marginal import marginal_eval
     from mtp.workdir import load_model
 
     src, out = Path(workdir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dover = data_overrides(data)
+    if not 0 < joint_lr_scale <= 1:
+        raise ValueError(f"--joint-lr-scale {joint_lr_scale}: use a factor in (0, 1] (the backbone's learning "
+                         "rate in joint_full is --lr times this).")
     base = load_model(src)
     L = base.spec.trunk_layers
     if base.spec.n_future != 1:
@@ -137,14 +169,32 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
     if bad:
         raise ValueError(f"--layers {bad}: trunk layers run 1..{L} ({L} = the full trunk).")
     wanted = set(methods or ["marginal", "frozen", "frozen_weighted", "joint_full", "joint_lora"])
-    rows: list[dict] = []
+    settings = _settings(workdir=str(src.resolve()), data=data, steps=steps, layers=layers, ms=ms,
+                         positions=positions, max_paths=max_paths, batch_size=batch_size, seq_len=seq_len,
+                         eval_batches=eval_batches, lr=lr, ntp_weight=ntp_weight, lora_rank=lora_rank,
+                         joint_lr_scale=joint_lr_scale)
+    rows: list[dict] = _resume(out, settings)
     started = time.time()
+    result = {"workdir": str(src), "data": data, "data_config": dover, "steps": steps, "layers": layers,
+              "trunk_layers": L, "settings": settings, "rows": rows, "complete": False}
+
+    def have(method: str, k: int | None = None) -> bool:
+        return any(r["method"] == method and (k is None or r["k"] == k) for r in rows)
+
+    def save() -> None:
+        result["seconds_this_run"] = time.time() - started
+        (out / "study.json").write_text(json.dumps(result, indent=1))
+        (out / "study.md").write_text(format_study(result))
 
     if "marginal" in wanted:
-        seqs = heldout_sequences(base, dover, n=max(1, positions // 8), seq_len=seq_len)
-        per_seq = max(1, positions // max(len(seqs), 1))
+        seqs = None
         for m in ms:
             for k in (2, 3, 4):
+                if have(f"marginal_m{m}", k):
+                    continue
+                if seqs is None:
+                    seqs = heldout_sequences(base, dover, n=max(1, positions // 8), seq_len=seq_len)
+                    per_seq = max(1, positions // max(len(seqs), 1))
                 truncation = "per_step" if m ** (k - 1) <= max_paths else "beam"
                 _log(f"marginal m={m} k={k} ({truncation}), {len(seqs)} sequences x {per_seq} positions")
                 res = marginal_eval(base.model, seqs, ks=(k,), ms=(m,), positions_per_seq=per_seq,
@@ -153,6 +203,7 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
                 rows.append({"method": f"marginal_m{m}", "k": k, "top1": r["top1"], "top5": r["top5"],
                              "agree_greedy": r["agree_greedy"], "mass": r["mass"], "truncation": truncation,
                              "positions": res["positions"]})
+                save()
     common = dict(data=dover, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr)
     zero_ntp = (0.0, 1.0, 1.0, 1.0)
     trained = []
@@ -168,10 +219,14 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
     if "joint_lora" in wanted:
         trained.append(("joint_lora", {"branch_layer": 0, "hidden_mix": "none", "lora_rank": lora_rank}, "lora",
                         ntp))
-    ntp_before = None
+    ntp_before = next((r["ntp_loss_before"] for r in rows if "ntp_loss_before" in r), None)
     for name, model, trainable, weights in trained:
+        if have(name):
+            _log(f"{name}: already in study.json")
+            continue
         _log(f"{name}: training {steps} steps ({trainable})")
-        cfg = _row_config(src, out, name, model=model, trainable=trainable, head_weights=weights, **common)
+        cfg = _row_config(src, out, name, model=model, trainable=trainable, head_weights=weights,
+                          backbone_lr_scale=joint_lr_scale, **common)
         wd = _train_row(cfg)
         extra = {}
         if trainable in ("all", "lora"):
@@ -183,10 +238,9 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
             for r in row_set:
                 r["ntp_loss_after"] = row_set[-1]["loss"]
         rows.extend(r for r in row_set if r["k"] >= 2)
-    result = {"workdir": str(src), "data": data, "data_config": dover, "steps": steps, "layers": layers,
-              "trunk_layers": L, "rows": rows, "seconds": time.time() - started}
-    (out / "study.json").write_text(json.dumps(result, indent=1))
-    (out / "study.md").write_text(format_study(result))
+        save()
+    result["complete"] = True
+    save()
     plot_study(result, out / "study.png")
     _log(f"wrote {out}/study.json, study.md, study.png in {time.time() - started:.0f} s")
     return result
@@ -195,7 +249,9 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
 def format_study(result: dict) -> str:
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
     lines = [f"# Retrofitting study: {result['workdir']} on {result['data']}", "",
-             f"{result['steps']} training steps per trained row; trunk has {result['trunk_layers']} layers.", "",
+             f"{result['steps']} training steps per trained row; trunk has {result['trunk_layers']} layers."
+             + ("" if result.get("complete", True) else " **Incomplete: the study stopped before every row.**"),
+             "",
              "| method | k=2 top1 | k=2 top5 | k=3 top1 | k=3 top5 | k=4 top1 | k=4 top5 | notes |",
              "|---|---|---|---|---|---|---|---|"]
     for m in methods:
@@ -256,6 +312,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--ntp-weight", type=float, default=1.0)
+    p.add_argument("--joint-lr-scale", type=float, default=0.05,
+                   help="joint_full: the backbone learns at --lr times this (heads at --lr)")
     p.set_defaults(func=_cmd)
 
 
@@ -270,6 +328,7 @@ def _cmd(args, overrides) -> int:
                            max_paths=args.max_paths,
                            batch_size=args.batch_size, seq_len=args.seq_len, eval_batches=args.eval_batches,
                            lr=args.lr, ntp_weight=args.ntp_weight, lora_rank=args.lora_rank,
+                           joint_lr_scale=args.joint_lr_scale,
                            methods=args.methods.split(",") if args.methods else None)
     except (ValueError, ConfigError, WorkdirError) as e:
         raise SystemExit(f"mtp study: {e}") from None

@@ -92,9 +92,10 @@ def test_medusa_heads_start_as_the_identity(tokens):
     assert float(jnp.abs(grads["heads"]["w"][...][1:]).max()) > 1e-4
 
 
-def _train(model, trainable, n_source_heads, steps=2):
+def _train(model, trainable, n_source_heads, steps=2, backbone_scale=1.0):
     graphdef, params = nnx.split(model, nnx.Param)
-    train, scale = init_from.trainable_masks(params, trainable, n_source_heads, model.spec.n_future)
+    train, scale = init_from.trainable_masks(params, trainable, n_source_heads, model.spec.n_future,
+                                             backbone_scale)
     optim = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.1,
                                            b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))
     tx = make_optimizer(optim, 10, train, scale)
@@ -116,6 +117,18 @@ def _train(model, trainable, n_source_heads, steps=2):
     for _ in range(steps):
         new, opt_state = step(new, opt_state)
     return nnx.to_pure_dict(params), nnx.to_pure_dict(new)
+
+
+def test_backbone_lr_scale_scales_only_the_backbone_updates():
+    model = tiny_model()
+    before, full = _train(model, "all", n_source_heads=0, steps=1)
+    _, slow = _train(tiny_model(), "all", n_source_heads=0, steps=1, backbone_scale=0.1)
+    delta = lambda a, b: np.asarray(b, np.float64) - np.asarray(a, np.float64)
+    wq0 = before["trunk"]["attn"]["wq"]
+    np.testing.assert_allclose(delta(wq0, slow["trunk"]["attn"]["wq"]), 0.1 * delta(wq0, full["trunk"]["attn"]["wq"]),
+                               rtol=1e-3, atol=1e-7)
+    assert np.abs(delta(wq0, full["trunk"]["attn"]["wq"])).max() > 1e-4
+    np.testing.assert_allclose(slow["heads"]["attn"]["wq"], full["heads"]["attn"]["wq"], rtol=1e-6, atol=1e-7)
 
 
 def test_trainable_lora_freezes_the_base_weights():
@@ -205,12 +218,17 @@ def test_every_new_parameter_has_logical_axes_and_is_counted():
     (dict(lora_rank=4, lora_alpha=0.0), r"model.lora_alpha=0.0 is invalid"),
     (dict(head_type="resblock"), r"model.head_type='resblock' is invalid: .*'medusa'"),
     (dict(trainable="lora"), r"train.trainable='lora' is invalid: 'lora' trains LoRA adapters"),
+    (dict(backbone_lr_scale=0.0), r"optim.backbone_lr_scale=0.0 is invalid"),
+    (dict(backbone_lr_scale=0.1, trainable="heads"), r"optim.backbone_lr_scale=0.1 is invalid: .*'heads'"),
 ])
 def test_config_validation(overrides, message):
     trainable = overrides.pop("trainable", None)
+    bb = overrides.pop("backbone_lr_scale", None)
     cfg = tiny_config(**overrides)
     if trainable:
         cfg.train.trainable = trainable
+    if bb is not None:
+        cfg.optim.backbone_lr_scale = bb
     with pytest.raises(ConfigError, match=message):
         validate(cfg, 1)
 

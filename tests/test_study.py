@@ -43,9 +43,36 @@ def test_every_row_is_there(study):
 
 
 def test_joint_rows_report_the_ntp_loss_move(study):
-    _, result = study
+    out, result = study
     joint = [r for r in result["rows"] if r["method"].startswith("joint")]
     assert all("ntp_loss_before" in r and "ntp_loss_after" in r for r in joint)
+    # the backbone of joint_full learns at lr * joint_lr_scale; LoRA rows keep one rate
+    scale = lambda name: json.loads((out / "runs" / name / "config.json").read_text())["optim"]["backbone_lr_scale"]
+    assert scale("joint_full") == 0.05 and scale("joint_lora") == 1.0
+
+
+def test_rerunning_resumes_from_study_json(study, monkeypatch):
+    out, result = study
+    import mtp.study as study_mod
+
+    def boom(*a, **k):
+        raise AssertionError("a finished row was recomputed")
+
+    monkeypatch.setattr(study_mod, "_train_row", boom)
+    monkeypatch.setattr("mtp.decode.marginal.marginal_eval", boom)
+    again = run_study(result["workdir"], "code", steps=2, out=out, layers=[1], ms=(1, 8), positions=4,
+                      batch_size=8, seq_len=16, eval_batches=1, lora_rank=2)
+    assert again["rows"] == result["rows"] and again["complete"]
+
+
+def test_other_settings_keep_the_old_study_json(study, tmp_path):
+    out, result = study
+    shutil.copy(out / "study.json", tmp_path / "study.json")
+    new = run_study(result["workdir"], "code", steps=2, out=tmp_path, ms=(1,), positions=2, seq_len=16,
+                    methods=["marginal"])
+    assert {r["method"] for r in new["rows"]} == {"marginal_m1"}
+    kept = list(tmp_path.glob("study.*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["rows"] == result["rows"]
 
 
 def test_bad_layers_are_rejected(study, tmp_path):

@@ -174,9 +174,12 @@ def merge_fresh(loaded, fresh: list):
     return jax.tree.unflatten(treedef, out)
 
 
-def trainable_masks(abstract_params, trainable: str, n_source_heads: int, n_future: int):
+def trainable_masks(abstract_params, trainable: str, n_source_heads: int, n_future: int,
+                    backbone_scale: float = 1.0):
     """(bool pytree for the optimizer's frozen groups, update-scale pytree or None): a frozen
-    leaf gets no update at all (weight decay included), so it stays bitwise unchanged."""
+    leaf gets no update at all (weight decay included), so it stays bitwise unchanged.
+    ``backbone_scale`` (trainable='all' only): every non-head parameter's update is multiplied by
+    it, i.e. the backbone learns at ``optim.lr * backbone_scale`` while the heads use ``optim.lr``."""
     if trainable not in TRAINABLE:
         raise ConfigError(f"train.trainable={trainable!r} is unknown; use one of {TRAINABLE}.")
 
@@ -195,7 +198,10 @@ def trainable_masks(abstract_params, trainable: str, n_source_heads: int, n_futu
     leaves = jax.tree_util.tree_leaves_with_path(abstract_params)
     treedef = jax.tree.structure(abstract_params)
     if trainable == "all":
-        return None, None
+        if backbone_scale == 1.0:
+            return None, None
+        scales = [jnp.asarray(1.0 if is_head(p) or is_mix(p) else backbone_scale, x.dtype) for p, x in leaves]
+        return None, jax.tree.unflatten(treedef, scales)
     lora = trainable == "lora"
     train = [is_head(p) or is_mix(p) or (lora and is_lora(p)) for p, _ in leaves]
     if trainable == "heads" or n_source_heads == 0:

@@ -144,7 +144,7 @@ def train(cfg) -> dict:
     from mtp.workdir import abstract_params
 
     trainable, update_scale = trainable_masks(abstract_params(spec)[1], t.trainable, n_source_heads,
-                                              spec.n_future)
+                                              spec.n_future, cfg.optim.get("backbone_lr_scale", 1.0))
     tx = make_optimizer(cfg.optim, t.steps, trainable, update_scale)
     schedule = lr_schedule(cfg.optim, t.steps)
     layout, init = make_layout(spec, tx, mesh, rules, cfg.seed)
