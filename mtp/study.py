@@ -14,8 +14,9 @@ the same held-out data:
   (``model.hidden_mix='weighted'``).
 - ``joint_full``: heads and backbone trained together (``train.trainable='all'``), the NTP loss kept
   in with weight ``--ntp-weight``, the backbone at ``--lr`` x ``--joint-lr-scale``
-  (``optim.backbone_lr_scale``; a pretrained trunk at the new heads' rate forgets NTP); ``joint_lora``: the backbone through rank-``--lora-rank`` LoRA
-  adapters only. Both report how far the NTP (head 1) loss moved.
+  (``optim.backbone_lr_scale``; a pretrained trunk at the new heads' rate forgets NTP);
+  ``joint_lora``: the backbone through rank-``--lora-rank`` LoRA adapters only. Both report how
+  far the NTP (head 1) loss moved.
 
 Writes ``OUT/study.json``, ``OUT/study.md`` and ``OUT/study.png`` after every finished method (a
 stopped study keeps what it measured); each trained row keeps its workdir under ``OUT/runs/``.
