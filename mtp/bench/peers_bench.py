@@ -1,7 +1,8 @@
 """``mtp bench peers``: our plain and self-speculative greedy decoding next to Hugging Face
-transformers ``generate`` (fp32, CPU) and llama.cpp (``llama-cpp-python``, the GGUF as shipped),
-in one run, batch 1, greedy, the same prompts and the same number of new tokens (EOS ignored by
-every engine, so all produce exactly ``--max-new-tokens``).
+transformers ``generate`` (fp32; on the GPU when JAX runs on one and torch sees CUDA, else CPU) and
+llama.cpp (``llama-cpp-python``, the GGUF as shipped), in one run, batch 1, greedy, the same prompts
+and the same number of new tokens (EOS ignored by every engine, so all produce exactly
+``--max-new-tokens``).
 
 Peers are optional extras: a missing package is reported as ``{"skipped": reason}`` in its row,
 never silently dropped.
@@ -62,25 +63,35 @@ def bench_transformers(gguf: Path, prompt_ids, max_new: int, log) -> tuple[dict,
         from transformers import AutoModelForCausalLM
     except ImportError as e:
         return {"skipped": f"transformers/torch not installed ({e.name}); pip install -e '.[dev]'"}, None
+    import jax
+
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     torch.set_num_threads(_threads())
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
-    model.eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+    model.eval().to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     total_t, total_n, outs = 0.0, 0, []
     with torch.no_grad():
         for ids in prompt_ids:
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=device)
             kw = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, num_beams=1,
                       pad_token_id=model.config.eos_token_id)
             model.generate(x, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                            pad_token_id=model.config.eos_token_id)  # warm up
+            sync()
             t = time.perf_counter()
             out = model.generate(x, **kw)
+            sync()
             total_t += time.perf_counter() - t
             new = out[0, len(ids):].tolist()
             total_n += len(new)
             outs.append(new)
     log(f"  transformers: {total_n / total_t:.2f} tokens/s")
-    return {"tokens_per_s": total_n / total_t, "dtype": "float32", "threads": torch.get_num_threads()}, outs
+    return {"tokens_per_s": total_n / total_t, "dtype": "float32", "device": device,
+            "threads": torch.get_num_threads()}, outs
 
 
 def bench_llama_cpp(gguf: Path, prompt_ids, max_new: int, log) -> tuple[dict, list | None]:
