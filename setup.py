@@ -8,7 +8,10 @@ setup(
     packages=find_packages(include=["mtp", "mtp.*", "configs"]),
     install_requires=[
         "jax>=0.7",
-        "flax>=0.12",
+        # flax < 0.12.10 breaks on jax >= 0.11.2 (jax.experimental.hijax.HiPrimitive was renamed);
+        # flax >= 0.12.9 needs Python 3.12, where jax 0.11 also lives
+        "flax>=0.12.10; python_version >= '3.12'",
+        "flax>=0.12; python_version < '3.12'",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "tensorflow-datasets>=4.9.9",
