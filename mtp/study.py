@@ -251,7 +251,8 @@ def format_study(result: dict) -> str:
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
     lines = [f"# Retrofitting study: {result['workdir']} on {result['data']}", "",
              f"{result['steps']} training steps per trained row; trunk has {result['trunk_layers']} layers."
-             + ("" if result.get("complete", True) else " **Incomplete: the study stopped before every row.**"),
+             + ("" if result.get("complete", True) else
+                " **Partial: not every row is measured yet (the same command resumes).**"),
              "",
              "| method | k=2 top1 | k=2 top5 | k=3 top1 | k=3 top5 | k=4 top1 | k=4 top5 | notes |",
              "|---|---|---|---|---|---|---|---|"]
