@@ -128,12 +128,12 @@ def _settings(**kw) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
 
 
-def _resume(out: Path, settings: dict) -> list[dict]:
+def _resume(out: Path, settings: dict) -> tuple[list[dict], dict | None]:
     """Rows of an earlier run of the same study (same settings); an earlier file with other
     settings is renamed, never overwritten."""
     path = out / "study.json"
     if not path.exists():
-        return []
+        return [], None
     try:
         old = json.loads(path.read_text())
     except json.JSONDecodeError:
@@ -141,11 +141,11 @@ def _resume(out: Path, settings: dict) -> list[dict]:
     if old.get("settings") == settings:
         rows = old.get("rows", [])
         _log(f"resuming: {len(rows)} rows already in {path}")
-        return rows
+        return rows, old.get("ntp")
     keep = out / f"study.{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.rename(keep)
     _log(f"{path} was written with other settings: kept as {keep.name}, starting over")
-    return []
+    return [], None
 
 
 def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, layers=None, ms=(1, 8, 64),
@@ -174,9 +174,9 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
                          positions=positions, max_paths=max_paths, batch_size=batch_size, seq_len=seq_len,
                          eval_batches=eval_batches, lr=lr, ntp_weight=ntp_weight, lora_rank=lora_rank,
                          joint_lr_scale=joint_lr_scale)
-    rows: list[dict] = _resume(out, settings)
+    rows, ntp_ref = _resume(out, settings)
     started = time.time()
-    result = {"workdir": str(src), "data": data, "data_config": dover, "steps": steps, "layers": layers,
+    result = {"ntp": ntp_ref, "workdir": str(src), "data": data, "data_config": dover, "steps": steps, "layers": layers,
               "trunk_layers": L, "settings": settings, "rows": rows, "complete": False}
 
     def have(method: str, k: int | None = None) -> bool:
@@ -220,7 +220,10 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
     if "joint_lora" in wanted:
         trained.append(("joint_lora", {"branch_layer": 0, "hidden_mix": "none", "lora_rank": lora_rank}, "lora",
                         ntp))
-    ntp_before = next((r["ntp_loss_before"] for r in rows if "ntp_loss_before" in r), None)
+    if trained and result["ntp"] is None:  # head 1 of the source on the trained rows' eval batches
+        ref = _eval_rows("base", src, dover, eval_batches, seq_len, batch_size)[-1]
+        result["ntp"] = {key: ref[key] for key in ("top1", "top5", "loss")}
+        save()
     for name, model, trainable, weights in trained:
         if have(name):
             _log(f"{name}: already in study.json")
@@ -231,9 +234,7 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
         wd = _train_row(cfg)
         extra = {}
         if trainable in ("all", "lora"):
-            if ntp_before is None:
-                ntp_before = _eval_rows("base", src, dover, eval_batches, seq_len, batch_size)[-1]["loss"]
-            extra = {"ntp_loss_before": ntp_before}
+            extra = {"ntp_loss_before": result["ntp"]["loss"]}
         row_set = _eval_rows(name, wd, dover, eval_batches, seq_len, batch_size, extra)
         if extra:
             for r in row_set:
@@ -253,9 +254,13 @@ def format_study(result: dict) -> str:
              f"{result['steps']} training steps per trained row; trunk has {result['trunk_layers']} layers."
              + ("" if result.get("complete", True) else
                 " **Partial: not every row is measured yet (the same command resumes).**"),
-             "",
-             "| method | k=2 top1 | k=2 top5 | k=3 top1 | k=3 top5 | k=4 top1 | k=4 top5 | notes |",
-             "|---|---|---|---|---|---|---|---|"]
+             ""]
+    ntp = result.get("ntp")
+    if ntp:
+        lines += [f"Head 1 (the source's own next-token prediction, k=1) on the trained rows' evaluation batches:"
+                  f" top-1 {ntp['top1']:.3f}, top-5 {ntp['top5']:.3f}, loss {ntp['loss']:.3f}.", ""]
+    lines += ["| method | k=2 top1 | k=2 top5 | k=3 top1 | k=3 top5 | k=4 top1 | k=4 top5 | notes |",
+              "|---|---|---|---|---|---|---|---|"]
     for m in methods:
         by_k = {r["k"]: r for r in result["rows"] if r["method"] == m}
         cells = []

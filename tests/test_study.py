@@ -46,6 +46,8 @@ def test_joint_rows_report_the_ntp_loss_move(study):
     out, result = study
     joint = [r for r in result["rows"] if r["method"].startswith("joint")]
     assert all("ntp_loss_before" in r and "ntp_loss_after" in r for r in joint)
+    assert all(r["ntp_loss_before"] == result["ntp"]["loss"] for r in joint)
+    assert "Head 1 (the source's own next-token prediction" in (out / "study.md").read_text()
     # the backbone of joint_full learns at lr * joint_lr_scale; LoRA rows keep one rate
     scale = lambda name: json.loads((out / "runs" / name / "config.json").read_text())["optim"]["backbone_lr_scale"]
     assert scale("joint_full") == 0.05 and scale("joint_lora") == 1.0
