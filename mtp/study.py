@@ -80,6 +80,18 @@ def _row_config(src: Path, out: Path, name: str, data: dict, steps: int, batch_s
     return cfg
 
 
+def _check_row_dirs(out: Path, names: list[str], steps: int) -> None:
+    """A trained row's workdir from a study with another --steps would resume under a different
+    schedule: refuse before any work is done."""
+    for name in names:
+        cfg_path = out / "runs" / name / "config.json"
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text()).get("train", {}).get("steps")
+            if old != steps:
+                raise ValueError(f"{cfg_path.parent} was trained for {old} steps, not --steps {steps}: use a new "
+                                 "--out for a study of another length (or move that directory away).")
+
+
 def _train_row(cfg) -> Path:
     from mtp.train.loop import train
 
@@ -170,14 +182,30 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
     if bad:
         raise ValueError(f"--layers {bad}: trunk layers run 1..{L} ({L} = the full trunk).")
     wanted = set(methods or ["marginal", "frozen", "frozen_weighted", "joint_full", "joint_lora"])
+    common = dict(data=dover, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr)
+    zero_ntp = (0.0, 1.0, 1.0, 1.0)
+    trained = []
+    if "frozen" in wanted:
+        for layer in layers:
+            model = {"branch_layer": 0 if layer == L else layer, "hidden_mix": "none"}
+            trained.append((f"frozen_L{layer}", model, "new_heads", zero_ntp))
+    if "frozen_weighted" in wanted:
+        trained.append(("frozen_weighted", {"branch_layer": 0, "hidden_mix": "weighted"}, "new_heads", zero_ntp))
+    ntp = (ntp_weight, 1.0, 1.0, 1.0)
+    if "joint_full" in wanted:
+        trained.append(("joint_full", {"branch_layer": 0, "hidden_mix": "none"}, "all", ntp))
+    if "joint_lora" in wanted:
+        trained.append(("joint_lora", {"branch_layer": 0, "hidden_mix": "none", "lora_rank": lora_rank}, "lora",
+                        ntp))
+    _check_row_dirs(out, [name for name, *_ in trained], steps)
     settings = _settings(workdir=str(src.resolve()), data=data, steps=steps, layers=layers, ms=ms,
                          positions=positions, max_paths=max_paths, batch_size=batch_size, seq_len=seq_len,
                          eval_batches=eval_batches, lr=lr, ntp_weight=ntp_weight, lora_rank=lora_rank,
                          joint_lr_scale=joint_lr_scale)
     rows, ntp_ref = _resume(out, settings)
     started = time.time()
-    result = {"ntp": ntp_ref, "workdir": str(src), "data": data, "data_config": dover, "steps": steps, "layers": layers,
-              "trunk_layers": L, "settings": settings, "rows": rows, "complete": False}
+    result = {"ntp": ntp_ref, "workdir": str(src), "data": data, "data_config": dover, "steps": steps,
+              "layers": layers, "trunk_layers": L, "settings": settings, "rows": rows, "complete": False}
 
     def have(method: str, k: int | None = None) -> bool:
         return any(r["method"] == method and (k is None or r["k"] == k) for r in rows)
@@ -205,21 +233,6 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
                              "agree_greedy": r["agree_greedy"], "mass": r["mass"], "truncation": truncation,
                              "positions": res["positions"]})
                 save()
-    common = dict(data=dover, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr)
-    zero_ntp = (0.0, 1.0, 1.0, 1.0)
-    trained = []
-    if "frozen" in wanted:
-        for layer in layers:
-            model = {"branch_layer": 0 if layer == L else layer, "hidden_mix": "none"}
-            trained.append((f"frozen_L{layer}", model, "new_heads", zero_ntp))
-    if "frozen_weighted" in wanted:
-        trained.append(("frozen_weighted", {"branch_layer": 0, "hidden_mix": "weighted"}, "new_heads", zero_ntp))
-    ntp = (ntp_weight, 1.0, 1.0, 1.0)
-    if "joint_full" in wanted:
-        trained.append(("joint_full", {"branch_layer": 0, "hidden_mix": "none"}, "all", ntp))
-    if "joint_lora" in wanted:
-        trained.append(("joint_lora", {"branch_layer": 0, "hidden_mix": "none", "lora_rank": lora_rank}, "lora",
-                        ntp))
     if trained and result["ntp"] is None:  # head 1 of the source on the trained rows' eval batches
         ref = _eval_rows("base", src, dover, eval_batches, seq_len, batch_size)[-1]
         result["ntp"] = {key: ref[key] for key in ("top1", "top5", "loss")}

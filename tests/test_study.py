@@ -77,6 +77,15 @@ def test_other_settings_keep_the_old_study_json(study, tmp_path):
     assert len(kept) == 1 and json.loads(kept[0].read_text())["rows"] == result["rows"]
 
 
+def test_another_length_in_the_same_out_is_refused_before_any_work(study):
+    out, result = study
+    before = (out / "study.json").read_text()
+    with pytest.raises(ValueError, match="trained for 2 steps, not --steps 5: use a new --out"):
+        run_study(result["workdir"], "code", steps=5, out=out, layers=[1], ms=(1, 8), positions=4,
+                  batch_size=8, seq_len=16, eval_batches=1, lora_rank=2)
+    assert (out / "study.json").read_text() == before and not list(out.glob("study.*.json"))
+
+
 def test_bad_layers_are_rejected(study, tmp_path):
     out, result = study
     with pytest.raises(ValueError, match="trunk layers run 1..2"):
