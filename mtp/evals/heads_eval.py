@@ -60,11 +60,6 @@ def _tree_mask(segment_ids_BxT: jax.Array, levels: int) -> jax.Array:
     return mask[:, None]
 
 
-def _first_head(model):
-    """Head 1 alone (the stacked heads sliced at index 0)."""
-    return model.head_layer(0)
-
-
 def greedy_continuations(model, tokens_BxT, segment_ids_BxT, depth: int,
                          g1_BxT: jax.Array | None = None) -> jax.Array:
     """``g_1..g_depth`` for every position: ``[depth, B, T]`` (see the module docstring);
@@ -73,7 +68,7 @@ def greedy_continuations(model, tokens_BxT, segment_ids_BxT, depth: int,
     B, T = tokens_BxT.shape
     pos_BxT = positions_from_segments(segment_ids_BxT)
     embed = model.embed[...].astype(spec.dtype)
-    head1 = _first_head(model)
+    head1 = model.head_layer(0)
     if g1_BxT is None:
         h_BxTxD, positions_BxT, mask = model.trunk_hidden(tokens_BxT, segment_ids_BxT)
         g1_BxT = jnp.argmax(model.project(head1(h_BxTxD, positions_BxT, mask)), -1)
