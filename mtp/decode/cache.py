@@ -13,10 +13,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from mtp.decode.weights import decode_weights, linear, project, simple_head
 from mtp.model.heads import LAYER_HEADS, causal_combine
 from mtp.model.lm import MTPLM
+from mtp.model.transformer import rms_norm, rope
 
 
 def init_cache(spec, batch: int, max_len: int, n_heads: int) -> dict:
@@ -44,67 +45,99 @@ def cache_mask(lengths_B, block_mask_TxT, max_len: int):
     return (prefix_BxS[:, None, :] | (in_block_BxS[:, None, :] & block_BxTxS))[:, None]
 
 
-def _block_step(block, x_BxTxD, positions_BxT, mask_Bx1xTxS, k_BxSxKxH, v_BxSxKxH, slots_BxT):
-    """One transformer layer over the new tokens, writing their keys/values into the cache."""
-    b_Bx1 = jnp.arange(x_BxTxD.shape[0])[:, None]
-    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = block.attn.qkv(block.attn_norm(x_BxTxD), positions_BxT)
-    k_BxSxKxH = k_BxSxKxH.at[b_Bx1, slots_BxT].set(k_BxTxKxH, mode="drop")
-    v_BxSxKxH = v_BxSxKxH.at[b_Bx1, slots_BxT].set(v_BxTxKxH, mode="drop")
+def unstack_cache(cache: dict) -> dict:
+    """Stacked ``[L, B, S, ...]`` cache -> the per-layer lists the decode loop carries (no slicing
+    of a stacked buffer per step: each layer's keys/values are their own array)."""
+    return {name: [c[i] for i in range(c.shape[0])] for name, c in cache.items()}
+
+
+def stack_cache(layered: dict, like: dict) -> dict:
+    return {name: jnp.stack(layered[name]) if layered[name] else like[name] for name in like}
+
+
+def _write(c_BxSxX, new_BxTxX, lengths_B, slots_BxT):
+    """New entries at ``lengths_b ..``: an in-place dynamic update for one row, a scatter for more."""
+    new_BxTxX = new_BxTxX.astype(c_BxSxX.dtype)
+    if c_BxSxX.shape[0] == 1:
+        start = (jnp.zeros((), jnp.int32), lengths_B[0]) + (jnp.zeros((), jnp.int32),) * (c_BxSxX.ndim - 2)
+        return jax.lax.dynamic_update_slice(c_BxSxX, new_BxTxX, start)
+    b_Bx1 = jnp.arange(c_BxSxX.shape[0])[:, None]
+    return c_BxSxX.at[b_Bx1, slots_BxT].set(new_BxTxX, mode="drop")
+
+
+def _block_step(lw: dict, spec, x_BxTxD, positions_BxT, mask_Bx1xTxS, k_BxSxKxH, v_BxSxKxH, lengths_B,
+                slots_BxT):
+    """One transformer layer (decode layout ``lw``) over the new tokens, writing their keys/values
+    into the cache (slots ``lengths_b + 0 .. T-1``, inside the cache)."""
+    B, T, _ = x_BxTxD.shape
+    N, K, H, eps = spec.n_heads, spec.n_kv_heads, spec.resolved_head_dim, spec.norm_eps
+    qkv_BxTxC = linear(rms_norm(x_BxTxD, lw["attn_norm"], eps), lw["wqkv"])
+    q_BxTxNxH = rope(qkv_BxTxC[..., :N * H].reshape(B, T, N, H), positions_BxT, spec.rope_theta)
+    k_BxTxKxH = rope(qkv_BxTxC[..., N * H:(N + K) * H].reshape(B, T, K, H), positions_BxT, spec.rope_theta)
+    v_BxTxKxH = qkv_BxTxC[..., (N + K) * H:].reshape(B, T, K, H)
+    k_BxSxKxH = _write(k_BxSxKxH, k_BxTxKxH, lengths_B, slots_BxT)
+    v_BxSxKxH = _write(v_BxSxKxH, v_BxTxKxH, lengths_B, slots_BxT)
     out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
                                                implementation="xla")
-    x_BxTxD = x_BxTxD + block.attn.out(out_BxTxNxH)
-    x_BxTxD = x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
-    return x_BxTxD, k_BxSxKxH, v_BxSxKxH
+    x_BxTxD = x_BxTxD + linear(out_BxTxNxH.reshape(B, T, N * H), lw["wo"])
+    gu_BxTx2F = linear(rms_norm(x_BxTxD, lw["mlp_norm"], eps), lw["wgu"])
+    gate_BxTxF, up_BxTxF = jnp.split(gu_BxTx2F, 2, axis=-1)
+    return x_BxTxD + linear(jax.nn.silu(gate_BxTxF) * up_BxTxF, lw["wdown"]), k_BxSxKxH, v_BxSxKxH
 
 
-def forward_cached(model: MTPLM, cache: dict, tokens_BxT, lengths_B, depth_T, block_mask_TxT,
-                   n_heads: int, unroll: bool = True):
-    """Hidden states of the first ``n_heads`` heads ``[n_heads, B, T, D]`` for new tokens placed at
-    ``lengths_B + depth_T`` (their positions), and the cache with their keys/values written."""
-    S = cache["trunk_k"].shape[2]
+def forward_layered(model: MTPLM, weights: dict, cache: dict, tokens_BxT, lengths_B, depth_T,
+                    block_mask_TxT, n_heads: int):
+    """``forward_cached`` on the decode layout (``mtp.decode.weights``) and a per-layer cache
+    (``unstack_cache``): what the decode loop runs."""
+    spec = model.spec
+    S = cache["trunk_k"][0].shape[1]
     depth_T = jnp.asarray(depth_T, jnp.int32)
     positions_BxT = lengths_B[:, None] + depth_T[None, :]
     slots_BxT = lengths_B[:, None] + jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32)[None, :]
     mask = cache_mask(lengths_B, block_mask_TxT, S)
-    x_BxTxD = model.embed[...].astype(model.spec.dtype)[tokens_BxT]
-
-    trunk_def, trunk_state = nnx.split(model.trunk)
-
+    x_BxTxD = weights["embed"][tokens_BxT]
     states = not model.shared_head_input  # heads 2..n read an earlier layer or a mix of all
 
-    def layer(x_BxTxD, xs):
-        state, k_BxSxKxH, v_BxSxKxH = xs
-        x_BxTxD, k_BxSxKxH, v_BxSxKxH = _block_step(nnx.merge(trunk_def, state), x_BxTxD, positions_BxT,
-                                                    mask, k_BxSxKxH, v_BxSxKxH, slots_BxT)
-        return x_BxTxD, (k_BxSxKxH, v_BxSxKxH, x_BxTxD if states else None)
-
-    h_BxTxD, (trunk_k, trunk_v, states_LxBxTxD) = jax.lax.scan(
-        layer, x_BxTxD, (trunk_state, cache["trunk_k"], cache["trunk_v"]), unroll=unroll)
+    h_BxTxD, trunk_k, trunk_v, outs = x_BxTxD, [], [], []
+    for lw, k_c, v_c in zip(weights["trunk"], cache["trunk_k"], cache["trunk_v"]):
+        h_BxTxD, k_c, v_c = _block_step(lw, spec, h_BxTxD, positions_BxT, mask, k_c, v_c, lengths_B, slots_BxT)
+        trunk_k.append(k_c)
+        trunk_v.append(v_c)
+        outs.append(h_BxTxD)
     if states and n_heads > 1:  # the same head inputs as MTPLM.trunk_features
-        sources, src_N = model.head_sources(x_BxTxD, states_LxBxTxD)
+        sources, src_N = model.head_sources(x_BxTxD, jnp.stack(outs))
         head_in = [sources[src_N[i]] for i in range(n_heads)]
     else:
         head_in = [h_BxTxD] * n_heads
-    # Heads one at a time with static slices: plain 2-D matmuls (a vmapped batched matmul is
-    # several times slower on XLA:CPU), n_heads <= n_future is small.
-    head_k, head_v, hidden = cache["head_k"], cache["head_v"], []
+    head_k, head_v, hidden = list(cache["head_k"]), list(cache["head_v"]), []
     for i in range(n_heads):
-        head = model.head_layer(i)
-        if model.spec.head_type in LAYER_HEADS:
-            h_i, k_i, v_i = _block_step(head, head_in[i], positions_BxT, mask, head_k[i], head_v[i], slots_BxT)
-            head_k, head_v = head_k.at[i].set(k_i), head_v.at[i].set(v_i)
+        hw = weights["heads"][i]
+        if spec.head_type in LAYER_HEADS:
+            h_i, head_k[i], head_v[i] = _block_step(hw, spec, head_in[i], positions_BxT, mask, head_k[i],
+                                                    head_v[i], lengths_B, slots_BxT)
         else:
-            h_i = head(head_in[i], None, None)
+            h_i = simple_head(hw, head_in[i])
         hidden.append(h_i)
     hidden_NxBxTxD = jnp.stack(hidden)
     new = {"trunk_k": trunk_k, "trunk_v": trunk_v, "head_k": head_k, "head_v": head_v}
     if "h1" in cache:
-        b_Bx1 = jnp.arange(tokens_BxT.shape[0])[:, None]
-        new["h1"] = cache["h1"].at[0, b_Bx1, slots_BxT].set(hidden_NxBxTxD[0], mode="drop")
+        new["h1"] = [_write(cache["h1"][0], hidden_NxBxTxD[0], lengths_B, slots_BxT)]
     return hidden_NxBxTxD, new
 
 
-def causal_drafts(model: MTPLM, cache: dict, seq_BxS, lengths_B, n_heads: int, window: int):
+def forward_cached(model: MTPLM, cache: dict, tokens_BxT, lengths_B, depth_T, block_mask_TxT,
+                   n_heads: int, weights: dict | None = None):
+    """Hidden states of the first ``n_heads`` heads ``[n_heads, B, T, D]`` for new tokens placed at
+    ``lengths_B + depth_T`` (their positions), and the cache with their keys/values written.
+    ``weights``: the model's decode layout (``cached_decode_weights``); converted here if None."""
+    weights = decode_weights(model) if weights is None else weights
+    hidden, layered = forward_layered(model, weights, unstack_cache(cache), tokens_BxT, lengths_B, depth_T,
+                                      block_mask_TxT, n_heads)
+    return hidden, stack_cache(layered, cache)
+
+
+def causal_drafts_layered(model: MTPLM, weights: dict, cache: dict, seq_BxS, lengths_B, n_heads: int,
+                          window: int):
     """Sequential (``head_type='causal'``) drafting: ``(drafts [B, n_heads-1], cache)``.
 
     ``lengths_B`` slots hold the accepted prefix in the trunk cache and head 1's outputs
@@ -124,32 +157,37 @@ def causal_drafts(model: MTPLM, cache: dict, seq_BxS, lengths_B, n_heads: int, w
     mask = cache_mask(start_B, np.tril(np.ones((window, window), bool)), S)
     last_B = lengths_B - 1 - start_B
     prev_BxWxD = cache["h1"][0][b_Bx1, jnp.minimum(pos_BxW, S - 1)]
-    embed = model.embed[...].astype(spec.dtype)
-    head_k, head_v, drafts = cache["head_k"], cache["head_v"], []
+    head_k, head_v, drafts = list(cache["head_k"]), list(cache["head_v"]), []
     for k in range(2, n_heads + 1):
         tok_BxW = seq_BxS[b_Bx1, jnp.minimum(pos_BxW + k - 1, S - 1)]
-        x = causal_combine(prev_BxWxD, embed[tok_BxW], model.causal_proj[k - 2], model.causal_h_norm[k - 2],
-                           model.causal_e_norm[k - 2], spec.norm_eps)
-        prev_BxWxD, k_i, v_i = _block_step(model.head_layer(k - 1), x, pos_BxW, mask, head_k[k - 1],
-                                           head_v[k - 1], pos_BxW)
-        head_k, head_v = head_k.at[k - 1].set(k_i), head_v.at[k - 1].set(v_i)
+        x = causal_combine(prev_BxWxD, weights["embed"][tok_BxW], model.causal_proj[k - 2],
+                           model.causal_h_norm[k - 2], model.causal_e_norm[k - 2], spec.norm_eps)
+        prev_BxWxD, head_k[k - 1], head_v[k - 1] = _block_step(
+            weights["heads"][k - 1], spec, x, pos_BxW, mask, head_k[k - 1], head_v[k - 1], start_B, pos_BxW)
         last_BxD = jnp.take_along_axis(prev_BxWxD, last_B[:, None, None], axis=1)[:, 0]
-        d_B = jnp.argmax(model.project(last_BxD), -1).astype(jnp.int32)
+        d_B = jnp.argmax(project(weights, last_BxD, spec.norm_eps), -1).astype(jnp.int32)
         seq_BxS = seq_BxS.at[jnp.arange(B), lengths_B + k - 1].set(d_B, mode="drop")
         drafts.append(d_B)
-    cache = {**cache, "head_k": head_k, "head_v": head_v}
-    return jnp.stack(drafts, axis=1), cache
+    return jnp.stack(drafts, axis=1), {**cache, "head_k": head_k, "head_v": head_v}
+
+
+def causal_drafts(model: MTPLM, cache: dict, seq_BxS, lengths_B, n_heads: int, window: int,
+                  weights: dict | None = None):
+    """``causal_drafts_layered`` on a stacked cache (``init_cache``)."""
+    weights = decode_weights(model) if weights is None else weights
+    drafts, layered = causal_drafts_layered(model, weights, unstack_cache(cache), seq_BxS, lengths_B, n_heads,
+                                            window)
+    return drafts, stack_cache(layered, cache)
 
 
 def compact_cache(cache: dict, lengths_B, path_BxD):
     """Move the accepted tree path's entries (block indices ``path_BxD``) to consecutive slots
-    ``lengths_b + 0 .. D-1`` (a no-op for chains, where the path is 0, 1, 2, ...)."""
+    ``lengths_b + 0 .. D-1`` of a per-layer cache (a no-op for chains: the path is 0, 1, 2, ...)."""
     b_Bx1 = jnp.arange(lengths_B.shape[0])[:, None]
     src_BxD = lengths_B[:, None] + path_BxD
     dst_BxD = lengths_B[:, None] + jnp.arange(path_BxD.shape[1], dtype=jnp.int32)[None, :]
 
-    def move(c_LxBxSxKxH):
-        moved = c_LxBxSxKxH[:, b_Bx1, src_BxD]
-        return c_LxBxSxKxH.at[:, b_Bx1, dst_BxD].set(moved, mode="drop")
+    def move(c_BxSxX):
+        return _write(c_BxSxX, c_BxSxX[b_Bx1, src_BxD], lengths_B, dst_BxD)
 
     return jax.tree.map(move, cache)

@@ -28,8 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp.decode.cache import causal_drafts, compact_cache, forward_cached, init_cache
+from mtp.decode.cache import (
+    causal_drafts_layered,
+    compact_cache,
+    forward_layered,
+    init_cache,
+    stack_cache,
+    unstack_cache,
+)
 from mtp.decode.tree import DraftTree, build_tree
+from mtp.decode.weights import cached_decode_weights, project
 
 MODES = ("greedy", "sample", "speculative", "speculative_sample")
 
@@ -44,7 +52,6 @@ class DecodeConfig:
     top_k: int = 0
     top_p: float = 1.0
     eos_id: int = -1  # -1: never stop early
-    unroll: bool = True
     stream: bool = False  # call the ``generate(on_tokens=...)`` callback as row 0's tokens appear
 
     @property
@@ -117,11 +124,11 @@ def right_align(tokens_BxP, lengths_B, padding: str):
     return jnp.take_along_axis(tokens_BxP, idx_BxP, axis=1)
 
 
-def _drafts(model, hidden_HxBxD, tree: DraftTree):
+def _drafts(weights, eps, hidden_HxBxD, tree: DraftTree):
     """Candidate tokens ``[B, sum(widths)]``: head d+1's top-w_d at the chosen node, per depth."""
     if tree.max_depth == 0:
         return jnp.zeros((hidden_HxBxD.shape[1], 0), jnp.int32)
-    logits_HxBxV = model.project(hidden_HxBxD)
+    logits_HxBxV = project(weights, hidden_HxBxD, eps)
     cands = [jax.lax.top_k(logits_HxBxV[d], w)[1] for d, w in enumerate(tree.widths)]
     return jnp.concatenate(cands, axis=-1).astype(jnp.int32)
 
@@ -187,15 +194,17 @@ def _stream_emit(tokens_D, n_new):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "dc"))
-def _generate(graphdef, params, tokens_BxP, lengths_B, key, *, dc: DecodeConfig):
+def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: DecodeConfig):
     model = nnx.merge(graphdef, params)
+    eps = model.spec.norm_eps
     tree = dc.draft_tree()
     B, P = tokens_BxP.shape
     T, D = tree.size, tree.max_depth + 1
     k_heads = tree.n_heads if dc.speculative else 1
     S = P + dc.max_new_tokens + T + 1
     M = dc.max_new_tokens + D
-    cache = init_cache(model.spec, B, S, k_heads)
+    stacked = init_cache(model.spec, B, S, k_heads)  # the layout returned; the loop carries layers
+    cache = unstack_cache(stacked)
     # Sequential heads draft in their own pass (causal_drafts): the verify forward runs head 1 only.
     sequential = model.spec.head_type == "causal" and k_heads > 1
     fwd_heads = 1 if sequential else k_heads
@@ -205,19 +214,19 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, key, *, dc: DecodeConfig)
     # Prefill: the prompt as one causal block at lengths 0.
     zeros_B = jnp.zeros((B,), jnp.int32)
     causal = np.tril(np.ones((P, P), bool))
-    hidden_HxBxPxD, cache = forward_cached(model, cache, tokens_BxP, zeros_B, np.arange(P), causal,
-                                           fwd_heads, dc.unroll)
+    hidden_HxBxPxD, cache = forward_layered(model, weights, cache, tokens_BxP, zeros_B, np.arange(P), causal,
+                                            fwd_heads)
     last_HxBxD = jnp.take_along_axis(hidden_HxBxPxD, (lengths_B - 1)[None, :, None, None], axis=2)[:, :, 0]
-    logits1_BxV = model.project(last_HxBxD[0])
+    logits1_BxV = project(weights, last_HxBxD[0], eps)
     key, k0 = jax.random.split(key)
     root_B = (jnp.argmax(logits1_BxV, -1).astype(jnp.int32) if dc.greedy
               else _sample(k0, filtered_probs(logits1_BxV, dc)))
     seq_BxS = None  # sequential heads only: tokens by position (prompt, emitted, drafts)
     if sequential:  # heads 2..k over the whole prompt, then the drafts at its last position
         seq_BxS = jnp.zeros((B, S), jnp.int32).at[:, :P].set(tokens_BxP).at[b_B, lengths_B].set(root_B)
-        cands_BxC, cache = causal_drafts(model, cache, seq_BxS, lengths_B, k_heads, P)
+        cands_BxC, cache = causal_drafts_layered(model, weights, cache, seq_BxS, lengths_B, k_heads, P)
     else:
-        cands_BxC = _drafts(model, last_HxBxD[1:], tree)
+        cands_BxC = _drafts(weights, eps, last_HxBxD[1:], tree)
 
     if dc.stream:
         jax.debug.callback(_stream_emit, root_B[:1], 1, ordered=True)
@@ -233,9 +242,9 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, key, *, dc: DecodeConfig)
 
     def body(c):
         block_BxT = _block_tokens(c["root_B"], c["cands_BxC"], tree)
-        hidden_HxBxTxD, cache = forward_cached(model, c["cache"], block_BxT, c["lengths_B"], depth_T,
-                                               mask_TxT, fwd_heads, dc.unroll)
-        logits1_BxTxV = model.project(hidden_HxBxTxD[0])
+        hidden_HxBxTxD, cache = forward_layered(model, weights, c["cache"], block_BxT, c["lengths_B"], depth_T,
+                                                mask_TxT, fwd_heads)
+        logits1_BxTxV = project(weights, hidden_HxBxTxD[0], eps)
         key, k_step = jax.random.split(c["key"])
         if dc.greedy:
             best_B, n_acc_B, path_BxD, emitted_BxD = _verify_greedy(logits1_BxTxV, block_BxT, tree)
@@ -253,10 +262,10 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, key, *, dc: DecodeConfig)
             in_BxD = (d_1xD <= n_acc_B[:, None]) & live_B[:, None]
             seq_pos_BxD = jnp.where(in_BxD, c["lengths_B"][:, None] + 1 + d_1xD, S)
             seq_BxS = seq_BxS.at[b_B[:, None], seq_pos_BxD].set(emitted_BxD, mode="drop")
-            cands_BxC, cache = causal_drafts(model, cache, seq_BxS, lengths_B, k_heads, window)
+            cands_BxC, cache = causal_drafts_layered(model, weights, cache, seq_BxS, lengths_B, k_heads, window)
         else:
             node_HxBxD = jnp.take_along_axis(hidden_HxBxTxD[1:], best_B[None, :, None, None], axis=2)[:, :, 0]
-            cands_BxC = _drafts(model, node_HxBxD, tree)
+            cands_BxC = _drafts(weights, eps, node_HxBxD, tree)
         # Outputs: tokens 0..n_acc of ``emitted``, cut at the first EOS, only for live rows.
         valid_BxD = (d_1xD <= n_acc_B[:, None]) & live_B[:, None]
         is_eos_BxD = valid_BxD & (emitted_BxD == dc.eos_id)
@@ -280,7 +289,8 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, key, *, dc: DecodeConfig)
              "out_BxM": out_BxM, "n_out_B": n_out_B, "done_B": done_B, "key": key, "stats": stats,
              "seq_BxS": seq_BxS}
     carry = jax.lax.while_loop(cond, body, carry)
-    return carry["out_BxM"], carry["n_out_B"], carry["stats"], carry["cache"], carry["lengths_B"]
+    return (carry["out_BxM"], carry["n_out_B"], carry["stats"], stack_cache(carry["cache"], stacked),
+            carry["lengths_B"])
 
 
 @dataclasses.dataclass
@@ -333,7 +343,8 @@ def generate(model, prompts: list[list[int]] | np.ndarray, dc: DecodeConfig, *, 
     graphdef, params = nnx.split(model)
     _STREAM_SINK.append(on_tokens or (lambda ids: None))
     try:
-        out, n_out, stats, cache, lens = _generate(graphdef, params, jnp.asarray(tokens_BxP),
+        out, n_out, stats, cache, lens = _generate(graphdef, params, cached_decode_weights(model),
+                                                   jnp.asarray(tokens_BxP),
                                                    jnp.asarray(lengths_B), jax.random.key(seed), dc=dc)
         out = jax.block_until_ready(out)
     finally:

@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from mtp.decode.cache import forward_cached, init_cache
+from mtp.decode.weights import cached_decode_weights
 
 TRUNCATIONS = ("per_step", "beam")
 PAD_TO = 64  # contexts are padded to a multiple of this: one compilation per length bucket
@@ -46,13 +47,13 @@ PAD_TO = 64  # contexts are padded to a multiple of this: one compilation per le
 
 # --- device functions ------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("graphdef", "S"))
-def _prefill(graphdef, params, tokens_1xP, *, S: int):
+def _prefill(graphdef, params, weights, tokens_1xP, *, S: int):
     """Cache row holding the (padded) context, and head 1's hidden state at every position."""
     model = nnx.merge(graphdef, params)
     P = tokens_1xP.shape[1]
     cache = init_cache(model.spec, 1, S, 1)
     hidden_1x1xPxD, cache = forward_cached(model, cache, tokens_1xP, jnp.zeros((1,), jnp.int32), np.arange(P),
-                                           np.tril(np.ones((P, P), bool)), 1)
+                                           np.tril(np.ones((P, P), bool)), 1, weights)
     return cache, hidden_1x1xPxD[0, 0]
 
 
@@ -66,12 +67,12 @@ def _root(graphdef, params, h_D, *, topm: int):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "topm"))
-def _chunk(graphdef, params, cache, length_1, tokens_1xT, depth_T, mask_TxT, leaf_C, logw_C, member_CxM, *,
+def _chunk(graphdef, params, weights, cache, length_1, tokens_1xT, depth_T, mask_TxT, leaf_C, logw_C, member_CxM, *,
            topm: int):
     """One tree block on top of the prefix row: for each leaf c (a path), the top-m continuations
     of ``p(. | ctx, path_c)`` and ``acc[i] = sum_c member[c, i] exp(logw_c) p(. | ctx, path_c)``."""
     model = nnx.merge(graphdef, params)
-    hidden_1x1xTxD, _ = forward_cached(model, cache, tokens_1xT, length_1, depth_T, mask_TxT, 1)
+    hidden_1x1xTxD, _ = forward_cached(model, cache, tokens_1xT, length_1, depth_T, mask_TxT, 1, weights)
     h_CxD = hidden_1x1xTxD[0, 0][leaf_C]
     logp_CxV = jax.nn.log_softmax(model.project(h_CxD).astype(jnp.float32), axis=-1)
     top_logp, top_tok = jax.lax.top_k(logp_CxV, topm)
@@ -120,6 +121,7 @@ class _Runner:
         if chunk < 8:
             raise ValueError(f"chunk={chunk} must be >= 8 block tokens.")
         self.graphdef, self.params = nnx.split(model)
+        self.weights = cached_decode_weights(model)
         self.V = model.spec.vocab_size
         self.chunk = chunk
         self.forwards = 0  # tree-block forwards (prefills excluded)
@@ -130,7 +132,7 @@ class _Runner:
         P_pad = -(-P // PAD_TO) * PAD_TO
         padded = np.zeros((1, P_pad), np.int32)
         padded[0, :P] = tokens
-        return _prefill(self.graphdef, self.params, jnp.asarray(padded), S=P_pad + max(self.chunk, extra))
+        return _prefill(self.graphdef, self.params, self.weights, jnp.asarray(padded), S=P_pad + max(self.chunk, extra))
 
     def topk(self, topm: int) -> int:
         return min(self.V, _bucket(topm, self.V))  # compiled top-k width; results are cut to topm
@@ -164,7 +166,7 @@ class _Runner:
             logw[:C] = logw_N[first:last]
             member = np.zeros((Tb, -(-M // 4) * 4), bool)  # columns padded: fewer compiled shapes
             member[:C, :M] = member_NxM[first:last]
-            t, lp, a = _chunk(self.graphdef, self.params, cache, length_1, jnp.asarray(tok_T[None]),
+            t, lp, a = _chunk(self.graphdef, self.params, self.weights, cache, length_1, jnp.asarray(tok_T[None]),
                               jnp.asarray(depth_T), jnp.asarray(mask), jnp.asarray(leaf), jnp.asarray(logw),
                               jnp.asarray(member), topm=self.topk(topm))
             top_tok[first:last] = np.asarray(t)[:C, :topm]
