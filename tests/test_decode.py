@@ -216,3 +216,26 @@ def test_sampling_is_exact(mode, constant):
     expected = expected.astype(np.float64) * observed.sum() / expected.astype(np.float64).sum()
     _, pvalue = stats.chisquare(observed.astype(np.float64), expected)
     assert pvalue > 1e-3, (pvalue, observed, expected)
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_decode_layouts_match_the_model(layout, monkeypatch):
+    """Both decode weight layouts (``[out, in]`` for large models, ``[in, out]`` for small) give the
+    model's own logits, LoRA adapters merged; the cached conversion follows a layout change."""
+    from mtp.decode.weights import cached_decode_weights, weights_out_in
+
+    monkeypatch.setenv("MTP_DECODE_LAYOUT", layout)
+    model = heads_like_head1(tiny_model(seed=2, n_future=3, lora_rank=4), noise=0.5)
+    pure = nnx.to_pure_dict(nnx.state(model))
+    pure = jax.tree_util.tree_map_with_path(  # nonzero LoRA B factors, so the merge matters
+        lambda p, a: a + 0.05 if "lora_b" in jax.tree_util.keystr(p) else a, pure)
+    model = with_params(model, pure)
+    assert weights_out_in(model.spec) == (layout == "out_in")
+    weights = cached_decode_weights(model)
+    assert weights["trunk"][0]["wgu"].shape[0] == (2 * model.spec.resolved_d_ff if layout == "out_in"
+                                                  else model.spec.d_model)
+    seq = prompts_of(23, 1, lo=9, hi=10)[0]
+    T = len(seq)
+    hidden, _ = forward_cached(model, init_cache(model.spec, 1, 32, 3), jnp.asarray([seq]), jnp.zeros(1, jnp.int32),
+                               np.arange(T), np.tril(np.ones((T, T), bool)), 3, weights)
+    np.testing.assert_allclose(model.project(hidden), model(jnp.asarray([seq])), atol=1e-4, rtol=1e-4)

@@ -18,6 +18,7 @@ arrays so repeated ``generate`` calls reuse it.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +27,30 @@ from flax import nnx
 from mtp.model.heads import LAYER_HEADS
 from mtp.model.transformer import rms_norm
 
+CACHE_RESIDENT_BYTES = 1 << 20  # an MLP matrix below this stays in cache from token to token
 
-def linear(x_xI: jax.Array, w_OxI: jax.Array) -> jax.Array:
-    """``x @ w.T`` computed as ``w[O, I] . x[M, I] -> [O, M]`` then transposed (see module doc)."""
-    x_MxI = x_xI.reshape(-1, x_xI.shape[-1])
-    y_OxM = jax.lax.dot_general(w_OxI, x_MxI.astype(w_OxI.dtype), (((1,), (1,)), ((), ())))
-    return y_OxM.T.reshape(*x_xI.shape[:-1], w_OxI.shape[0])
+
+def weights_out_in(spec) -> bool:
+    """Layout of the decode matrices: ``[out, in]`` when they stream from memory (large models),
+    ``[in, out]`` when they stay in cache (small models: XLA:CPU's ``x @ W`` is faster there)."""
+    env = os.environ.get("MTP_DECODE_LAYOUT")
+    if env:
+        return env == "out_in"
+    return spec.d_model * spec.resolved_d_ff * jnp.dtype(spec.dtype).itemsize >= CACHE_RESIDENT_BYTES
+
+
+def linear(x_xI: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ W`` for a decode matrix: ``w`` is ``[O, I]`` (computed as ``w . x[M, I] -> [O, M]``,
+    then transposed) or ``[I, O]`` (plain ``x @ w``): the layout ``weights_out_in`` chose, told
+    apart by the input size (square matrices are the same either way up to the transpose, so
+    ``decode_weights`` stores those ``[in, out]`` in both layouts)."""
+    n_in = x_xI.shape[-1]
+    x_MxI = x_xI.reshape(-1, n_in).astype(w.dtype)
+    if w.shape[0] == n_in:
+        y_MxO = x_MxI @ w
+    else:
+        y_MxO = jax.lax.dot_general(w, x_MxI, (((1,), (1,)), ((), ()))).T
+    return y_MxO.reshape(*x_xI.shape[:-1], y_MxO.shape[-1])
 
 
 def _lora_merged(module, name: str, n_in: int):
@@ -46,46 +65,54 @@ def _lora_merged(module, name: str, n_in: int):
     return w_LxIxO
 
 
-def _layers(blocks, spec, dt) -> list[dict]:
-    """Stacked Blocks -> one dict per layer: norms, ``wqkv [(N+2K)H, D]``, ``wo [D, NH]``,
-    ``wgu [2F, D]``, ``wdown [D, F]``."""
+def _store(w_LxIxO, out_in: bool, dt):
+    """A stacked matrix in the decode layout: ``[L, O, I]`` when ``out_in`` and not square."""
+    if out_in and w_LxIxO.shape[1] != w_LxIxO.shape[2]:
+        w_LxIxO = w_LxIxO.transpose(0, 2, 1)
+    return w_LxIxO.astype(dt)
+
+
+def _layers(blocks, spec, dt, out_in: bool) -> list[dict]:
+    """Stacked Blocks -> one dict per layer: norms, ``wqkv`` (D -> (N+2K)H), ``wo`` (NH -> D),
+    ``wgu`` (D -> 2F, gate then up), ``wdown`` (F -> D)."""
     D, F = spec.d_model, spec.resolved_d_ff
     NH = spec.n_heads * spec.resolved_head_dim
     attn, mlp = blocks.attn, blocks.mlp
-    q, k, v = (_lora_merged(attn, n, D) for n in ("wq", "wk", "wv"))
-    wqkv = jnp.concatenate([q, k, v], axis=-1).transpose(0, 2, 1).astype(dt)
-    wo = _lora_merged(attn, "wo", NH).transpose(0, 2, 1).astype(dt)
+    wqkv = jnp.concatenate([_lora_merged(attn, n, D) for n in ("wq", "wk", "wv")], axis=-1)
     wgu = jnp.concatenate([_lora_merged(mlp, "w_gate", D), _lora_merged(mlp, "w_up", D)], axis=-1)
-    wgu = wgu.transpose(0, 2, 1).astype(dt)
-    wdown = _lora_merged(mlp, "w_down", F).transpose(0, 2, 1).astype(dt)
+    wqkv, wgu = _store(wqkv, out_in, dt), _store(wgu, out_in, dt)
+    wo, wdown = _store(_lora_merged(attn, "wo", NH), out_in, dt), _store(_lora_merged(mlp, "w_down", F), out_in, dt)
     attn_norm, mlp_norm = blocks.attn_norm.scale[...], blocks.mlp_norm.scale[...]
     return [{"attn_norm": attn_norm[i], "wqkv": wqkv[i], "wo": wo[i], "mlp_norm": mlp_norm[i],
              "wgu": wgu[i], "wdown": wdown[i]} for i in range(wqkv.shape[0])]
 
 
-def decode_weights(model) -> dict:
-    """The decode layout of ``model``'s parameters (works on concrete arrays or inside a trace)."""
+def decode_weights(model, out_in: bool | None = None) -> dict:
+    """The decode layout of ``model``'s parameters (works on concrete arrays or inside a trace);
+    ``out_in``: the matrix layout, ``weights_out_in(spec)`` by default."""
     spec = model.spec
     dt = jnp.dtype(spec.dtype)
+    out_in = weights_out_in(spec) if out_in is None else out_in
     embed_VxD = model.embed[...].astype(dt)
+    unembed_DxV = embed_VxD.T if spec.tie_embeddings else model.unembed[...].astype(dt)
     out = {
         "embed": embed_VxD,
-        "unembed": embed_VxD if spec.tie_embeddings else model.unembed[...].T.astype(dt),
+        "unembed": _store(unembed_DxV[None], out_in, dt)[0],
         "final_norm": model.final_norm.scale[...],
-        "trunk": _layers(model.trunk, spec, dt),
+        "trunk": _layers(model.trunk, spec, dt, out_in),
     }
     if spec.head_type in LAYER_HEADS:
-        out["heads"] = _layers(model.heads, spec, dt)
-    else:  # linear / medusa: x + f(x @ W), W as [out, in]
-        w = model.heads.w[...].transpose(0, 2, 1).astype(dt)
+        out["heads"] = _layers(model.heads, spec, dt, out_in)
+    else:  # linear / medusa: x + f(x @ W), W square: kept [in, out]
+        w = model.heads.w[...].astype(dt)
         b = model.heads.b[...].astype(dt) if spec.head_type == "medusa" else None
         out["heads"] = [{"w": w[i], **({"b": b[i]} if b is not None else {})} for i in range(w.shape[0])]
     return out
 
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _decode_weights_jit(graphdef, state):
-    return decode_weights(nnx.merge(graphdef, state))
+@functools.partial(jax.jit, static_argnames=("graphdef", "out_in"))
+def _decode_weights_jit(graphdef, state, out_in: bool):
+    return decode_weights(nnx.merge(graphdef, state), out_in)
 
 
 _LAST: list = []  # [(parameter leaves, decode weights)]: one entry, the last model converted
@@ -95,10 +122,11 @@ def cached_decode_weights(model) -> dict:
     """``decode_weights`` for concrete parameters, reused while the parameter arrays are the same
     objects (a trained or reloaded model has new arrays, so it is converted again)."""
     graphdef, state = nnx.split(model)
-    leaves = jax.tree.leaves(state)
+    out_in = weights_out_in(model.spec)
+    leaves = [out_in, *jax.tree.leaves(state)]  # the layout is part of the key
     if _LAST and len(_LAST[0][0]) == len(leaves) and all(a is b for a, b in zip(_LAST[0][0], leaves)):
         return _LAST[0][1]
-    weights = _decode_weights_jit(graphdef, state)
+    weights = _decode_weights_jit(graphdef, state, out_in)
     _LAST[:] = [(leaves, weights)]
     return weights
 
