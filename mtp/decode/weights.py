@@ -1,4 +1,5 @@
-"""Decode-time weight layout: per-layer arrays, fused projections, ``[out, in]`` matrices.
+"""Decode-time weight layout: per-layer arrays, fused projections, ``[out, in]`` matrices where
+they stream from memory (``weights_out_in``).
 
 Training keeps every layer's weights stacked (``[L, ...]``, scanned) and multiplies ``x @ W``
 with ``W`` as ``[in, out]``. Batch-1 decoding is bound by reading the weights, and on XLA:CPU both
