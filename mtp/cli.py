@@ -10,7 +10,7 @@
     mtp humaneval --workdir DIR [--problems FILE.jsonl] [--limit N] [--n-samples N] [--k 1,10] [--mode M]
     mtp sweep --config PATH|NAME --sweep model.n_future=1,2,4 [--sweep KEY=V,...] [--parameter-matched] --workdir W
     mtp generate --workdir DIR --prompt TEXT [--mode greedy|sample|speculative|speculative_sample]
-                 [--heads K] [--tree 3,2,1] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+                 [--heads K] [--tree 3,2,1|auto] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     mtp bench peers --workdir DIR [--gguf FILE] [--max-new-tokens 128] [--json]
     mtp bench decode --workdir DIR --prompts FILE.jsonl [--heads K] [--max-new-tokens N] [--tree SPEC] [--json]
 
@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+TREE_HELP = ("draft tree: widths per depth (3,2,1), sparse rank paths (0;1;0.0), or auto[:N] (an N-node tree"
+             " calibrated on this model, cached in the workdir); default: a chain")
 
 
 def resolve_config_path(value: str | None) -> Path:
@@ -195,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-prompts", type=int, default=8, help="held-out prompts when --prompts is not given")
     d.add_argument("--heads", type=int, default=None, help="heads used to draft+verify (default all)")
     d.add_argument("--max-new-tokens", type=int, default=128)
-    d.add_argument("--tree", default=None, help="draft tree widths per depth, e.g. 3,2,1 (default chain)")
+    d.add_argument("--tree", default=None, help=TREE_HELP)
     d.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and decoder (best counts)")
     d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     d.set_defaults(func=cmd_bench_decode)
@@ -205,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--prompts", default=None, help='JSONL of {"prompt": ...} (default: held-out snippets)')
     pe.add_argument("--n-prompts", type=int, default=4)
     pe.add_argument("--heads", type=int, default=None)
-    pe.add_argument("--tree", default=None, help="draft tree widths for our speculative row, e.g. 3,2,1")
+    pe.add_argument("--tree", default=None, help=TREE_HELP)
     pe.add_argument("--max-new-tokens", type=int, default=128)
     pe.add_argument("--repeats", type=int, default=1)
     pe.add_argument("--json", action="store_true")
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default=None, help="text to continue (default: read stdin)")
     g.add_argument("--mode", default="greedy", choices=("greedy", "sample", "speculative", "speculative_sample"))
     g.add_argument("--heads", type=int, default=None, help="speculative: heads used (default all)")
-    g.add_argument("--tree", default=None, help="speculative greedy: draft tree widths, e.g. 3,2,1")
+    g.add_argument("--tree", default=None, help="speculative greedy: " + TREE_HELP)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=0)

@@ -37,6 +37,7 @@ class LoadedModel:
     model: MTPLM
     tokenizer: object  # encode(text)->ids, decode(ids)->text, vocab_size, bos_id, eos_id, pad_id
     step: int
+    workdir: Path | None = None  # where it was loaded from (derived caches such as draft trees go there)
 
 
 def load_config_json(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -130,7 +131,7 @@ def load_model(workdir: str | Path, step: int | None = None) -> LoadedModel:
     flat, step = restore_flat(workdir, step)
     graphdef, abstract = abstract_params(spec)
     params = params_from_flat(flat, abstract)
-    return LoadedModel(cfg, spec, nnx.merge(graphdef, params), tokenizer, step)
+    return LoadedModel(cfg, spec, nnx.merge(graphdef, params), tokenizer, step, Path(workdir))
 
 
 def save_params(workdir: str | Path, params: nnx.State, step: int = 0, meta: dict | None = None) -> None:

@@ -54,7 +54,9 @@ def test_cached_greedy_equals_full_forward(model):
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
-@pytest.mark.parametrize("heads,tree", [(2, None), (4, None), (4, (3, 2, 1))])
+@pytest.mark.parametrize("heads,tree", [(2, None), (4, None), (4, (3, 2, 1)),
+                                        (4, ((0,), (1,), (0, 0), (1, 0), (0, 1), (0, 0, 0))),  # sparse
+                                        (4, ((0,), (1,), (2,)))])  # sparse, shallower than the heads
 def test_speculative_greedy_equals_plain_greedy(batch, heads, tree):
     model = heads_like_head1(tiny_model(seed=1, n_future=4), noise=0.5)
     prompts = prompts_of(batch, batch)
@@ -137,8 +139,8 @@ def test_cache_after_rollback_equals_cache_from_scratch(tree):
         _, fresh = forward_cached(model, fresh, jnp.asarray([seq]), jnp.zeros(1, jnp.int32),
                                   np.arange(length), np.tril(np.ones((length, length), bool)), 4)
         for name in ("trunk_k", "trunk_v", "head_k", "head_v"):
-            np.testing.assert_allclose(np.asarray(res.cache[name])[:, b, :length],
-                                       np.asarray(fresh[name])[:, 0, :length], atol=2e-5, rtol=1e-5)
+            np.testing.assert_allclose(np.asarray(res.cache[name])[:, b, :, :length],  # [L, B, K, S, H]
+                                       np.asarray(fresh[name])[:, 0, :, :length], atol=2e-5, rtol=1e-5)
 
 
 def test_tree_accepts_at_least_as_much_as_chain():
@@ -160,6 +162,40 @@ def test_tree_structure():
     with pytest.raises(ValueError, match="widths"):
         parse_tree("3,2", 4)
     assert (build_tree((2,)).path == np.asarray([[0, 0], [0, 1], [0, 2]])).all()
+
+
+def test_sparse_tree_structure():
+    t = parse_tree("0;1;0.0;1.0;0.0.0", 4)
+    assert t.size == 6 and t.widths == (2, 1, 1) and not t.is_chain
+    assert t.parent.tolist() == [-1, 0, 0, 1, 2, 3] and t.rank.tolist() == [0, 0, 1, 0, 0, 0]
+    assert t.path[5].tolist() == [0, 1, 3, 5] and t.mask[5].sum() == 4
+    assert parse_tree("0;0.0", 4).is_chain and parse_tree("0;0.0", 4).n_heads == 3
+    assert build_tree((3, 2, 1)).nodes == parse_tree(";".join(".".join(map(str, n)) for n in
+                                                              build_tree((3, 2, 1)).nodes), 4).nodes
+    with pytest.raises(ValueError, match="no parent 1"):
+        parse_tree("0;1.0", 4)
+    with pytest.raises(ValueError, match="3 deep"):
+        parse_tree("0;0.0;0.0.0", 3)
+    with pytest.raises(ValueError, match="rank paths"):
+        parse_tree("0;a.b", 4)
+
+
+def test_calibrated_node_selection():
+    """The most often accepted rank paths win, the tree stays prefix-closed, and its expected
+    tokens per forward is 1 + the summed node frequencies."""
+    import collections
+
+    from mtp.decode.calibrate import expected_tokens, parse_auto, select_nodes
+
+    counts = collections.Counter({(0,): 50, (1,): 20, (2,): 5, (0, 0): 30, (0, 3): 25, (1, 0): 19,
+                                  (0, 0, 0): 28, (5, 0): 40})  # (5, 0) without (5,): never chosen
+    nodes = select_nodes(counts, 100, 5)
+    assert nodes == ((0,), (0, 0), (0, 0, 0), (0, 3))
+    assert expected_tokens(counts, 100, nodes) == pytest.approx(1 + (50 + 30 + 28 + 25) / 100)
+    assert select_nodes(collections.Counter(), 0, 8) == ((0,),)
+    assert parse_auto("auto") == 16 and parse_auto("auto:7") == 7 and parse_auto("3,2,1") is None
+    with pytest.raises(ValueError, match="auto:N"):
+        parse_auto("auto:x")
 
 
 def test_filtered_probs_top_k_top_p():

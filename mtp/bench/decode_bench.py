@@ -20,18 +20,20 @@ import numpy as np
 
 from mtp.decode.api import PAD_TO, decode_config, encode_prompt
 from mtp.decode.generate import generate
+from mtp.decode.tree import format_nodes, is_node_list
 
 
-def heldout_prompts(data_cfg, n: int = 8, lines: int = 6, seed: int = 0) -> list[str]:
+def heldout_prompts(data_cfg, n: int = 8, lines: int = 6, seed: int = 0, split: str = "validation") -> list[str]:
     """``n`` code prompts from the validation split of a data config: each starts at a ``def`` or
     ``class`` line of a different held-out file and runs ``lines`` lines (files the model never
-    trained on, picked deterministically)."""
+    trained on, picked deterministically). ``split='train'``: the same from training files (what
+    draft-tree calibration uses, so it never sees the benchmark's prompts)."""
     import random
 
     from mtp.data.corpus import list_files, read_text, split_of
 
     files = list_files(data_cfg)
-    val = [p for p in files.relative_paths if split_of(p, files.val_fraction) == "validation"]
+    val = [p for p in files.relative_paths if split_of(p, files.val_fraction) == split]
     rng = random.Random(seed)
     rng.shuffle(val)
     prompts = []
@@ -50,7 +52,7 @@ def heldout_prompts(data_cfg, n: int = 8, lines: int = 6, seed: int = 0) -> list
         if len(prompts) == n:
             break
     if not prompts:
-        raise ValueError(f"No held-out prompts found in data.source={data_cfg.source!r}; pass --prompts FILE.jsonl.")
+        raise ValueError(f"No {split} prompts found in data.source={data_cfg.source!r}; pass --prompts FILE.jsonl.")
     return prompts
 
 
@@ -111,6 +113,13 @@ def _timed(model, ids, dc, repeats: int):
     return r, best
 
 
+def tree_text(tree) -> str | None:
+    """A DecodeConfig's tree as the ``--tree`` text that gives it back (None for a chain)."""
+    if not tree:
+        return None
+    return format_nodes(tree) if is_node_list(tree) else ",".join(map(str, tree))
+
+
 def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_tokens: int,
                      tree: str | None = None, bandwidth: float | None = None, repeats: int = 1,
                      log=print) -> dict:
@@ -154,7 +163,7 @@ def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_t
         "roofline_tokens_per_s": roofline,
         "greedy_fraction_of_roofline": tps_greedy / roofline,
         "heads": spec_dc.heads,
-        "tree": list(spec_dc.tree) if spec_dc.tree else None,
+        "tree": tree_text(spec_dc.tree),
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "new_tokens": n_tokens,

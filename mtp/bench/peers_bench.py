@@ -18,7 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mtp.bench.decode_bench import decode_step_bytes, heldout_prompts, measure_read_bandwidth, read_prompts
+from mtp.bench.decode_bench import (
+    decode_step_bytes,
+    heldout_prompts,
+    measure_read_bandwidth,
+    read_prompts,
+    tree_text,
+)
 
 
 def _threads() -> int:
@@ -33,10 +39,13 @@ def bench_ours(loaded, prompt_ids, max_new: int, heads: int, tree, repeats: int,
     outputs = {}
     modes = [("mtp greedy", "greedy", 1, None)]
     if loaded.spec.n_future >= 2:
-        modes.append((f"mtp speculative (heads={heads}{', tree ' + ','.join(map(str, tree)) if tree else ''})",
-                      "speculative", heads, tree))
-    for label, mode, k, tr in modes:
+        modes.append(("mtp speculative", "speculative", heads, tree))
+    for i, (label, mode, k, tr) in enumerate(modes):
         dc = decode_config(loaded, mode=mode, heads=k, tree=tr, max_new_tokens=max_new, stop_at_eos=False)
+        if mode == "speculative":
+            shape = tree_text(dc.tree)
+            label = f"mtp speculative (heads={heads}{', tree ' + shape if shape else ''})"
+            modes[i] = (label, mode, k, tr)
         total_t, total_n, forwards, outs = 0.0, 0, 0, []
         for ids in prompt_ids:
             r = generate(loaded.model, [ids], dc, pad_to=PAD_TO)  # compile / warm up
@@ -144,7 +153,7 @@ def run_peers(args) -> dict:
     prompts = read_prompts(args.prompts) if args.prompts else heldout_prompts(loaded.cfg.data, n=args.n_prompts)
     prompt_ids = [loaded.tokenizer.encode(p) for p in prompts]
     heads = args.heads or loaded.spec.n_future
-    tree = tuple(int(w) for w in args.tree.split(",")) if args.tree else None
+    tree = args.tree or None  # widths, sparse nodes or auto[:N] (decode_config reads them)
     log(f"Peers: {len(prompts)} prompts, batch 1, greedy, {args.max_new_tokens} new tokens, {_threads()} threads")
     ours, ours_greedy = bench_ours(loaded, prompt_ids, args.max_new_tokens, heads, tree, args.repeats, log)
     rows = dict(ours)

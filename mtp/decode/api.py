@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 
+from mtp.decode.calibrate import calibrated_tree, parse_auto
 from mtp.decode.generate import DecodeConfig, GenerateResult, generate
 
 PAD_TO = 64  # prompts are padded to a multiple of this: one compilation per length bucket
@@ -20,10 +21,16 @@ def decode_config(loaded, *, mode: str = "greedy", heads: int | None = None, tre
         heads = loaded.spec.n_future if speculative else 1
     if not speculative:
         heads = 1
-    if isinstance(tree, str):
+    n_auto = parse_auto(tree) if speculative else None
+    if n_auto is not None:  # a sparse tree calibrated on this model (cached in the workdir)
+        if loaded.workdir is None:
+            raise ValueError("--tree auto needs a model loaded from a workdir (it keeps the tree there).")
+        tree = calibrated_tree(loaded, loaded.workdir, heads, n_auto)
+    elif isinstance(tree, str):
         from mtp.decode.tree import parse_tree
 
-        tree = parse_tree(tree, heads).widths
+        parsed = parse_tree(tree, heads)
+        tree = parsed.nodes if ";" in tree or "." in tree else parsed.widths
     eos = loaded.tokenizer.eos_id if stop_at_eos else -1
     return DecodeConfig(mode=mode, heads=heads, tree=tuple(tree) if tree else None,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,

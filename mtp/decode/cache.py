@@ -1,11 +1,16 @@
 """KV cache for the trunk and every head layer, and the cached forward pass.
 
-Static shapes: keys/values ``[L, B, S, K, H]`` (trunk) and ``[k, B, S, K, H]`` (the first k heads),
-plus a per-row length pointer ``lengths_B``. A forward over ``T`` new tokens writes their keys and
-values at slots ``lengths_b .. lengths_b + T - 1`` of row b; a new token at block index t attends
-to every slot ``< lengths_b`` (the accepted prefix) and to the block tokens that ``block_mask_TxT``
-allows (causal for a prompt or a chain, ancestors for a tree). Rolling back is setting
-``lengths_B``: slots past the length are never attended to and are overwritten later.
+Static shapes: keys/values ``[L, B, K, S, H]`` (trunk) and ``[k, B, K, S, H]`` (the first k
+heads), plus a per-row length pointer ``lengths_B``. A forward over ``T`` new tokens writes their
+keys and values at slots ``lengths_b .. lengths_b + T - 1`` of row b; a new token at block index t
+attends to every slot ``< lengths_b`` (the accepted prefix) and to the block tokens that
+``block_mask_TxT`` allows (causal for a prompt or a chain, ancestors for a tree). Rolling back is
+setting ``lengths_B``: slots past the length are never attended to and are overwritten later.
+
+The decode loop carries one ``[B*K, S, H]`` array per layer (``unstack_cache``): attention reads
+each kv head's keys as one contiguous ``[S, H]`` matrix, straight from the updated buffer, so XLA
+updates the cache in place with no per-step copy or transpose of it (an ``[S, K, H]`` layout or a
+batch axis of 1 to squeeze made XLA copy every layer's cache every step).
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ def init_cache(spec, batch: int, max_len: int, n_heads: int) -> dict:
     L = spec.trunk_layers
     n_head_layers = n_heads if spec.head_type in LAYER_HEADS else 0
     cache = {
-        "trunk_k": jnp.zeros((L, batch, max_len, K, H), dt),
-        "trunk_v": jnp.zeros((L, batch, max_len, K, H), dt),
-        "head_k": jnp.zeros((n_head_layers, batch, max_len, K, H), dt),
-        "head_v": jnp.zeros((n_head_layers, batch, max_len, K, H), dt),
+        "trunk_k": jnp.zeros((L, batch, K, max_len, H), dt),
+        "trunk_v": jnp.zeros((L, batch, K, max_len, H), dt),
+        "head_k": jnp.zeros((n_head_layers, batch, K, max_len, H), dt),
+        "head_v": jnp.zeros((n_head_layers, batch, K, max_len, H), dt),
     }
     if spec.head_type == "causal":  # head 1's output per slot: what sequential head 2 reads
         cache["h1"] = jnp.zeros((1, batch, max_len, spec.d_model), dt)
@@ -46,17 +51,22 @@ def cache_mask(lengths_B, block_mask_TxT, max_len: int):
 
 
 def unstack_cache(cache: dict) -> dict:
-    """Stacked ``[L, B, S, ...]`` cache -> the per-layer lists the decode loop carries (no slicing
-    of a stacked buffer per step: each layer's keys/values are their own array)."""
-    return {name: [c[i] for i in range(c.shape[0])] for name, c in cache.items()}
+    """Stacked cache -> the per-layer lists the decode loop carries: keys/values ``[B*K, S, H]``,
+    head-1 outputs ``[B, S, D]`` (no slicing of a stacked buffer per step)."""
+    def layer(name, c):
+        return c.reshape(-1, *c.shape[2:]) if name != "h1" else c  # [B, K, S, H] -> [B*K, S, H]
+
+    return {name: [layer(name, c[i]) for i in range(c.shape[0])] for name, c in cache.items()}
 
 
 def stack_cache(layered: dict, like: dict) -> dict:
-    return {name: jnp.stack(layered[name]) if layered[name] else like[name] for name in like}
+    return {name: jnp.stack(layered[name]).reshape(like[name].shape) if layered[name] else like[name]
+            for name in like}
 
 
 def _write(c_BxSxX, new_BxTxX, lengths_B, slots_BxT):
-    """New entries at ``lengths_b ..``: an in-place dynamic update for one row, a scatter for more."""
+    """New entries at ``lengths_b ..`` of a ``[B, S, ...]`` buffer: an in-place dynamic update for
+    one row, a scatter for more."""
     new_BxTxX = new_BxTxX.astype(c_BxSxX.dtype)
     if c_BxSxX.shape[0] == 1:
         start = (jnp.zeros((), jnp.int32), lengths_B[0]) + (jnp.zeros((), jnp.int32),) * (c_BxSxX.ndim - 2)
@@ -65,24 +75,51 @@ def _write(c_BxSxX, new_BxTxX, lengths_B, slots_BxT):
     return c_BxSxX.at[b_Bx1, slots_BxT].set(new_BxTxX, mode="drop")
 
 
-def _block_step(lw: dict, spec, x_BxTxD, positions_BxT, mask_Bx1xTxS, k_BxSxKxH, v_BxSxKxH, lengths_B,
-                slots_BxT):
-    """One transformer layer (decode layout ``lw``) over the new tokens, writing their keys/values
-    into the cache (slots ``lengths_b + 0 .. T-1``, inside the cache)."""
+def _write_kv(c_CxSxH, new_BxTxKxH, lengths_B, slots_BxT):
+    """New keys/values into a per-layer cache ``[B*K, S, H]`` at slots ``lengths_b ..``: an
+    in-place dynamic update for one row, a scatter for more."""
+    B, T, K, H = new_BxTxKxH.shape
+    new_BxKxTxH = new_BxTxKxH.astype(c_CxSxH.dtype).transpose(0, 2, 1, 3)
+    if B == 1:
+        zero = jnp.zeros((), jnp.int32)
+        return jax.lax.dynamic_update_slice(c_CxSxH, new_BxKxTxH[0], (zero, lengths_B[0], zero))
+    c_BxKxSxH = c_CxSxH.reshape(B, K, -1, H)
+    b_Bx1 = jnp.arange(B)[:, None]
+    c_BxKxSxH = c_BxKxSxH.at[b_Bx1, :, slots_BxT].set(new_BxTxKxH.astype(c_CxSxH.dtype), mode="drop")
+    return c_BxKxSxH.reshape(B * K, -1, H)  # indexed dims come first: the update is [B, T, K, H]
+
+
+def attend(q_BxTxNxH, k_CxSxH, v_CxSxH, mask_Bx1xTxS):
+    """Grouped-query attention of the new tokens over a per-layer cache ``[B*K, S, H]`` (already
+    holding their own keys/values): query head n reads kv head ``n // (N / K)``
+    (jax.nn.dot_product_attention's grouping), scale ``1/sqrt(H)``, float32 softmax."""
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_CxSxH.shape[0] // B
+    G = N // K
+    q_CxQxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)  # row g*T + t
+    s_CxQxS = jnp.einsum("cqh,csh->cqs", q_CxQxH, k_CxSxH).astype(jnp.float32) * (H ** -0.5)
+    mask_CxQxS = jnp.repeat(jnp.tile(mask_Bx1xTxS[:, 0], (1, G, 1)), K, axis=0)
+    p_CxQxS = jax.nn.softmax(jnp.where(mask_CxQxS, s_CxQxS, jnp.finfo(jnp.float32).min), axis=-1)
+    o_CxQxH = jnp.einsum("cqs,csh->cqh", p_CxQxS.astype(v_CxSxH.dtype), v_CxSxH)
+    return o_CxQxH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
+
+
+def _block_step(lw: dict, spec, x_BxTxD, positions_BxT, mask_Bx1xTxS, k_CxSxH, v_CxSxH, lengths_B, slots_BxT):
+    """One transformer layer (decode layout ``lw``) over the new tokens, writing their keys and
+    values into the per-layer cache (slots ``lengths_b + 0 .. T-1``, inside the cache)."""
     B, T, _ = x_BxTxD.shape
     N, K, H, eps = spec.n_heads, spec.n_kv_heads, spec.resolved_head_dim, spec.norm_eps
     qkv_BxTxC = linear(rms_norm(x_BxTxD, lw["attn_norm"], eps), lw["wqkv"])
     q_BxTxNxH = rope(qkv_BxTxC[..., :N * H].reshape(B, T, N, H), positions_BxT, spec.rope_theta)
     k_BxTxKxH = rope(qkv_BxTxC[..., N * H:(N + K) * H].reshape(B, T, K, H), positions_BxT, spec.rope_theta)
     v_BxTxKxH = qkv_BxTxC[..., (N + K) * H:].reshape(B, T, K, H)
-    k_BxSxKxH = _write(k_BxSxKxH, k_BxTxKxH, lengths_B, slots_BxT)
-    v_BxSxKxH = _write(v_BxSxKxH, v_BxTxKxH, lengths_B, slots_BxT)
-    out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
-                                               implementation="xla")
-    x_BxTxD = x_BxTxD + linear(out_BxTxNxH.reshape(B, T, N * H), lw["wo"])
+    k_CxSxH = _write_kv(k_CxSxH, k_BxTxKxH, lengths_B, slots_BxT)
+    v_CxSxH = _write_kv(v_CxSxH, v_BxTxKxH, lengths_B, slots_BxT)
+    out_BxTxNH = attend(q_BxTxNxH, k_CxSxH, v_CxSxH, mask_Bx1xTxS)
+    x_BxTxD = x_BxTxD + linear(out_BxTxNH, lw["wo"])
     gu_BxTx2F = linear(rms_norm(x_BxTxD, lw["mlp_norm"], eps), lw["wgu"])
     gate_BxTxF, up_BxTxF = jnp.split(gu_BxTx2F, 2, axis=-1)
-    return x_BxTxD + linear(jax.nn.silu(gate_BxTxF) * up_BxTxF, lw["wdown"]), k_BxSxKxH, v_BxSxKxH
+    return x_BxTxD + linear(jax.nn.silu(gate_BxTxF) * up_BxTxF, lw["wdown"]), k_CxSxH, v_CxSxH
 
 
 def forward_layered(model: MTPLM, weights: dict, cache: dict, tokens_BxT, lengths_B, depth_T,
@@ -190,4 +227,8 @@ def compact_cache(cache: dict, lengths_B, path_BxD):
     def move(c_BxSxX):
         return _write(c_BxSxX, c_BxSxX[b_Bx1, src_BxD], lengths_B, dst_BxD)
 
-    return jax.tree.map(move, cache)
+    def move_kv(c_CxSxH):
+        c_BxKxSxH = c_CxSxH.reshape(lengths_B.shape[0], -1, *c_CxSxH.shape[1:])
+        return _write_kv(c_CxSxH, c_BxKxSxH[b_Bx1, :, src_BxD], lengths_B, dst_BxD)  # [B, D, K, H]
+
+    return {name: [(move if name == "h1" else move_kv)(c) for c in layers] for name, layers in cache.items()}

@@ -36,7 +36,7 @@ from mtp.decode.cache import (
     stack_cache,
     unstack_cache,
 )
-from mtp.decode.tree import DraftTree, build_tree
+from mtp.decode.tree import DraftTree, build_tree, build_tree_nodes, is_node_list
 from mtp.decode.weights import cached_decode_weights, project
 
 MODES = ("greedy", "sample", "speculative", "speculative_sample")
@@ -46,7 +46,7 @@ MODES = ("greedy", "sample", "speculative", "speculative_sample")
 class DecodeConfig:
     mode: str = "greedy"
     heads: int = 1  # heads used: 1 for plain modes; k <= n_future for speculative modes
-    tree: tuple[int, ...] | None = None  # widths per draft depth; None = chain
+    tree: tuple | None = None  # widths per draft depth, or a sparse tree's rank tuples; None = chain
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_k: int = 0
@@ -65,6 +65,8 @@ class DecodeConfig:
     def draft_tree(self) -> DraftTree:
         if not self.speculative:
             return build_tree(())
+        if self.tree is not None and is_node_list(self.tree):
+            return build_tree_nodes(self.tree)
         return build_tree(self.tree if self.tree is not None else (1,) * (self.heads - 1))
 
 
@@ -75,13 +77,18 @@ def check_decode_config(dc: DecodeConfig, spec) -> None:
         if not 2 <= dc.heads <= spec.n_future:
             raise ValueError(f"Speculative decoding uses heads 2..k to draft: --heads must be in"
                              f" 2..{spec.n_future} (this model has n_future={spec.n_future}).")
-        if dc.tree is not None and len(dc.tree) != dc.heads - 1:
+        sparse = dc.tree is not None and is_node_list(dc.tree)
+        if dc.tree is not None and not sparse and len(dc.tree) != dc.heads - 1:
             raise ValueError(f"tree {dc.tree} has {len(dc.tree)} depths; with --heads {dc.heads} it"
                              f" needs {dc.heads - 1}.")
-        if spec.head_type == "causal" and dc.tree is not None and not all(w == 1 for w in dc.tree):
+        tree = dc.draft_tree()
+        if sparse and tree.max_depth > dc.heads - 1:
+            raise ValueError(f"the sparse tree is {tree.max_depth} deep; with --heads {dc.heads} it may be"
+                             f" at most {dc.heads - 1} deep.")
+        if spec.head_type == "causal" and dc.tree is not None and not tree.is_chain:
             raise ValueError(f"tree {dc.tree}: sequential (causal) heads draft one token each, every"
                              " draft from the one before it; use a chain (no --tree).")
-        if dc.tree is not None and not all(w == 1 for w in dc.tree) and not dc.greedy:
+        if dc.tree is not None and not tree.is_chain and not dc.greedy:
             raise ValueError("Tree drafts are verified greedily; use --mode speculative (greedy) with"
                              " --tree, or a chain for speculative sampling.")
     if not dc.greedy and dc.temperature <= 0:
