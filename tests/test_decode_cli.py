@@ -58,3 +58,22 @@ def test_bad_prompt_file_is_named(workdir, tmp_path):
         main(["bench", "decode", "--workdir", str(workdir), "--prompts", str(tmp_path / "missing.jsonl")])
     with pytest.raises(SystemExit, match="not an mtp workdir"):
         main(["generate", "--workdir", str(tmp_path), "--prompt", "x"])
+
+
+def test_bench_decode_with_a_calibrated_tree(workdir, tmp_path, capsys):
+    """``--tree auto:N`` calibrates an N-node sparse tree on training-split prompts once, keeps it
+    in the workdir, and decodes exactly with it."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["def f(x):", "import os\n"]))
+    args = ["bench", "decode", "--workdir", str(workdir), "--prompts", str(prompts), "--heads", "3",
+            "--tree", "auto:6", "--max-new-tokens", "16", "--repeats", "1", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    saved = json.loads((workdir / "draft_trees.json").read_text())
+    entry = saved["step=0,heads=3,nodes=6"]
+    assert out["tree"] == entry["tree"] and len(entry["nodes"]) == 5
+    assert out["exact_match"] is True and entry["expected_tokens_per_forward"] >= entry["expected_chain"]
+    mtime = (workdir / "draft_trees.json").stat().st_mtime_ns
+    assert main(args) == 0  # reused, not recalibrated
+    assert (workdir / "draft_trees.json").stat().st_mtime_ns == mtime
+    assert json.loads(capsys.readouterr().out)["tree"] == entry["tree"]

