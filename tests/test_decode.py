@@ -189,10 +189,10 @@ def test_calibrated_node_selection():
 
     counts = collections.Counter({(0,): 50, (1,): 20, (2,): 5, (0, 0): 30, (0, 3): 25, (1, 0): 19,
                                   (0, 0, 0): 28, (5, 0): 40})  # (5, 0) without (5,): never chosen
-    nodes = select_nodes(counts, 100, 5)
+    nodes = select_nodes(counts, 5)
     assert nodes == ((0,), (0, 0), (0, 0, 0), (0, 3))
     assert expected_tokens(counts, 100, nodes) == pytest.approx(1 + (50 + 30 + 28 + 25) / 100)
-    assert select_nodes(collections.Counter(), 0, 8) == ((0,),)
+    assert select_nodes(collections.Counter(), 8) == ((0,),)
     assert parse_auto("auto") == 16 and parse_auto("auto:7") == 7 and parse_auto("3,2,1") is None
     with pytest.raises(ValueError, match="auto:N"):
         parse_auto("auto:x")

@@ -79,10 +79,10 @@ def _write_kv(c_CxSxH, new_BxTxKxH, lengths_B, slots_BxT):
     """New keys/values into a per-layer cache ``[B*K, S, H]`` at slots ``lengths_b ..``: an
     in-place dynamic update for one row, a scatter for more."""
     B, T, K, H = new_BxTxKxH.shape
-    new_BxKxTxH = new_BxTxKxH.astype(c_CxSxH.dtype).transpose(0, 2, 1, 3)
     if B == 1:
         zero = jnp.zeros((), jnp.int32)
-        return jax.lax.dynamic_update_slice(c_CxSxH, new_BxKxTxH[0], (zero, lengths_B[0], zero))
+        new_KxTxH = new_BxTxKxH[0].astype(c_CxSxH.dtype).transpose(1, 0, 2)
+        return jax.lax.dynamic_update_slice(c_CxSxH, new_KxTxH, (zero, lengths_B[0], zero))
     c_BxKxSxH = c_CxSxH.reshape(B, K, -1, H)
     b_Bx1 = jnp.arange(B)[:, None]
     c_BxKxSxH = c_BxKxSxH.at[b_Bx1, :, slots_BxT].set(new_BxTxKxH.astype(c_CxSxH.dtype), mode="drop")

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp.decode.tree import build_tree_nodes, format_nodes
+from mtp.decode.tree import format_nodes
 
 DEFAULT_NODES = 16
 TREES_FILE = "draft_trees.json"
@@ -78,10 +78,12 @@ def rank_counts(loaded, heads: int, *, n_prompts: int = 16, max_new_tokens: int 
     max_new_tokens = min(max_new_tokens, loaded.spec.max_seq_len // 2)
     dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new_tokens, stop_at_eos=False)
     graphdef, state = nnx.split(loaded.model)
+    prompt_ids = [encode_prompt(loaded, text)[-(loaded.spec.max_seq_len - max_new_tokens):] for text in prompts]
+    if log:
+        log(f"  calibrating draft tree: greedy continuations of {len(prompts)} prompts (one batch)")
+    outs = generate(loaded.model, prompt_ids, dc, pad_to=PAD_TO).tokens
     counts, positions = collections.Counter(), 0
-    for i, text in enumerate(prompts):
-        ids = encode_prompt(loaded, text)[-(loaded.spec.max_seq_len - max_new_tokens):]
-        out = generate(loaded.model, [ids], dc, pad_to=PAD_TO).tokens[0]
+    for ids, out in zip(prompt_ids, outs):
         seq = np.asarray(ids + out, np.int32)
         pad = -(-len(seq) // PAD_TO) * PAD_TO  # one compile per length bucket
         ranks = np.asarray(_head_ranks(graphdef, state, jnp.asarray(np.pad(seq, (0, pad - len(seq))))[None],
@@ -91,12 +93,10 @@ def rank_counts(loaded, heads: int, *, n_prompts: int = 16, max_new_tokens: int 
             for d in range(1, heads):
                 counts[path[:d]] += 1
             positions += 1
-        if log:
-            log(f"  calibrating draft tree: prompt {i + 1}/{len(prompts)}")
     return counts, positions
 
 
-def select_nodes(counts: collections.Counter, positions: int, n_nodes: int) -> tuple[tuple[int, ...], ...]:
+def select_nodes(counts: collections.Counter, n_nodes: int) -> tuple[tuple[int, ...], ...]:
     """The ``n_nodes - 1`` most counted rank paths (the root is extra), kept prefix-closed."""
     order = sorted(counts.items(), key=lambda kv: (-kv[1], len(kv[0]), kv[0]))
     chosen: list[tuple[int, ...]] = []
@@ -138,8 +138,7 @@ def calibrated_tree(loaded, workdir: str | Path, heads: int, n_nodes: int = DEFA
     log(f"Calibrating a {n_nodes}-node draft tree for {heads} heads on training-split prompts"
         f" (saved to {path})")
     counts, positions = rank_counts(loaded, heads, log=log)
-    nodes = select_nodes(counts, positions, n_nodes)
-    build_tree_nodes(nodes)  # validates
+    nodes = select_nodes(counts, n_nodes)
     saved[key] = {"nodes": [list(n) for n in nodes], "tree": format_nodes(nodes), "positions": positions,
                   "expected_tokens_per_forward": expected_tokens(counts, positions, nodes),
                   "expected_chain": expected_tokens(counts, positions, [(0,) * d for d in range(1, heads)])}

@@ -7,9 +7,9 @@ choices cost a lot there (``mtp bench decode``; docs/decoding.md "Why a decode l
 
 - a static slice of a stacked weight feeding a matmul is materialized first (an extra write and
   read of every weight per token; ~10x slower than separate arrays in an unrolled loop);
-- ``[T, in] @ [in, out]`` for a small block of T = 2..16 tokens runs ~2.5x slower than T = 1,
-  while ``W[out, in] . x[T, in] -> [out, T]`` costs ~1.3x: this is what makes a speculative block
-  nearly as cheap as one token.
+- ``[T, in] @ [in, out]`` for a small block of T = 2..16 tokens runs ~2.5x slower than T = 1;
+  with ``W`` as ``[out, in]``, ``linear`` computes such a block as one fused multiply + row sum
+  that reads ``W`` once (``FUSED_ROWS_MAX``): this is what keeps a speculative block cheap.
 
 ``decode_weights(model)`` converts once (LoRA adapters merged, q/k/v and gate/up fused, cast to
 the compute dtype); ``cached_decode_weights`` keeps the last conversion for the same parameter
