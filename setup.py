@@ -6,6 +6,7 @@ setup(
     description="Multi-token prediction language models in JAX/Flax: train, retrofit, decode faster.",
     python_requires=">=3.10",
     packages=find_packages(include=["mtp", "mtp.*", "configs"]),
+    package_data={"mtp.kernels": ["*.cc"]},  # CPU decode kernels, compiled on first use
     install_requires=[
         "jax>=0.7",
         # flax < 0.12.10 breaks on jax >= 0.11.2 (jax.experimental.hijax.HiPrimitive was renamed);

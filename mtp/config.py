@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     lo.geometric_r = 0.5
     lo.head_weights = ()  # explicit per-head weights; overrides weighting when set
     lo.chunk_size = 128  # sequence chunk of the 'scan' cross-entropy
+    lo.targets = "data"  # 'data' (corpus tokens) | 'self' (the model's own greedy tokens: heads on a
+    #  pretrained model, distilled for self-speculative decoding; mtp/losses.py)
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "stdlib"
@@ -244,7 +246,7 @@ def _validate_retrofit(m, trunk: int, trainable: str) -> None:
 
 def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 1) -> None:
     """Everything that can be checked before data or compilation; raises ConfigError."""
-    from mtp.losses import LOSS_IMPLS, WEIGHTINGS, head_weights
+    from mtp.losses import LOSS_IMPLS, TARGETS, WEIGHTINGS, head_weights
     from mtp.model.heads import HEAD_TYPES
     from mtp.sharding import resolve_mesh_shape, rules_from_config
 
@@ -270,6 +272,11 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 
     _check(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"use one of {DTYPES}.")
     _check(lo.impl in LOSS_IMPLS, "loss.impl", lo.impl, f"use one of {LOSS_IMPLS}.")
     _check(lo.weighting in WEIGHTINGS, "loss.weighting", lo.weighting, f"use one of {WEIGHTINGS}.")
+    _check(lo.get("targets", "data") in TARGETS, "loss.targets", lo.get("targets"), f"use one of {TARGETS}.")
+    _check(lo.get("targets", "data") == "data" or bool(cfg.init.workdir),
+           "loss.targets", lo.get("targets"),
+           "'self' distills the heads from the model's own next-token head, which is untrained here:"
+           " set init.workdir to a pretrained model (or use 'data').")
     try:
         head_weights(lo, m.n_future)
     except ValueError as e:

@@ -15,6 +15,18 @@ when position t is padding (segment id 0).
   ``chunk`` further cuts each head's cross-entropy into
   ``[B, chunk, V]`` blocks (at the price of recomputing the logits); 0 = whole sequence.
 
+Targets (``loss.targets``): ``'data'``, the corpus tokens; or ``'self'`` (self-distillation, for
+heads on a pretrained model): head i at position t learns the model's OWN greedy token for t+i,
+i.e. head 1's argmax at position t+i-1 (computed without gradients). That is what exact
+self-speculative decoding checks a draft against, so a head trained on it drafts what the model
+would have written instead of what the corpus says (Medusa-2's self-distillation, from teacher-forced
+prefixes).
+
+Training-only savings of the ``'scan'`` loss (exact: the same gradients for everything that trains):
+``active`` runs only the heads with a nonzero loss weight (a frozen head 1 with weight 0 costs
+nothing), and ``train_unembed=False`` skips the gradient of the shared unembedding and final norm
+(a frozen trunk's): per head that is one ``[B*T, D] x [D, V]`` product less.
+
 Both return ``(loss, aux)``: ``loss = sum_i w_i * sum_ce_i / count_i`` where ``count_i`` is the
 number of valid targets of head i in the WHOLE batch (``normalizer_N``; with gradient accumulation
 the micro-batch losses then add up to the full-batch loss exactly), and ``aux`` holds the per-head
@@ -43,6 +55,41 @@ def head_targets(tokens_BxT: jax.Array, segment_ids_BxT: jax.Array, n_future: in
         targets.append(tgt_BxT)
         masks.append((seg_BxT == segment_ids_BxT) & (segment_ids_BxT != 0))
     return jnp.stack(targets), jnp.stack(masks)
+
+
+TARGETS = ("data", "self")
+
+
+def self_tokens(tokens_BxT: jax.Array, greedy_BxT: jax.Array) -> jax.Array:
+    """The sequence whose token s is the model's greedy prediction for s (from position s-1):
+    ``head_targets`` of it give head i the model's own token for t+i."""
+    return jnp.concatenate([tokens_BxT[:, :1], greedy_BxT[:, :-1].astype(tokens_BxT.dtype)], axis=1)
+
+
+def greedy_tokens(hidden_BxTxD, norm_scale_D, eps, unembed_DxV, chunk: int) -> jax.Array:
+    """Argmax of ``norm(hidden) @ unembed`` at every position, without gradients; in sequence
+    chunks of ``chunk`` (as ``chunked_ce``), so at most ``[B, chunk, V]`` logits are alive."""
+    hidden_BxTxD = jax.lax.stop_gradient(hidden_BxTxD)
+    B, T, D = hidden_BxTxD.shape
+    chunk = chunk if 0 < chunk < T and T % chunk == 0 else T
+
+    def one(h_BxCxD):
+        return jnp.argmax(dense(rms_norm(h_BxCxD, norm_scale_D, eps), unembed_DxV).astype(jnp.float32), -1)
+
+    if chunk == T:
+        return one(hidden_BxTxD)
+    h_CxBxcxD = jnp.swapaxes(hidden_BxTxD.reshape(B, T // chunk, chunk, D), 0, 1)
+    return jnp.swapaxes(jax.lax.map(one, h_CxBxcxD), 0, 1).reshape(B, T)
+
+
+def loss_targets(kind: str, tokens_BxT, segment_ids_BxT, n_future: int, greedy_fn):
+    """``head_targets`` of the corpus (``'data'``) or of the model's own greedy tokens (``'self'``;
+    ``greedy_fn()`` gives head 1's argmax ``[B, T]``, only called then)."""
+    if kind == "data":
+        return head_targets(tokens_BxT, segment_ids_BxT, n_future)
+    if kind == "self":
+        return head_targets(self_tokens(tokens_BxT, greedy_fn()), segment_ids_BxT, n_future)
+    raise ValueError(f"loss.targets={kind!r} is unknown; use one of {TARGETS}.")
 
 
 def head_weights(loss_cfg, n_future: int) -> np.ndarray:
@@ -81,10 +128,12 @@ def _finish(sum_ce_N, sum_correct_N, count_N, weights_N, normalizer_N):
     return loss, {"sum_ce": sum_ce_N, "sum_correct": sum_correct_N, "count": count_N}
 
 
-def loss_vmap(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N):
+def loss_vmap(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, targets: str = "data"):
     n_future = model.spec.n_future
-    targets_NxBxT, mask_NxBxT = head_targets(tokens_BxT, segment_ids_BxT, n_future)
     logits_NxBxTxV = model(tokens_BxT, segment_ids_BxT)
+    targets_NxBxT, mask_NxBxT = loss_targets(
+        targets, tokens_BxT, segment_ids_BxT, n_future,
+        lambda: jnp.argmax(jax.lax.stop_gradient(logits_NxBxTxV[0]), -1))
     ce_NxBxT, correct_NxBxT = _ce_sums(logits_NxBxTxV, targets_NxBxT, mask_NxBxT)
     return _finish(ce_NxBxT.sum((1, 2)), correct_NxBxT.sum((1, 2)).astype(jnp.float32),
                    mask_NxBxT.sum((1, 2)).astype(jnp.float32), weights_N, normalizer_N)
@@ -120,7 +169,7 @@ def chunked_ce(hidden_BxTxD, norm_scale_D, eps, unembed_DxV, targets_BxT, mask_B
     return sum_ce, sum_correct
 
 
-def _memory_flat_heads(head_def, eps: float, chunk: int, sourced: bool = False):
+def _memory_flat_heads(head_def, eps: float, chunk: int, sourced: bool = False, train_unembed: bool = True):
     """``f(h, head_state, unembed, norm_scale, positions, attn_mask, targets_N, mask_N, weights_N,
     normalizer_N, src_N) -> (loss, sum_ce_N, sum_correct_N)`` whose gradient is computed head by
     head INSIDE the forward pass (Gloeckle et al.'s memory-efficient schedule): ``lax.scan`` over
@@ -131,7 +180,8 @@ def _memory_flat_heads(head_def, eps: float, chunk: int, sourced: bool = False):
     ``h`` is the trunk output ``[B, T, D]`` every head reads (``src_N`` unused), or, with
     ``sourced``, ``[S, B, T, D]`` per-head sources (branch layer, hidden mix): head i reads
     ``h[src_N[i]]`` and its input gradient is added into slot ``src_N[i]`` of an ``[S, B, T, D]``
-    accumulator."""
+    accumulator. ``train_unembed=False``: the unembedding's and final norm's gradients are not
+    computed (zeros are handed back), for a frozen trunk."""
 
     def pick(h, src):
         return jax.lax.dynamic_index_in_dim(h, src, 0, keepdims=False) if sourced else h
@@ -160,19 +210,28 @@ def _memory_flat_heads(head_def, eps: float, chunk: int, sourced: bool = False):
             def f(h_, s_, u_, n_):
                 return head_loss(h_, s_, u_, n_, positions, attn_mask, targets, mask, w, norm)
 
-            loss_i, vjp, aux_i = jax.vjp(f, pick(h, src), state_i, unembed, norm_scale, has_aux=True)
-            g_h, g_state, g_unembed, g_norm = vjp(jnp.ones_like(loss_i))
+            if train_unembed:
+                loss_i, vjp, aux_i = jax.vjp(f, pick(h, src), state_i, unembed, norm_scale, has_aux=True)
+                g_h, g_state, g_unembed, g_norm = vjp(jnp.ones_like(loss_i))
+            else:
+                loss_i, vjp, aux_i = jax.vjp(lambda h_, s_: f(h_, s_, unembed, norm_scale),
+                                             pick(h, src), state_i, has_aux=True)
+                g_h, g_state = vjp(jnp.ones_like(loss_i))
             g_h = g_h.astype(jnp.float32)
             if sourced:
                 acc_h = jax.lax.dynamic_update_index_in_dim(acc[0], pick(acc[0], src) + g_h, src, 0)
             else:
                 acc_h = acc[0] + g_h
-            acc = (acc_h, acc[1] + g_unembed.astype(jnp.float32), acc[2] + g_norm.astype(jnp.float32))
+            acc = (acc_h,) + ((acc[1] + g_unembed.astype(jnp.float32), acc[2] + g_norm.astype(jnp.float32))
+                              if train_unembed else ())
             return acc, (loss_i, aux_i, g_state)
 
-        zeros = tuple(jnp.zeros(x.shape, jnp.float32) for x in (h, unembed, norm_scale))
-        (g_h, g_unembed, g_norm), (loss_N, (ce_N, correct_N), g_state) = jax.lax.scan(
+        shared = (h, unembed, norm_scale) if train_unembed else (h,)
+        zeros = tuple(jnp.zeros(x.shape, jnp.float32) for x in shared)
+        acc, (loss_N, (ce_N, correct_N), g_state) = jax.lax.scan(
             body, zeros, (head_state, targets_N, mask_N, weights_N, normalizer_N, src_N))
+        g_h = acc[0]
+        g_unembed, g_norm = acc[1:] if train_unembed else (jnp.zeros(unembed.shape), jnp.zeros(norm_scale.shape))
         grads = (g_h.astype(h.dtype), g_state, g_unembed.astype(unembed.dtype),
                  g_norm.astype(norm_scale.dtype))
         return (loss_N.sum(), ce_N, correct_N), grads
@@ -187,14 +246,17 @@ def _memory_flat_heads(head_def, eps: float, chunk: int, sourced: bool = False):
     return f
 
 
-def _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int):
+def _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int,
+                     targets: str = "data"):
     """``head_type='causal'``: head k reads head k-1's output, so the head forwards run in sequence
     (``MTPLM.causal_head_hidden``) under plain autodiff; the cross-entropies still go one head at a
     time (``lax.scan``, chunked), so only one head's logits are ever alive."""
     spec = model.spec
-    targets_NxBxT, mask_NxBxT = head_targets(tokens_BxT, segment_ids_BxT, spec.n_future)
     hidden_NxBxTxD = model.all_head_hidden(tokens_BxT, segment_ids_BxT)
     unembed, scale = model.unembed_DxV(), model.final_norm.scale[...]
+    targets_NxBxT, mask_NxBxT = loss_targets(
+        targets, tokens_BxT, segment_ids_BxT, spec.n_future,
+        lambda: greedy_tokens(hidden_NxBxTxD[0], scale, spec.norm_eps, unembed, chunk))
 
     def body(_, xs):
         hidden, targets, mask = xs
@@ -206,27 +268,48 @@ def _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N
                    jnp.asarray(normalizer_N, jnp.float32))
 
 
-def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int = 128):
+def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int = 128,
+              targets: str = "data", active=None, train_unembed: bool = True):
+    """``active``: static 0-based indices of the heads to run (default: all); the others report
+    zero sums and count. Only for training with zero loss weights on the rest (their gradients
+    are zero anyway)."""
     spec = model.spec
     if spec.head_type == "causal":
-        return _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk)
-    targets_NxBxT, mask_NxBxT = head_targets(tokens_BxT, segment_ids_BxT, spec.n_future)
+        return _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk, targets)
     h, src_N, positions_BxT, mask_Bx1xTxT = model.trunk_features(tokens_BxT, segment_ids_BxT)
+    unembed, scale = model.unembed_DxV(), model.final_norm.scale[...]
+
+    def greedy():  # head 1 reads the final trunk output (slot 0 of per-head sources)
+        h1 = model.head_layer(0)(h if src_N is None else h[0], positions_BxT, mask_Bx1xTxT)
+        return greedy_tokens(h1, scale, spec.norm_eps, unembed, chunk)
+
+    targets_NxBxT, mask_NxBxT = loss_targets(targets, tokens_BxT, segment_ids_BxT, spec.n_future, greedy)
     head_def, head_state = nnx.split(model.heads)
-    heads = _memory_flat_heads(head_def, spec.norm_eps, chunk, sourced=src_N is not None)
+    heads = _memory_flat_heads(head_def, spec.norm_eps, chunk, sourced=src_N is not None,
+                               train_unembed=train_unembed)
     src_N = jnp.zeros(spec.n_future, jnp.int32) if src_N is None else jnp.asarray(src_N, jnp.int32)
-    loss, sum_ce_N, sum_correct_N = heads(
-        h, head_state, model.unembed_DxV(), model.final_norm.scale[...], positions_BxT,
-        mask_Bx1xTxT, targets_NxBxT, mask_NxBxT, jnp.asarray(weights_N, jnp.float32),
-        jnp.asarray(normalizer_N, jnp.float32), src_N)
+    per_head = (targets_NxBxT, mask_NxBxT, jnp.asarray(weights_N, jnp.float32),
+                jnp.asarray(normalizer_N, jnp.float32), src_N)
+    idx = None if active is None or len(active) == spec.n_future else np.asarray(active, np.int32)
+    if idx is not None:
+        head_state = jax.tree.map(lambda a: a[idx], head_state)
+        per_head = tuple(x[idx] for x in per_head)
+    loss, sum_ce_N, sum_correct_N = heads(h, head_state, unembed, scale, positions_BxT, mask_Bx1xTxT, *per_head)
     count_N = mask_NxBxT.sum((1, 2)).astype(jnp.float32)
+    if idx is not None:  # back to n_future slots; skipped heads report nothing
+        zeros = jnp.zeros((spec.n_future,), jnp.float32)
+        sum_ce_N, sum_correct_N = zeros.at[idx].set(sum_ce_N), zeros.at[idx].set(sum_correct_N)
+        count_N = zeros.at[idx].set(count_N[idx])
     return loss, {"sum_ce": sum_ce_N, "sum_correct": sum_correct_N, "count": count_N}
 
 
 def compute_loss(impl: str, model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N,
-                 chunk: int = 128):
+                 chunk: int = 128, targets: str = "data", active=None, train_unembed: bool = True):
+    """The per-head loss of ``impl``; ``targets``, ``active`` and ``train_unembed`` as in the module
+    docstring (the last two only change what the 'scan' loss computes, never its result)."""
     if impl == "vmap":
-        return loss_vmap(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N)
+        return loss_vmap(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, targets)
     if impl == "scan":
-        return loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk)
+        return loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk, targets,
+                         active, train_unembed)
     raise ValueError(f"loss.impl={impl!r} is unknown; use one of {LOSS_IMPLS}.")

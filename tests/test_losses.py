@@ -102,3 +102,63 @@ def test_an_unknown_loss_impl_is_rejected():
     with pytest.raises(ValueError, match="loss.impl='fast' is unknown"):
         compute_loss("fast", tiny_model(), random_tokens(0, (1, 4)), jnp.ones((1, 4), jnp.int32),
                      jnp.ones(3), jnp.ones(3))
+
+
+def _grads_with(model, tokens, seg, weights, chunk=4, **kw):
+    """Loss and gradients with the embedding and final norm frozen (stop_gradient, as the train
+    step does for a frozen trunk), under compute_loss options ``kw``."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    _, mask = head_targets(tokens, seg, model.spec.n_future)
+    normalizer = mask.sum((1, 2)).astype(jnp.float32)
+
+    def f(p):
+        p = dict(p)
+        for k in ("embed", "final_norm"):
+            p[k] = jax.tree.map(jax.lax.stop_gradient, p[k])
+        return compute_loss(kw.get("impl", "scan"), nnx.merge(graphdef, nnx.State(p)), tokens, seg, weights,
+                            normalizer, chunk, kw.get("targets", "data"), kw.get("active"),
+                            kw.get("train_unembed", True))
+
+    return jax.value_and_grad(f, has_aux=True)(params)
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "causal"])
+def test_self_targets_are_the_models_own_greedy_tokens(head_type):
+    """targets='self': head i at t learns head 1's argmax at t+i-1. So head 1 agrees with its own
+    targets everywhere, the other heads' targets are head 1's shifted argmax, and vmap == scan."""
+    model = tiny_model(head_type=head_type, n_future=3)
+    tokens = random_tokens(7, (2, 12))
+    seg = jnp.array([[1] * 5 + [2] * 7, [1] * 10 + [0] * 2])
+    weights = jnp.ones(3)
+    (l_v, aux_v), g_v = _grads_with(model, tokens, seg, weights, impl="vmap", targets="self")
+    (l_s, aux_s), g_s = _grads_with(model, tokens, seg, weights, impl="scan", targets="self")
+    np.testing.assert_allclose(l_v, l_s, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_v), jax.tree.leaves(g_s)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(aux_s["sum_correct"][0], aux_s["count"][0])  # head 1 = its own teacher
+    logits = model(tokens, seg)
+    greedy = jnp.argmax(logits[0], -1)
+    _, mask = head_targets(tokens, seg, 3)
+    for i in range(1, 3):  # head i+1's hits against greedy[t+i] by hand
+        hits = (jnp.argmax(logits[i, :, :-i], -1) == greedy[:, i:]) & mask[i, :, :-i]
+        np.testing.assert_allclose(aux_s["sum_correct"][i], hits.sum())
+    (l_d, _), _ = _grads_with(model, tokens, seg, weights, impl="scan", targets="data")
+    assert abs(float(l_d) - float(l_s)) > 1e-3  # the targets really changed
+
+
+def test_skipping_zero_weight_heads_and_the_frozen_unembedding_keeps_the_gradients():
+    """Training a frozen model's new heads: running only the heads with nonzero weight and not
+    computing the (frozen) unembedding's gradient give the same loss and head gradients."""
+    model = tiny_model(n_future=4)
+    tokens = random_tokens(8, (2, 16))
+    seg = jnp.ones_like(tokens)
+    weights = jnp.array([0.0, 1.0, 0.5, 0.25])
+    (l_full, aux_full), g_full = _grads_with(model, tokens, seg, weights)
+    (l_fast, aux_fast), g_fast = _grads_with(model, tokens, seg, weights, active=(1, 2, 3), train_unembed=False)
+    np.testing.assert_allclose(l_full, l_fast, rtol=1e-6)
+    np.testing.assert_allclose(aux_full["sum_ce"][1:], aux_fast["sum_ce"][1:], rtol=1e-6)
+    assert float(aux_fast["count"][0]) == 0.0  # the skipped head reports nothing
+    for a, b in zip(jax.tree.leaves(g_full["heads"]), jax.tree.leaves(g_fast["heads"])):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert max(float(jnp.abs(a[1:]).max()) for a in jax.tree.leaves(g_fast["heads"])) > 1e-3
+    assert all(float(jnp.abs(a[0]).max()) == 0.0 for a in jax.tree.leaves(g_fast["heads"]))

@@ -11,6 +11,11 @@ choices cost a lot there (``mtp bench decode``; docs/decoding.md "Why a decode l
   with ``W`` as ``[out, in]``, ``linear`` computes such a block as one fused multiply + row sum
   that reads ``W`` once (``FUSED_ROWS_MAX``): this is what keeps a speculative block cheap.
 
+On the CPU, ``linear`` hands float32 products of up to ``FUSED_ROWS_MAX`` rows with a matrix of
+at least ``KERNEL_MIN_BYTES`` to ``mtp.kernels.rows_matmul`` (a hand-written kernel that streams
+the matrix once for the whole block, and gives each row bitwise the same result whatever the block
+size); ``MTP_CPU_KERNELS=0`` turns it off.
+
 ``decode_weights(model)`` converts once (LoRA adapters merged, q/k/v and gate/up fused, cast to
 the compute dtype); ``cached_decode_weights`` keeps the last conversion for the same parameter
 arrays so repeated ``generate`` calls reuse it.
@@ -32,6 +37,17 @@ CACHE_RESIDENT_BYTES = 1 << 20  # an MLP matrix below this stays in cache from t
 # [out, in] matrices times a block of 2..FUSED_ROWS_MAX rows: XLA:CPU's dot streams W at 5-7 GB/s
 # there (against ~18 GB/s for one row), a fused multiply + row-sum at 9-12 GB/s for any such block
 FUSED_ROWS_MAX = 32
+KERNEL_MIN_BYTES = 1 << 20  # smaller matrices stay in cache: XLA's own products are as fast there
+
+
+def use_kernel(x_MxI: jax.Array, w: jax.Array) -> bool:
+    """Whether ``linear`` sends this product to ``mtp.kernels.rows_matmul``."""
+    min_bytes = int(os.environ.get("MTP_KERNEL_MIN_BYTES", KERNEL_MIN_BYTES))
+    if x_MxI.shape[0] > FUSED_ROWS_MAX or w.dtype != jnp.float32 or w.size * 4 < min_bytes:
+        return False
+    from mtp.kernels import rows_matmul_available
+
+    return rows_matmul_available()
 
 
 def weights_out_in(spec) -> bool:
@@ -51,7 +67,11 @@ def linear(x_xI: jax.Array, w: jax.Array) -> jax.Array:
     n_in = x_xI.shape[-1]
     x_MxI = x_xI.reshape(-1, n_in).astype(w.dtype)
     M = x_MxI.shape[0]
-    if w.shape[0] == n_in:
+    if use_kernel(x_MxI, w):
+        from mtp.kernels import rows_matmul
+
+        y_MxO = rows_matmul(x_MxI, w, w_out_in=w.shape[0] != n_in)
+    elif w.shape[0] == n_in:
         y_MxO = x_MxI @ w
     elif 1 < M <= FUSED_ROWS_MAX:  # a block of a few tokens: read W once in a fused multiply-reduce
         y_MxO = jnp.sum(w[None] * x_MxI[:, None, :], axis=-1)

@@ -219,7 +219,7 @@ def train(cfg) -> dict:
                     window_start, window_steps = time.perf_counter(), 0
                 writer.write(step, metrics)
                 heads = " ".join(f"h{i + 1}={metrics[f'loss/head_{i + 1}']:.3f}"
-                                 for i in range(spec.n_future))
+                                 for i in range(spec.n_future) if f"loss/head_{i + 1}" in metrics)
                 bar.set_postfix_str(f"loss={metrics['loss/total']:.3f} {heads}", refresh=False)
             if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 result = evaluate(eval_step, state["params"], _eval_batches(cfg, data, common),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -19,29 +20,44 @@ def _to_micro(x_BxT: jax.Array, n_micro: int) -> jax.Array:
     return jnp.swapaxes(x_BxT.reshape(B // n_micro, n_micro, *x_BxT.shape[1:]), 0, 1)
 
 
-def _per_head_metrics(prefix_sums: dict, n_future: int) -> dict:
+def _per_head_metrics(prefix_sums: dict, n_future: int, heads=None) -> dict:
     count_N = jnp.maximum(prefix_sums["count"], 1.0)
     loss_N, acc_N = prefix_sums["sum_ce"] / count_N, prefix_sums["sum_correct"] / count_N
     out = {}
-    for i in range(n_future):
+    for i in range(n_future) if heads is None else heads:
         out[f"loss/head_{i + 1}"] = loss_N[i]
         out[f"acc/head_{i + 1}"] = acc_N[i]
     return out
 
 
+def unembed_trains(trainable) -> bool:
+    """Whether any of the shared unembedding's inputs (embedding table, untied unembedding, final
+    norm) is trainable under ``trainable`` (None: everything trains)."""
+    if trainable is None:
+        return True
+    leaves = jax.tree_util.tree_leaves_with_path(trainable)
+    return any(t and str(getattr(p[0], "key", p[0])) in ("embed", "unembed", "final_norm") for p, t in leaves)
+
+
 def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sharding, trainable=None):
     """Returns ``step(state, batch) -> (state, metrics)``, jitted over the mesh. ``trainable``
     (bool pytree like the params): frozen leaves are wrapped in stop_gradient, so nothing is
-    back-propagated into a frozen trunk (its activations are computed once, forward only)."""
+    back-propagated into a frozen trunk (its activations are computed once, forward only); a
+    frozen unembedding gets no gradient computed, and heads with loss weight 0 are not run (no
+    metrics are logged for them)."""
     graphdef, n_future = layout.graphdef, cfg.model.n_future
     impl, chunk, n_micro = cfg.loss.impl, cfg.loss.chunk_size, cfg.train.grad_accum
+    targets = cfg.loss.get("targets", "data")
+    active = tuple(int(i) for i in np.flatnonzero(np.asarray(weights_N) != 0))
+    train_unembed = unembed_trains(trainable)
     weights_N = jnp.asarray(weights_N)
 
     def loss_fn(params, tokens_BxT, segment_ids_BxT, normalizer_N):
         if trainable is not None:
             params = jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), trainable, params)
         model = nnx.merge(graphdef, params)
-        return compute_loss(impl, model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk)
+        return compute_loss(impl, model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk,
+                            targets, active, train_unembed)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -69,7 +85,7 @@ def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sha
             new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                          "step": state["step"] + 1}
             metrics = {"loss/total": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-                       **_per_head_metrics(aux, n_future)}
+                       **_per_head_metrics(aux, n_future, active)}
             return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -87,7 +103,8 @@ def make_eval_step(layout, mesh, rules, cfg, batch_sharding):
         with activation_rules(mesh, rules):
             model = nnx.merge(graphdef, params)
             _, aux = compute_loss(cfg.loss.impl, model, batch["tokens"], batch["segment_ids"],
-                                  weights_N, jnp.ones((n_future,)), cfg.loss.chunk_size)
+                                  weights_N, jnp.ones((n_future,)), cfg.loss.chunk_size,
+                                  cfg.loss.get("targets", "data"))
             return aux
 
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,106 @@
+"""Build, load and call ``rows_matmul.cc`` (see the package docstring)."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = Path(__file__).with_name("rows_matmul.cc")
+TARGET = "mtp_rows_matmul"
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17", "-w"]
+_STATUS: dict = {"available": None, "reason": "not tried yet", "library": None}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MTP_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtp", "kernels")
+    return Path(root)
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build(compiler: str | None = None) -> Path:
+    """The shared library for this source, compiler flags, jaxlib headers and CPU: compiled once
+    (atomically, so concurrent processes are safe), then reused. Raises ``RuntimeError`` with the
+    compiler's message when it fails."""
+    cxx = compiler or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), cxx, include, jax.__version__,
+                                    _cpu_id()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"rows_matmul-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def rows_matmul_available() -> bool:
+    """Whether ``rows_matmul`` can run here (built and registered on the first call)."""
+    if _STATUS["available"] is None:
+        _STATUS["available"] = _load()
+    return _STATUS["available"]
+
+
+def kernel_status() -> dict:
+    """``{'available', 'reason', 'library'}``: what decoding uses for its block products."""
+    rows_matmul_available()
+    return dict(_STATUS)
+
+
+def _load() -> bool:
+    if os.environ.get("MTP_CPU_KERNELS", "1") == "0":
+        _STATUS["reason"] = "disabled by MTP_CPU_KERNELS=0"
+        return False
+    if jax.default_backend() != "cpu":
+        _STATUS["reason"] = f"the default backend is {jax.default_backend()}, not cpu"
+        return False
+    try:
+        path = build()
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MtpRowsMatmul), platform="cpu")
+    except Exception as e:  # noqa: BLE001 - any failure means: use XLA's products instead
+        _STATUS["reason"] = f"could not build or load {SOURCE.name}: {e}"
+        warnings.warn(f"mtp: decoding uses XLA's matrix products ({_STATUS['reason']}); set MTP_CPU_KERNELS=0"
+                      " to silence this.", stacklevel=3)
+        print(f"[mtp.kernels] {_STATUS['reason']}", file=sys.stderr)
+        return False
+    _STATUS.update(reason="built and registered", library=str(path))
+    return True
+
+
+def rows_matmul(x_MxI: jax.Array, w: jax.Array, w_out_in: bool) -> jax.Array:
+    """``x @ W`` in float32 for ``W`` stored ``[O, I]`` (``w_out_in``) or ``[I, O]``. Each output row
+    is bitwise the same whatever the number of rows ``M`` (see the C++ source)."""
+    n_out = w.shape[0] if w_out_in else w.shape[1]
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x_MxI.shape[0], n_out), jnp.float32),
+                            vmap_method="sequential")
+    return call(x_MxI.astype(jnp.float32), w.astype(jnp.float32), w_out_in=w_out_in)
