@@ -55,7 +55,7 @@ def test_speculative_decoding_through_the_kernel_is_exact(monkeypatch):
         jax.clear_caches()
 
 
-def test_small_or_wide_products_stay_with_xla():
+def test_small_products_one_row_and_prefill_blocks_stay_with_xla():
     from mtp.decode import weights as dw
 
     small = jnp.ones((64, 32), jnp.float32)  # 8 KiB, under KERNEL_MIN_BYTES
@@ -63,6 +63,7 @@ def test_small_or_wide_products_stay_with_xla():
     big = jnp.ones((1024, 512), jnp.float32)  # 2 MiB: the kernel, except for a prefill-sized block
     assert "mtp_rows_matmul" in jax.jit(lambda x: dw.linear(x, big)).lower(jnp.ones((3, 512))).as_text()
     assert "mtp_rows_matmul" not in jax.jit(lambda x: dw.linear(x, big)).lower(jnp.ones((64, 512))).as_text()
+    assert "mtp_rows_matmul" not in jax.jit(lambda x: dw.linear(x, big)).lower(jnp.ones((1, 512))).as_text()
 
 
 def test_a_failed_build_names_the_command_and_the_error(tmp_path, monkeypatch):

@@ -170,7 +170,16 @@ def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_t
         "param_bytes_per_step": step_bytes,
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "device": jax.devices()[0].device_kind,
+        "block_products": block_products(),
     }
+
+
+def block_products() -> str:
+    """Which code multiplies decode blocks by the weight matrices (mtp/kernels)."""
+    from mtp.kernels import kernel_status
+
+    status = kernel_status()
+    return "mtp rows_matmul kernel" if status["available"] else f"XLA ({status['reason']})"
 
 
 def main(args) -> int:

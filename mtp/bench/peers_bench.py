@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mtp.bench.decode_bench import (
+    block_products,
     decode_step_bytes,
     heldout_prompts,
     measure_read_bandwidth,
@@ -170,7 +171,7 @@ def run_peers(args) -> dict:
     greedy = rows["mtp greedy"]["tokens_per_s"]
     result = {"rows": rows, "roofline_tokens_per_s": roofline, "greedy_fraction_of_roofline": greedy / roofline,
               "read_bandwidth_gb_s": bw / 1e9, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-              "workdir": str(args.workdir), "gguf": str(gguf)}
+              "workdir": str(args.workdir), "gguf": str(gguf), "block_products": block_products()}
     spec_label = next((k for k in rows if k.startswith("mtp speculative")), None)
     if spec_label:
         spec = rows[spec_label]["tokens_per_s"]

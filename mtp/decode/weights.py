@@ -11,10 +11,10 @@ choices cost a lot there (``mtp bench decode``; docs/decoding.md "Why a decode l
   with ``W`` as ``[out, in]``, ``linear`` computes such a block as one fused multiply + row sum
   that reads ``W`` once (``FUSED_ROWS_MAX``): this is what keeps a speculative block cheap.
 
-On the CPU, ``linear`` hands float32 products of up to ``FUSED_ROWS_MAX`` rows with a matrix of
-at least ``KERNEL_MIN_BYTES`` to ``mtp.kernels.rows_matmul`` (a hand-written kernel that streams
-the matrix once for the whole block, and gives each row bitwise the same result whatever the block
-size); ``MTP_CPU_KERNELS=0`` turns it off.
+On the CPU, ``linear`` hands float32 products of 2..``FUSED_ROWS_MAX`` rows with a matrix of at
+least ``KERNEL_MIN_BYTES`` to ``mtp.kernels.rows_matmul``, a hand-written kernel that streams the
+matrix once for the whole block at about the speed of XLA's one-row code (one row stays with XLA,
+which is slightly faster there); ``MTP_CPU_KERNELS=0`` turns it off.
 
 ``decode_weights(model)`` converts once (LoRA adapters merged, q/k/v and gate/up fused, cast to
 the compute dtype); ``cached_decode_weights`` keeps the last conversion for the same parameter
@@ -43,7 +43,7 @@ KERNEL_MIN_BYTES = 1 << 20  # smaller matrices stay in cache: XLA's own products
 def use_kernel(x_MxI: jax.Array, w: jax.Array) -> bool:
     """Whether ``linear`` sends this product to ``mtp.kernels.rows_matmul``."""
     min_bytes = int(os.environ.get("MTP_KERNEL_MIN_BYTES", KERNEL_MIN_BYTES))
-    if x_MxI.shape[0] > FUSED_ROWS_MAX or w.dtype != jnp.float32 or w.size * 4 < min_bytes:
+    if not 1 < x_MxI.shape[0] <= FUSED_ROWS_MAX or w.dtype != jnp.float32 or w.size * 4 < min_bytes:
         return False
     from mtp.kernels import rows_matmul_available
 

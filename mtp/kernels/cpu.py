@@ -100,7 +100,10 @@ def _load() -> bool:
 def rows_matmul(x_MxI: jax.Array, w: jax.Array, w_out_in: bool) -> jax.Array:
     """``x @ W`` in float32 for ``W`` stored ``[O, I]`` (``w_out_in``) or ``[I, O]``. Each output row
     is bitwise the same whatever the number of rows ``M`` (see the C++ source)."""
+    if not rows_matmul_available():
+        raise RuntimeError(f"mtp rows_matmul kernel unavailable: {_STATUS['reason']}")
     n_out = w.shape[0] if w_out_in else w.shape[1]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x_MxI.shape[0], n_out), jnp.float32),
                             vmap_method="sequential")
     return call(x_MxI.astype(jnp.float32), w.astype(jnp.float32), w_out_in=w_out_in)
+
