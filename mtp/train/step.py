@@ -48,7 +48,7 @@ def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sha
     graphdef, n_future = layout.graphdef, cfg.model.n_future
     impl, chunk, n_micro = cfg.loss.impl, cfg.loss.chunk_size, cfg.train.grad_accum
     targets = cfg.loss.get("targets", "data")
-    active = tuple(int(i) for i in np.flatnonzero(np.asarray(weights_N) != 0))
+    active = tuple(int(i) for i in np.flatnonzero(np.asarray(weights_N) != 0)) or None  # None: all
     train_unembed = unembed_trains(trainable)
     weights_N = jnp.asarray(weights_N)
 
