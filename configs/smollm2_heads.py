@@ -10,7 +10,7 @@ Run:     mtp train --config configs/smollm2_heads.py --workdir runs/smollm2_head
 Then:    mtp bench decode --workdir runs/smollm2_heads --json
          mtp generate --workdir runs/smollm2_heads --mode speculative --prompt "def parse(path):"
 Cost:    the trunk and the frozen head 1 run forward only (no gradients, no unembedding gradient),
-         heads 2-4 forward and backward: on the 2-core CPU a step of 4 x 256 tokens takes ~6 s
+         heads 2-4 forward and backward: on the 2-core CPU a step of 4 x 256 tokens takes 6-8 s
          (250 steps: 26-33 min). Expect held-out agreement of heads 2-4 with the model's own greedy
          token of ~0.34 / 0.21 / 0.17 (the logged acc/head_i) and ~1.28 tokens per forward in
          speculative decoding. Measured results are in docs/benchmarks.md (2026-12-02).

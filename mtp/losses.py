@@ -66,20 +66,30 @@ def self_tokens(tokens_BxT: jax.Array, greedy_BxT: jax.Array) -> jax.Array:
     return jnp.concatenate([tokens_BxT[:, :1], greedy_BxT[:, :-1].astype(tokens_BxT.dtype)], axis=1)
 
 
+def _chunk_len(chunk: int, T: int) -> int:
+    """The sequence chunk actually used: ``chunk`` when it divides ``T`` (0 < chunk < T), else T."""
+    return chunk if 0 < chunk < T and T % chunk == 0 else T
+
+
+def _split_seq(x_BxTx, chunk: int):
+    """``[B, T, ...] -> [T/chunk, B, chunk, ...]``."""
+    B, T = x_BxTx.shape[:2]
+    return jnp.swapaxes(x_BxTx.reshape(B, T // chunk, chunk, *x_BxTx.shape[2:]), 0, 1)
+
+
 def greedy_tokens(hidden_BxTxD, norm_scale_D, eps, unembed_DxV, chunk: int) -> jax.Array:
     """Argmax of ``norm(hidden) @ unembed`` at every position, without gradients; in sequence
     chunks of ``chunk`` (as ``chunked_ce``), so at most ``[B, chunk, V]`` logits are alive."""
     hidden_BxTxD = jax.lax.stop_gradient(hidden_BxTxD)
-    B, T, D = hidden_BxTxD.shape
-    chunk = chunk if 0 < chunk < T and T % chunk == 0 else T
+    B, T, _ = hidden_BxTxD.shape
+    chunk = _chunk_len(chunk, T)
 
     def one(h_BxCxD):
         return jnp.argmax(dense(rms_norm(h_BxCxD, norm_scale_D, eps), unembed_DxV).astype(jnp.float32), -1)
 
     if chunk == T:
         return one(hidden_BxTxD)
-    h_CxBxcxD = jnp.swapaxes(hidden_BxTxD.reshape(B, T // chunk, chunk, D), 0, 1)
-    return jnp.swapaxes(jax.lax.map(one, h_CxBxcxD), 0, 1).reshape(B, T)
+    return jnp.swapaxes(jax.lax.map(one, _split_seq(hidden_BxTxD, chunk)), 0, 1).reshape(B, T)
 
 
 def loss_targets(kind: str, tokens_BxT, segment_ids_BxT, n_future: int, greedy_fn):
@@ -144,20 +154,15 @@ def chunked_ce(hidden_BxTxD, norm_scale_D, eps, unembed_DxV, targets_BxT, mask_B
     chunks under ``jax.checkpoint``, so no more than ``[B, chunk, V]`` logits are ever alive (the
     logits are recomputed in the backward pass); otherwise the head's ``[B, T, V]`` logits are
     computed once."""
-    B, T, D = hidden_BxTxD.shape
-    chunk = chunk if 0 < chunk < T and T % chunk == 0 else T
-    C = T // chunk
+    chunk = _chunk_len(chunk, hidden_BxTxD.shape[1])
 
     def one_chunk(h_BxCxD, t_BxC, m_BxC):
         logits_BxCxV = dense(rms_norm(h_BxCxD, norm_scale_D, eps), unembed_DxV)
         ce, correct = _ce_sums(logits_BxCxV, t_BxC, m_BxC)
         return ce.sum(), correct.sum().astype(jnp.float32)
 
-    if C == 1:
+    if chunk == hidden_BxTxD.shape[1]:
         return one_chunk(hidden_BxTxD, targets_BxT, mask_BxT)
-
-    def split(x):  # [B, T, ...] -> [C, B, chunk, ...]
-        return jnp.swapaxes(x.reshape(B, C, chunk, *x.shape[2:]), 0, 1)
 
     def body(acc, xs):
         ce, correct = jax.checkpoint(one_chunk)(*xs)
@@ -165,7 +170,7 @@ def chunked_ce(hidden_BxTxD, norm_scale_D, eps, unembed_DxV, targets_BxT, mask_B
 
     zero = jnp.zeros((), jnp.float32)
     (sum_ce, sum_correct), _ = jax.lax.scan(
-        body, (zero, zero), (split(hidden_BxTxD), split(targets_BxT), split(mask_BxT)))
+        body, (zero, zero), tuple(_split_seq(x, chunk) for x in (hidden_BxTxD, targets_BxT, mask_BxT)))
     return sum_ce, sum_correct
 
 

@@ -104,9 +104,9 @@ def test_an_unknown_loss_impl_is_rejected():
                      jnp.ones(3), jnp.ones(3))
 
 
-def _grads_with(model, tokens, seg, weights, chunk=4, **kw):
-    """Loss and gradients with the embedding and final norm frozen (stop_gradient, as the train
-    step does for a frozen trunk), under compute_loss options ``kw``."""
+def _grads_with(model, tokens, seg, weights, active=None, train_unembed=True, chunk=4):
+    """'scan' loss and gradients with the embedding and final norm frozen (stop_gradient, as the
+    train step does for a frozen trunk)."""
     graphdef, params = nnx.split(model, nnx.Param)
     _, mask = head_targets(tokens, seg, model.spec.n_future)
     normalizer = mask.sum((1, 2)).astype(jnp.float32)
@@ -115,9 +115,8 @@ def _grads_with(model, tokens, seg, weights, chunk=4, **kw):
         p = dict(p)
         for k in ("embed", "final_norm"):
             p[k] = jax.tree.map(jax.lax.stop_gradient, p[k])
-        return compute_loss(kw.get("impl", "scan"), nnx.merge(graphdef, nnx.State(p)), tokens, seg, weights,
-                            normalizer, chunk, kw.get("targets", "data"), kw.get("active"),
-                            kw.get("train_unembed", True))
+        return compute_loss("scan", nnx.merge(graphdef, nnx.State(p)), tokens, seg, weights, normalizer, chunk,
+                            "data", active, train_unembed)
 
     return jax.value_and_grad(f, has_aux=True)(params)
 
