@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DRAFT_VOCAB_HELP = ("speculative: heads 2..k draft among the N most frequent training tokens (0: the whole"
+                     " vocabulary; default 8192 when the vocabulary is >= 4x larger); the output is the same")
 TREE_HELP = ("draft tree: widths per depth (3,2,1), sparse rank paths (0;1;0.0), or auto[:N] (an N-node tree"
              " calibrated on this model, cached in the workdir); default: a chain")
 
@@ -131,7 +133,8 @@ def cmd_generate(args, overrides) -> int:
     try:
         dc = decode_config(loaded, mode=args.mode, heads=args.heads, tree=args.tree,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, top_k=args.top_k, stop_at_eos=not args.ignore_eos)
+                           top_p=args.top_p, top_k=args.top_k, stop_at_eos=not args.ignore_eos,
+                           draft_vocab=args.draft_vocab)
         ids = encode_prompt(loaded, text)
         import dataclasses
 
@@ -198,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--heads", type=int, default=None, help="heads used to draft+verify (default all)")
     d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--tree", default=None, help=TREE_HELP)
+    d.add_argument("--draft-vocab", type=int, default=None, help=DRAFT_VOCAB_HELP)
     d.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and decoder (best counts)")
     d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     d.set_defaults(func=cmd_bench_decode)
@@ -208,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--n-prompts", type=int, default=4)
     pe.add_argument("--heads", type=int, default=None)
     pe.add_argument("--tree", default=None, help=TREE_HELP)
+    pe.add_argument("--draft-vocab", type=int, default=None, help=DRAFT_VOCAB_HELP)
     pe.add_argument("--max-new-tokens", type=int, default=128)
     pe.add_argument("--repeats", type=int, default=1)
     pe.add_argument("--json", action="store_true")
@@ -236,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", default="greedy", choices=("greedy", "sample", "speculative", "speculative_sample"))
     g.add_argument("--heads", type=int, default=None, help="speculative: heads used (default all)")
     g.add_argument("--tree", default=None, help="speculative greedy: " + TREE_HELP)
+    g.add_argument("--draft-vocab", type=int, default=None, help=DRAFT_VOCAB_HELP)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=0)

@@ -89,17 +89,13 @@ def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return n_bytes / best
 
 
-def decode_step_bytes(model) -> int:
-    """Parameter bytes one plain greedy step reads: all but heads 2..n (the drafting heads)."""
-    from flax import nnx
+def decode_weights_used(loaded) -> dict:
+    """What our decoding reads: the packing report (``mtp.decode.packed``; 'exact' = 0 when the
+    weights stay float32) and the decode-weight bytes of a plain greedy step."""
+    from mtp.decode import weights as dw
 
-    total = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param))):
-        nbytes = leaf.size * leaf.dtype.itemsize
-        if getattr(path[0], "key", None) == "heads":
-            nbytes //= leaf.shape[0]  # head 1 only
-        total += nbytes
-    return total
+    weights = dw.cached_decode_weights(loaded.model)
+    return {"packing": dict(dw.LAST_PACKING), "step_bytes": dw.step_bytes(weights)}
 
 
 def _timed(model, ids, dc, repeats: int):
@@ -122,14 +118,14 @@ def tree_text(tree) -> str | None:
 
 def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_tokens: int,
                      tree: str | None = None, bandwidth: float | None = None, repeats: int = 1,
-                     log=print) -> dict:
+                     draft_vocab: int | None = None, log=print) -> dict:
     heads = heads or loaded.spec.n_future
     if heads < 2:
         raise ValueError(f"{loaded.spec.n_future} head(s): speculative decoding needs heads 2..k to draft."
                          " Train heads first (e.g. configs/smollm2_heads.py), or pass --heads 2+.")
     greedy_dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new_tokens, stop_at_eos=False)
     spec_dc = decode_config(loaded, mode="speculative", heads=heads, tree=tree,
-                            max_new_tokens=max_new_tokens, stop_at_eos=False)
+                            max_new_tokens=max_new_tokens, stop_at_eos=False, draft_vocab=draft_vocab)
     t_greedy = t_spec = 0.0
     n_tokens = forwards = steps = 0
     accepted = np.zeros(spec_dc.heads, np.int64)
@@ -150,7 +146,8 @@ def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_t
             f" speculative {len(s.tokens[0]) / dt_s:7.1f} tok/s, {len(s.tokens[0]) / s.forwards:.2f}"
             f" tokens/forward{'' if same else '  OUTPUT DIFFERS'}")
     bandwidth = bandwidth or measure_read_bandwidth()
-    step_bytes = decode_step_bytes(loaded.model)
+    used = decode_weights_used(loaded)
+    step_bytes = used["step_bytes"]
     roofline = bandwidth / step_bytes
     tps_greedy = n_tokens / t_greedy
     return {
@@ -164,6 +161,7 @@ def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_t
         "greedy_fraction_of_roofline": tps_greedy / roofline,
         "heads": spec_dc.heads,
         "tree": tree_text(spec_dc.tree),
+        "draft_vocab": len(spec_dc.draft_ids) if spec_dc.draft_ids else loaded.spec.vocab_size,
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "new_tokens": n_tokens,
@@ -171,6 +169,7 @@ def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_t
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "device": jax.devices()[0].device_kind,
         "block_products": block_products(),
+        "decode_weights": used["packing"],
     }
 
 
@@ -196,7 +195,7 @@ def main(args) -> int:
         f" {args.max_new_tokens} new tokens, heads={args.heads or loaded.spec.n_future}"
         f"{', tree ' + args.tree if args.tree else ''}")
     result = run_decode_bench(loaded, prompts, heads=args.heads, max_new_tokens=args.max_new_tokens,
-                              tree=args.tree, repeats=args.repeats, log=log)
+                              tree=args.tree, repeats=args.repeats, draft_vocab=args.draft_vocab, log=log)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

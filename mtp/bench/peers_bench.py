@@ -20,7 +20,7 @@ import numpy as np
 
 from mtp.bench.decode_bench import (
     block_products,
-    decode_step_bytes,
+    decode_weights_used,
     heldout_prompts,
     measure_read_bandwidth,
     read_prompts,
@@ -32,39 +32,66 @@ def _threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def bench_ours(loaded, prompt_ids, max_new: int, heads: int, tree, repeats: int, log) -> dict:
-    from mtp.decode.api import PAD_TO, decode_config
+def _run_ours(loaded, prompt_ids, dc, repeats: int) -> tuple[dict, list]:
+    from mtp.decode.api import PAD_TO
     from mtp.decode.generate import generate
 
-    rows = {}
-    outputs = {}
-    modes = [("mtp greedy", "greedy", 1, None)]
+    total_t, total_n, forwards, outs = 0.0, 0, 0, []
+    for ids in prompt_ids:
+        r = generate(loaded.model, [ids], dc, pad_to=PAD_TO)  # compile / warm up
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            r = generate(loaded.model, [ids], dc, pad_to=PAD_TO)
+            best = min(best, time.perf_counter() - t)
+        total_t += best
+        total_n += len(r.tokens[0])
+        forwards += r.forwards
+        outs.append(r.tokens[0])
+    return {"tokens_per_s": total_n / total_t, "tokens_per_forward": total_n / forwards}, outs
+
+
+def bench_ours(loaded, prompt_ids, max_new: int, heads: int, tree, repeats: int, log,
+               draft_vocab: int | None = None) -> tuple[dict, list, dict]:
+    """Our greedy and speculative rows with the default decode weights (GGUF blocks when the model
+    is exactly packable, ``mtp.decode.packed``), and then greedy from float32 weights as well when
+    they were packed. Returns the rows, our greedy output and the step bytes of each greedy row."""
+    from mtp.decode.api import decode_config
+
+    rows, step_bytes = {}, {}
+    used = decode_weights_used(loaded)
+    packed = bool(used["packing"].get("exact"))
+    greedy_label = "mtp greedy (GGUF blocks)" if packed else "mtp greedy"
+    dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new, stop_at_eos=False)
+    rows[greedy_label], greedy = _run_ours(loaded, prompt_ids, dc, repeats)
+    step_bytes[greedy_label] = used["step_bytes"]
+    log(f"  {greedy_label}: {rows[greedy_label]['tokens_per_s']:.2f} tokens/s")
     if loaded.spec.n_future >= 2:
-        modes.append(("mtp speculative", "speculative", heads, tree))
-    for i, (label, mode, k, tr) in enumerate(modes):
-        dc = decode_config(loaded, mode=mode, heads=k, tree=tr, max_new_tokens=max_new, stop_at_eos=False)
-        if mode == "speculative":
-            shape = tree_text(dc.tree)
-            label = f"mtp speculative (heads={heads}{', tree ' + shape if shape else ''})"
-            modes[i] = (label, mode, k, tr)
-        total_t, total_n, forwards, outs = 0.0, 0, 0, []
-        for ids in prompt_ids:
-            r = generate(loaded.model, [ids], dc, pad_to=PAD_TO)  # compile / warm up
-            best = float("inf")
-            for _ in range(repeats):
-                t = time.perf_counter()
-                r = generate(loaded.model, [ids], dc, pad_to=PAD_TO)
-                best = min(best, time.perf_counter() - t)
-            total_t += best
-            total_n += len(r.tokens[0])
-            forwards += r.forwards
-            outs.append(r.tokens[0])
-        rows[label] = {"tokens_per_s": total_n / total_t, "tokens_per_forward": total_n / forwards}
-        outputs[mode] = outs
-        log(f"  {label}: {total_n / total_t:.2f} tokens/s")
-    if "speculative" in outputs:
-        rows[modes[1][0]]["identical_to_mtp_greedy"] = outputs["speculative"] == outputs["greedy"]
-    return rows, outputs["greedy"]
+        dc = decode_config(loaded, mode="speculative", heads=heads, tree=tree, max_new_tokens=max_new,
+                           stop_at_eos=False, draft_vocab=draft_vocab)
+        shape = tree_text(dc.tree)
+        extra = (f", tree {shape}" if shape else "") + (", GGUF blocks" if packed else "")
+        extra += f", draft vocab {len(dc.draft_ids)}" if dc.draft_ids else ""
+        label = f"mtp speculative (heads={heads}{extra})"
+        rows[label], spec = _run_ours(loaded, prompt_ids, dc, repeats)
+        rows[label]["identical_to_mtp_greedy"] = spec == greedy
+        log(f"  {label}: {rows[label]['tokens_per_s']:.2f} tokens/s")
+    if packed:
+        old = os.environ.get("MTP_PACKED_WEIGHTS")
+        os.environ["MTP_PACKED_WEIGHTS"] = "0"
+        try:
+            label = "mtp greedy (float32 weights)"
+            step_bytes[label] = decode_weights_used(loaded)["step_bytes"]
+            dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new, stop_at_eos=False)
+            rows[label], out = _run_ours(loaded, prompt_ids, dc, repeats)
+            rows[label]["identical_to_mtp_greedy"] = out == greedy
+            log(f"  {label}: {rows[label]['tokens_per_s']:.2f} tokens/s")
+        finally:
+            if old is None:
+                os.environ.pop("MTP_PACKED_WEIGHTS", None)
+            else:
+                os.environ["MTP_PACKED_WEIGHTS"] = old
+    return rows, greedy, {**step_bytes, "packing": used["packing"]}
 
 
 def bench_transformers(gguf: Path, prompt_ids, max_new: int, log) -> tuple[dict, list | None]:
@@ -156,7 +183,9 @@ def run_peers(args) -> dict:
     heads = args.heads or loaded.spec.n_future
     tree = args.tree or None  # widths, sparse nodes or auto[:N] (decode_config reads them)
     log(f"Peers: {len(prompts)} prompts, batch 1, greedy, {args.max_new_tokens} new tokens, {_threads()} threads")
-    ours, ours_greedy = bench_ours(loaded, prompt_ids, args.max_new_tokens, heads, tree, args.repeats, log)
+    ours, ours_greedy, step_bytes = bench_ours(loaded, prompt_ids, args.max_new_tokens, heads, tree, args.repeats,
+                                               log, draft_vocab=getattr(args, "draft_vocab", None))
+    packing = step_bytes.pop("packing")
     rows = dict(ours)
     hf, hf_out = bench_transformers(gguf, prompt_ids, args.max_new_tokens, log)
     if hf_out is not None:
@@ -167,17 +196,26 @@ def run_peers(args) -> dict:
         lc["agreement_with_mtp_greedy"] = _agreement(ours_greedy, lc_out)
     rows["llama.cpp (llama-cpp-python)"] = lc
     bw = measure_read_bandwidth()
-    roofline = bw / decode_step_bytes(loaded.model)
-    greedy = rows["mtp greedy"]["tokens_per_s"]
-    result = {"rows": rows, "roofline_tokens_per_s": roofline, "greedy_fraction_of_roofline": greedy / roofline,
+    greedy_label = next(iter(step_bytes))  # the default decode weights' greedy row
+    roofline = {label: bw / n for label, n in step_bytes.items()}
+    for label, r in roofline.items():
+        rows[label]["roofline_tokens_per_s"] = r
+        rows[label]["fraction_of_roofline"] = rows[label]["tokens_per_s"] / r
+        rows[label]["step_bytes"] = step_bytes[label]
+    result = {"rows": rows, "roofline_tokens_per_s": roofline[greedy_label],
+              "greedy_fraction_of_roofline": rows[greedy_label]["fraction_of_roofline"],
               "read_bandwidth_gb_s": bw / 1e9, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-              "workdir": str(args.workdir), "gguf": str(gguf), "block_products": block_products()}
+              "workdir": str(args.workdir), "gguf": str(gguf), "block_products": block_products(),
+              "decode_weights": packing}
     spec_label = next((k for k in rows if k.startswith("mtp speculative")), None)
     if spec_label:
         spec = rows[spec_label]["tokens_per_s"]
         for peer in ("transformers generate (fp32)", "llama.cpp (llama-cpp-python)"):
             if "tokens_per_s" in rows[peer]:
                 result[f"speculative_vs_{peer.split()[0]}"] = spec / rows[peer]["tokens_per_s"]
+        for peer in ("llama.cpp (llama-cpp-python)",):
+            if "tokens_per_s" in rows[peer]:
+                result[f"greedy_vs_{peer.split()[0]}"] = rows[greedy_label]["tokens_per_s"] / rows[peer]["tokens_per_s"]
     return result
 
 
@@ -188,12 +226,15 @@ def format_table(result: dict) -> str:
             lines.append(f"| {name} | — | — | skipped: {row['skipped']} |")
             continue
         notes = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                          if k not in ("tokens_per_s", "tokens_per_forward"))
+                          if k not in ("tokens_per_s", "tokens_per_forward", "roofline_tokens_per_s", "step_bytes"))
         tpf = f"{row['tokens_per_forward']:.2f}" if "tokens_per_forward" in row else "—"
         lines.append(f"| {name} | {row['tokens_per_s']:.2f} | {tpf} | {notes} |")
-    lines.append(f"\nroofline (read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s / parameter bytes per plain"
-                 f" step): {result['roofline_tokens_per_s']:.2f} tokens/s; mtp greedy at"
-                 f" {100 * result['greedy_fraction_of_roofline']:.0f}% of it")
+    lines.append(f"\nroofline = read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s / decode-weight bytes"
+                 " of a plain greedy step:")
+    for name, row in result["rows"].items():
+        if "roofline_tokens_per_s" in row:
+            mb, roof, frac = row["step_bytes"] / 1e6, row["roofline_tokens_per_s"], 100 * row["fraction_of_roofline"]
+            lines.append(f"- {name}: {mb:.1f} MB per step, roofline {roof:.2f} tokens/s, at {frac:.0f}% of it")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 
 from mtp.decode.calibrate import calibrated_tree, parse_auto
+from mtp.decode.draft_vocab import draft_ids
 from mtp.decode.generate import DecodeConfig, GenerateResult, generate
 
 PAD_TO = 64  # prompts are padded to a multiple of this: one compilation per length bucket
@@ -14,8 +15,10 @@ PAD_TO = 64  # prompts are padded to a multiple of this: one compilation per len
 
 def decode_config(loaded, *, mode: str = "greedy", heads: int | None = None, tree=None,
                   max_new_tokens: int = 128, temperature: float = 0.8, top_p: float = 1.0,
-                  top_k: int = 0, stop_at_eos: bool = True) -> DecodeConfig:
-    """A DecodeConfig for this model: speculative modes default to all heads, plain ones to 1."""
+                  top_k: int = 0, stop_at_eos: bool = True, draft_vocab: int | None = None) -> DecodeConfig:
+    """A DecodeConfig for this model: speculative modes default to all heads, plain ones to 1.
+    ``draft_vocab``: heads 2..k draft among that many most frequent tokens (0: all; None: the
+    default of ``mtp.decode.draft_vocab.resolve_size``); the output does not depend on it."""
     speculative = mode.startswith("speculative")
     if heads is None:
         heads = loaded.spec.n_future if speculative else 1
@@ -32,9 +35,10 @@ def decode_config(loaded, *, mode: str = "greedy", heads: int | None = None, tre
         parsed = parse_tree(tree, heads)
         tree = parsed.nodes if ";" in tree or "." in tree else parsed.widths
     eos = loaded.tokenizer.eos_id if stop_at_eos else -1
+    ids = draft_ids(loaded, draft_vocab) if speculative and heads > 1 else None
     return DecodeConfig(mode=mode, heads=heads, tree=tuple(tree) if tree else None,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, eos_id=eos)
+                        top_p=top_p, eos_id=eos, draft_ids=ids)
 
 
 def encode_prompt(loaded, text: str) -> list[int]:

@@ -37,7 +37,8 @@ from mtp.decode.cache import (
     unstack_cache,
 )
 from mtp.decode.tree import DraftTree, build_tree, build_tree_nodes, is_node_list
-from mtp.decode.weights import cached_decode_weights, project
+from mtp.decode.weights import cached_decode_weights, draft_unembed, linear, project
+from mtp.model.transformer import rms_norm
 
 MODES = ("greedy", "sample", "speculative", "speculative_sample")
 
@@ -53,6 +54,10 @@ class DecodeConfig:
     top_p: float = 1.0
     eos_id: int = -1  # -1: never stop early
     stream: bool = False  # call the ``generate(on_tokens=...)`` callback as row 0's tokens appear
+    # heads 2..k draft among these token ids only (sorted; None = the whole vocabulary): their
+    # unembedding shrinks by V / len(draft_ids); head 1 still checks every draft over the whole
+    # vocabulary, so the output is unchanged (see mtp.decode.draft_vocab)
+    draft_ids: tuple[int, ...] | None = None
 
     @property
     def speculative(self) -> bool:
@@ -91,6 +96,13 @@ def check_decode_config(dc: DecodeConfig, spec) -> None:
         if dc.tree is not None and not tree.is_chain and not dc.greedy:
             raise ValueError("Tree drafts are verified greedily; use --mode speculative (greedy) with"
                              " --tree, or a chain for speculative sampling.")
+    if dc.draft_ids is not None:
+        ids = np.asarray(dc.draft_ids)
+        widest = max(dc.draft_tree().widths, default=1)
+        if ids.ndim != 1 or len(ids) < widest or ids.min() < 0 or ids.max() >= spec.vocab_size \
+                or (np.diff(ids) <= 0).any():
+            raise ValueError(f"draft_ids: {len(ids)} ids; they must be sorted, distinct token ids in"
+                             f" [0, {spec.vocab_size}) and at least {widest} (the widest draft depth).")
     if not dc.greedy and dc.temperature <= 0:
         raise ValueError(f"temperature={dc.temperature} must be > 0 for sampling (greedy is"
                          " --mode greedy).")
@@ -131,12 +143,18 @@ def right_align(tokens_BxP, lengths_B, padding: str):
     return jnp.take_along_axis(tokens_BxP, idx_BxP, axis=1)
 
 
-def _drafts(weights, eps, hidden_HxBxD, tree: DraftTree):
-    """Candidate tokens ``[B, sum(widths)]``: head d+1's top-w_d at the chosen node, per depth."""
+def _drafts(weights, eps, hidden_HxBxD, tree: DraftTree, draft=None):
+    """Candidate tokens ``[B, sum(widths)]``: head d+1's top-w_d at the chosen node, per depth;
+    ``draft``: ``(ids_N, unembed of those N tokens)`` (``draft_unembed``) to draft among them only."""
     if tree.max_depth == 0:
         return jnp.zeros((hidden_HxBxD.shape[1], 0), jnp.int32)
-    logits_HxBxV = project(weights, hidden_HxBxD, eps)
-    cands = [jax.lax.top_k(logits_HxBxV[d], w)[1] for d, w in enumerate(tree.widths)]
+    if draft is None:
+        logits_HxBxV = project(weights, hidden_HxBxD, eps)
+        cands = [jax.lax.top_k(logits_HxBxV[d], w)[1] for d, w in enumerate(tree.widths)]
+    else:
+        ids_N, unembed = draft
+        logits_HxBxN = linear(rms_norm(hidden_HxBxD, weights["final_norm"], eps), unembed)
+        cands = [ids_N[jax.lax.top_k(logits_HxBxN[d], w)[1]] for d, w in enumerate(tree.widths)]
     return jnp.concatenate(cands, axis=-1).astype(jnp.int32)
 
 
@@ -217,6 +235,7 @@ def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: Deco
     fwd_heads = 1 if sequential else k_heads
     window = 2 * k_heads - 1  # >= accepted + 1 new positions + the k-1 still waiting for their token
     b_B = jnp.arange(B)
+    draft = draft_unembed(weights, dc.draft_ids) if dc.draft_ids and dc.speculative else None
 
     # Prefill: the prompt as one causal block at lengths 0.
     zeros_B = jnp.zeros((B,), jnp.int32)
@@ -233,7 +252,7 @@ def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: Deco
         seq_BxS = jnp.zeros((B, S), jnp.int32).at[:, :P].set(tokens_BxP).at[b_B, lengths_B].set(root_B)
         cands_BxC, cache = causal_drafts_layered(model, weights, cache, seq_BxS, lengths_B, k_heads, P)
     else:
-        cands_BxC = _drafts(weights, eps, last_HxBxD[1:], tree)
+        cands_BxC = _drafts(weights, eps, last_HxBxD[1:], tree, draft)
 
     if dc.stream:
         jax.debug.callback(_stream_emit, root_B[:1], 1, ordered=True)
@@ -272,7 +291,7 @@ def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: Deco
             cands_BxC, cache = causal_drafts_layered(model, weights, cache, seq_BxS, lengths_B, k_heads, window)
         else:
             node_HxBxD = jnp.take_along_axis(hidden_HxBxTxD[1:], best_B[None, :, None, None], axis=2)[:, :, 0]
-            cands_BxC = _drafts(weights, eps, node_HxBxD, tree)
+            cands_BxC = _drafts(weights, eps, node_HxBxD, tree, draft)
         # Outputs: tokens 0..n_acc of ``emitted``, cut at the first EOS, only for live rows.
         valid_BxD = (d_1xD <= n_acc_B[:, None]) & live_B[:, None]
         is_eos_BxD = valid_BxD & (emitted_BxD == dc.eos_id)

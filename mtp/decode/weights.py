@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtp.decode.packed import PackedMatrix, pack_decode_weights, packing_enabled
 from mtp.model.heads import LAYER_HEADS
 from mtp.model.transformer import rms_norm
 
@@ -65,6 +66,11 @@ def linear(x_xI: jax.Array, w: jax.Array) -> jax.Array:
     apart by the input size (square matrices are the same either way up to the transpose, so
     ``decode_weights`` stores those ``[in, out]`` in both layouts)."""
     n_in = x_xI.shape[-1]
+    if isinstance(w, PackedMatrix):  # GGUF blocks, dequantized in registers (mtp.decode.packed)
+        from mtp.kernels import packed_matmul
+
+        y_MxO = packed_matmul(x_xI.reshape(-1, n_in), w.q, w.d, w.m)
+        return y_MxO.reshape(*x_xI.shape[:-1], y_MxO.shape[-1])
     x_MxI = x_xI.reshape(-1, n_in).astype(w.dtype)
     M = x_MxI.shape[0]
     if use_kernel(x_MxI, w):
@@ -143,24 +149,54 @@ def _decode_weights_jit(graphdef, state, out_in: bool):
 
 
 _LAST: list = []  # [(parameter leaves, decode weights)]: one entry, the last model converted
+LAST_PACKING: dict = {}  # pack_decode_weights' report for the last conversion (benchmarks print it)
 
 
 def cached_decode_weights(model) -> dict:
     """``decode_weights`` for concrete parameters, reused while the parameter arrays are the same
-    objects (a trained or reloaded model has new arrays, so it is converted again)."""
+    objects (a trained or reloaded model has new arrays, so it is converted again). A model whose
+    weights are exactly GGUF blocks decodes from the blocks (``mtp.decode.packed``)."""
     graphdef, state = nnx.split(model)
     out_in = weights_out_in(model.spec)
-    leaves = [out_in, *jax.tree.leaves(state)]  # the layout is part of the key
+    pack = packing_enabled() and jnp.dtype(model.spec.dtype) == jnp.float32
+    leaves = [out_in, pack, *jax.tree.leaves(state)]  # the layout and packing are part of the key
     if _LAST and len(_LAST[0][0]) == len(leaves) and all(a is b for a, b in zip(_LAST[0][0], leaves)):
         return _LAST[0][1]
-    weights = _decode_weights_jit(graphdef, state, out_in)
+    report = {"exact": 0}
+    if pack:
+        weights, report = pack_decode_weights(_decode_weights_jit(graphdef, state, True))
+    if not report["exact"]:
+        weights = _decode_weights_jit(graphdef, state, out_in)
+    LAST_PACKING.clear()
+    LAST_PACKING.update(report)
     _LAST[:] = [(leaves, weights)]
     return weights
+
+
+def step_bytes(weights: dict) -> int:
+    """Bytes of decode weights one plain greedy step streams: the trunk, head 1, the final norm and
+    the unembedding (the embedding is only gathered; heads 2..n only draft)."""
+    parts = [weights["trunk"], weights["heads"][:1], weights["final_norm"], weights["unembed"]]
+    return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(parts))
 
 
 def project(weights: dict, hidden_xD: jax.Array, eps: float) -> jax.Array:
     """Shared final norm + unembedding in the decode layout: ``[..., D] -> [..., V]`` logits."""
     return linear(rms_norm(hidden_xD, weights["final_norm"], eps), weights["unembed"])
+
+
+def draft_unembed(weights: dict, ids) -> tuple[jax.Array, jax.Array | PackedMatrix]:
+    """``(ids_N, the unembedding of those N tokens)`` in the decode layout, for heads that draft
+    among a few tokens only (``DecodeConfig.draft_ids``): rows of a packed or ``[V, D]`` matrix,
+    columns of a ``[D, V]`` one."""
+    import numpy as np
+
+    ids_N = jnp.asarray(np.asarray(ids, np.int32))
+    w = weights["unembed"]
+    if isinstance(w, PackedMatrix):
+        return ids_N, PackedMatrix(w.q[ids_N], w.d[ids_N], None if w.m is None else w.m[ids_N])
+    n_embd = weights["final_norm"].shape[0]
+    return ids_N, (w[:, ids_N] if w.shape[0] == n_embd else w[ids_N])
 
 
 def simple_head(hw: dict, x_BxTxD: jax.Array) -> jax.Array:

@@ -9,6 +9,6 @@ another backend than CPU, ``MTP_CPU_KERNELS=0``) decoding uses XLA's own product
 naming the reason.
 """
 
-from mtp.kernels.cpu import kernel_status, rows_matmul, rows_matmul_available
+from mtp.kernels.cpu import kernel_status, packed_matmul, rows_matmul, rows_matmul_available
 
-__all__ = ["kernel_status", "rows_matmul", "rows_matmul_available"]
+__all__ = ["kernel_status", "packed_matmul", "rows_matmul", "rows_matmul_available"]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 SOURCE = Path(__file__).with_name("rows_matmul.cc")
 TARGET = "mtp_rows_matmul"
+TARGETS = {TARGET: "MtpRowsMatmul", "mtp_rows_matmul_s8": "MtpRowsMatmulS8", "mtp_rows_matmul_u4": "MtpRowsMatmulU4"}
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17", "-w"]
 _STATUS: dict = {"available": None, "reason": "not tried yet", "library": None}
 
@@ -86,7 +87,8 @@ def _load() -> bool:
     try:
         path = build()
         lib = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MtpRowsMatmul), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means: use XLA's products instead
         _STATUS["reason"] = f"could not build or load {SOURCE.name}: {e}"
         warnings.warn(f"mtp: decoding uses XLA's matrix products ({_STATUS['reason']}); set MTP_CPU_KERNELS=0"
@@ -107,3 +109,16 @@ def rows_matmul(x_MxI: jax.Array, w: jax.Array, w_out_in: bool) -> jax.Array:
                             vmap_method="sequential")
     return call(x_MxI.astype(jnp.float32), w.astype(jnp.float32), w_out_in=w_out_in)
 
+
+
+def packed_matmul(x_MxI: jax.Array, q: jax.Array, d: jax.Array, m: jax.Array | None = None) -> jax.Array:
+    """``x @ W.T`` for ``W [O, I]`` packed in blocks of 32 along ``I`` and dequantized in registers:
+    ``q`` int8 ``[O, I]`` with ``W = d * q`` (``m`` None), or ``q`` uint8 ``[O, I / 2]`` (two 4-bit
+    values a byte, GGUF's Q4_1 order) with ``W = d * q + m``; ``d``, ``m``: float32 ``[O, I / 32]``.
+    Bitwise the same as ``rows_matmul`` with the dequantized ``W``, and row-independent like it."""
+    if not rows_matmul_available():
+        raise RuntimeError(f"mtp packed kernel unavailable: {_STATUS['reason']}")
+    out = jax.ShapeDtypeStruct((x_MxI.shape[0], d.shape[0]), jnp.float32)
+    if m is None:
+        return jax.ffi.ffi_call("mtp_rows_matmul_s8", out, vmap_method="sequential")(x_MxI.astype(jnp.float32), q, d)
+    return jax.ffi.ffi_call("mtp_rows_matmul_u4", out, vmap_method="sequential")(x_MxI.astype(jnp.float32), q, d, m)

@@ -1,0 +1,147 @@
+"""Packed decode weights (mtp/decode/packed.py): blocks recovered exactly from dequantized GGUF
+tensors, the packed kernel's products match a float64 reference and do not depend on how many rows
+share a call, and a model whose weights are GGUF blocks decodes from them with speculative output
+identical to plain greedy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import tiny_model, with_params
+
+from mtp.decode import weights as dw
+from mtp.decode.generate import DecodeConfig, generate
+from mtp.decode.packed import PackedMatrix, pack_exact, quantize_s8
+from mtp.kernels import kernel_status, packed_matmul
+
+
+def q4_1_roundtrip(w_OxI: np.ndarray) -> np.ndarray:
+    """ggml's quantize_row_q4_1_ref then gguf's dequantization (float16 d and min, 4-bit q)."""
+    b = w_OxI.reshape(w_OxI.shape[0], -1, 32).astype(np.float32)
+    lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
+    d = (hi - lo) / np.float32(15)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, 1, d))
+    q = np.minimum(15, np.trunc((b - lo) * inv + np.float32(0.5))).astype(np.float32)
+    d16, m16 = d.astype(np.float16).astype(np.float32), lo.astype(np.float16).astype(np.float32)
+    return ((d16 * q) + m16).reshape(w_OxI.shape)
+
+
+def gguf_roundtrip(w_OxI: np.ndarray, kind: str) -> np.ndarray:
+    import gguf.quants as gq
+
+    if kind == "Q4_1":
+        return q4_1_roundtrip(w_OxI)
+    qt = getattr(gq.GGMLQuantizationType, kind)
+    return np.asarray(gq.dequantize(gq.quantize(w_OxI, qt), qt), np.float32).reshape(w_OxI.shape)
+
+
+@pytest.mark.parametrize("kind, packed_as", [("Q8_0", "s8"), ("Q4_0", "s8"), ("Q4_1", "u4")])
+def test_gguf_blocks_are_recovered_exactly(kind, packed_as):
+    w = gguf_roundtrip(np.random.default_rng(0).standard_normal((40, 96)).astype(np.float32), kind)
+    p = pack_exact(w)
+    assert p is not None and p.kind == packed_as
+    assert np.array_equal(p.dequantize(), w)
+    assert p.nbytes < w.nbytes / 3
+
+
+def test_float_weights_and_odd_sizes_stay_float32():
+    rng = np.random.default_rng(1)
+    assert pack_exact(rng.standard_normal((8, 64)).astype(np.float32)) is None  # never quantized
+    assert pack_exact(gguf_roundtrip(rng.standard_normal((8, 64)).astype(np.float32), "Q8_0")[:, :48]) is None
+    w = gguf_roundtrip(rng.standard_normal((8, 64)).astype(np.float32), "Q4_1")
+    w[5, 7] += 1e-3  # one weight off its block's grid: the matrix stays float32
+    assert pack_exact(w) is None
+    assert quantize_s8(rng.standard_normal((8, 40)).astype(np.float32)) is None
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("M", [1, 3, 4, 9])
+def test_packed_products_match_the_reference_and_rows_are_independent(kind, M):
+    assert kernel_status()["available"], kernel_status()["reason"]
+    rng = np.random.default_rng(M)
+    w = gguf_roundtrip(rng.standard_normal((150, 320)).astype(np.float32), kind)
+    p = jax.tree.map(jnp.asarray, pack_exact(w))
+    x = rng.standard_normal((M, 320)).astype(np.float32)
+    f = jax.jit(packed_matmul)
+    y = np.asarray(f(x, p.q, p.d, p.m))
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(y, ref, atol=1e-4 * np.sqrt(320), rtol=1e-5)
+    for m in {0, M - 1}:
+        assert (np.asarray(f(x[m:m + 1], p.q, p.d, p.m))[0] == y[m]).all(), f"row {m} depends on M"
+
+
+def gguf_like(model, kind: str):
+    """The model with every matrix of the trunk, the heads and the embedding replaced by its GGUF
+    ``kind`` round trip along the input axis (what ``mtp convert --gguf`` stores)."""
+    pure = nnx.to_pure_dict(nnx.state(model))
+
+    def quant(path, x):
+        names = [str(getattr(k, "key", k)) for k in path]
+        x = np.asarray(x, np.float32)
+        if names[0] == "embed":  # [V, D]: blocks along D
+            return jnp.asarray(gguf_roundtrip(x, kind))
+        if x.ndim < 3 or names[0] not in ("trunk", "heads"):
+            return x
+        n_in_axes = 2 if names[-1] == "wo" else 1  # wo: [L, N, H, D]; others [L, I, ...]
+        L, n_in = x.shape[0], int(np.prod(x.shape[1:1 + n_in_axes]))
+        w_LxIxO = x.reshape(L, n_in, -1)
+        out = np.stack([gguf_roundtrip(np.ascontiguousarray(w.T), kind).T for w in w_LxIxO])
+        return jnp.asarray(out.reshape(x.shape))
+
+    return with_params(model, jax.tree_util.tree_map_with_path(quant, pure))
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+def test_a_gguf_model_decodes_from_its_blocks_exactly(kind, monkeypatch):
+    model = gguf_like(tiny_model(seed=2, n_future=4), kind)
+    prompts = [[5, 9, 11], [20, 21, 22, 23, 24, 25]]
+    monkeypatch.setenv("MTP_PACKED_WEIGHTS", "0")
+    plain32 = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=16), pad_to=16)
+    assert not dw.LAST_PACKING["exact"]
+    monkeypatch.setenv("MTP_PACKED_WEIGHTS", "1")
+    plain = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=16), pad_to=16)
+    weights = dw.cached_decode_weights(model)
+    assert dw.LAST_PACKING == {**dw.LAST_PACKING, "exact": 1 + 4 * (2 + 1), "drafts_s8": 4 * 3, "float32": 0}
+    assert isinstance(weights["unembed"], PackedMatrix) and isinstance(weights["trunk"][0]["wgu"], PackedMatrix)
+    assert isinstance(weights["heads"][2]["wdown"], PackedMatrix)  # drafting heads: lossy s8
+    assert dw.step_bytes(weights) < 0.4 * sum(int(x.nbytes) for x in jax.tree.leaves(nnx.state(model)))
+    assert plain.tokens == plain32.tokens  # the same weights: the same greedy output here
+    for tree in (None, (2, 2, 1)):
+        spec = generate(model, prompts, DecodeConfig("speculative", 4, tree, max_new_tokens=16), pad_to=16)
+        assert spec.tokens == plain.tokens
+
+
+def test_a_draft_vocabulary_changes_drafts_not_the_output(tmp_path):
+    """Heads 2..k drafting among a few token ids only: the output stays plain greedy's, drafts fall
+    only on those ids, and bad id lists are refused before any work."""
+    import types
+
+    from mtp.decode import draft_vocab as dv
+
+    model = tiny_model(seed=3, n_future=3)
+    prompts = [[5, 9, 11], [20, 21, 22, 23]]
+    plain = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=12), pad_to=16)
+    ids = tuple(range(0, 97, 3))
+    for tree in (None, (2, 1)):
+        spec = generate(model, prompts, DecodeConfig("speculative", 3, tree, max_new_tokens=12, draft_ids=ids),
+                        pad_to=16)
+        assert spec.tokens == plain.tokens
+    from mtp.decode.generate import _drafts, draft_unembed
+    from mtp.decode.tree import build_tree
+
+    weights = dw.cached_decode_weights(model)
+    hidden = jax.random.normal(jax.random.key(0), (2, 1, 32))
+    cands = np.asarray(_drafts(weights, 1e-5, hidden, build_tree((3, 2)), draft_unembed(weights, ids)))
+    assert set(cands.ravel()) <= set(ids)
+    for bad in ((5, 3), (1, 200), (4,)):
+        with pytest.raises(ValueError, match="draft_ids"):
+            generate(model, prompts, DecodeConfig("speculative", 3, (2, 1), max_new_tokens=4, draft_ids=bad))
+    # the workdir's frequency order picks the ids; small vocabularies draft over all of them
+    order = np.arange(97)[::-1].astype(np.int32)
+    np.save(tmp_path / dv.FILE, order)
+    loaded = types.SimpleNamespace(workdir=str(tmp_path), spec=model.spec)
+    assert dv.draft_ids(loaded, 4) == (93, 94, 95, 96)
+    assert dv.draft_ids(loaded, None) is None and dv.draft_ids(loaded, 0) is None
+    with pytest.raises(ValueError, match="draft_vocab=-1"):
+        dv.draft_ids(loaded, -1)
