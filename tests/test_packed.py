@@ -71,6 +71,31 @@ def test_packed_products_match_the_reference_and_rows_are_independent(kind, M):
         assert (np.asarray(f(x[m:m + 1], p.q, p.d, p.m))[0] == y[m]).all(), f"row {m} depends on M"
 
 
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+def test_int8_activations_compute_the_quantized_product_and_keep_rows_independent(kind):
+    """``q8x``: each block of 32 of x rounded to int8 steps of amax/127 (llama.cpp's activations);
+    the kernel's result is that product (u4's min term stays float), row by row."""
+    rng = np.random.default_rng(7)
+    w = gguf_roundtrip(rng.standard_normal((70, 160)).astype(np.float32), kind)
+    p = pack_exact(w)
+    x = rng.standard_normal((5, 160)).astype(np.float32)
+    xb = x.reshape(5, -1, 32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    x_hat = (np.rint(xb * (127 / amax)) * (amax / 127)).reshape(x.shape).astype(np.float64)
+    if p.m is None:
+        ref = x_hat @ w.T.astype(np.float64)
+    else:
+        m_OxI = np.repeat(np.asarray(p.m, np.float64), 32, axis=1)
+        ref = x_hat @ (w - m_OxI).T + x.astype(np.float64) @ m_OxI.T
+    f = jax.jit(packed_matmul, static_argnames="q8x")
+    args = [jnp.asarray(a) if a is not None else None for a in (p.q, p.d, p.m)]
+    y = np.asarray(f(x, *args, q8x=True))
+    np.testing.assert_allclose(y, ref, atol=1e-5 * np.abs(ref).max(), rtol=1e-5)
+    assert np.abs(y - x.astype(np.float64) @ w.T).max() > 1e-4  # it really rounded x
+    for i in (0, 4):
+        assert (np.asarray(f(x[i:i + 1], *args, q8x=True))[0] == y[i]).all()
+
+
 def gguf_like(model, kind: str):
     """The model with every matrix of the trunk, the heads and the embedding replaced by its GGUF
     ``kind`` round trip along the input axis (what ``mtp convert --gguf`` stores)."""
@@ -110,6 +135,14 @@ def test_a_gguf_model_decodes_from_its_blocks_exactly(kind, monkeypatch):
     for tree in (None, (2, 2, 1)):
         spec = generate(model, prompts, DecodeConfig("speculative", 4, tree, max_new_tokens=16), pad_to=16)
         assert spec.tokens == plain.tokens
+    monkeypatch.setenv("MTP_PACKED_ACTIVATIONS", "int8")  # llama.cpp's activations: still exact drafting
+    plain8 = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=16), pad_to=16)
+    assert dw.LAST_PACKING["activations"] == "int8" and dw.cached_decode_weights(model)["unembed"].q8x
+    spec8 = generate(model, prompts, DecodeConfig("speculative", 4, None, max_new_tokens=16), pad_to=16)
+    assert spec8.tokens == plain8.tokens
+    monkeypatch.setenv("MTP_PACKED_ACTIVATIONS", "int4")
+    with pytest.raises(ValueError, match="MTP_PACKED_ACTIVATIONS='int4'"):
+        generate(model, prompts, DecodeConfig("greedy", max_new_tokens=4), pad_to=16)
 
 
 def test_a_draft_vocabulary_changes_drafts_not_the_output(tmp_path):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtp.decode.packed import PackedMatrix, pack_decode_weights, packing_enabled
+from mtp.decode.packed import PackedMatrix, activations_int8, pack_decode_weights, packing_enabled
 from mtp.model.heads import LAYER_HEADS
 from mtp.model.transformer import rms_norm
 
@@ -69,7 +69,7 @@ def linear(x_xI: jax.Array, w: jax.Array) -> jax.Array:
     if isinstance(w, PackedMatrix):  # GGUF blocks, dequantized in registers (mtp.decode.packed)
         from mtp.kernels import packed_matmul
 
-        y_MxO = packed_matmul(x_xI.reshape(-1, n_in), w.q, w.d, w.m)
+        y_MxO = packed_matmul(x_xI.reshape(-1, n_in), w.q, w.d, w.m, q8x=w.q8x)
         return y_MxO.reshape(*x_xI.shape[:-1], y_MxO.shape[-1])
     x_MxI = x_xI.reshape(-1, n_in).astype(w.dtype)
     M = x_MxI.shape[0]
@@ -159,12 +159,13 @@ def cached_decode_weights(model) -> dict:
     graphdef, state = nnx.split(model)
     out_in = weights_out_in(model.spec)
     pack = packing_enabled() and jnp.dtype(model.spec.dtype) == jnp.float32
-    leaves = [out_in, pack, *jax.tree.leaves(state)]  # the layout and packing are part of the key
+    q8x = pack and activations_int8()
+    leaves = [out_in, pack, q8x, *jax.tree.leaves(state)]  # the layout and packing are part of the key
     if _LAST and len(_LAST[0][0]) == len(leaves) and all(a is b for a, b in zip(_LAST[0][0], leaves)):
         return _LAST[0][1]
     report = {"exact": 0}
     if pack:
-        weights, report = pack_decode_weights(_decode_weights_jit(graphdef, state, True))
+        weights, report = pack_decode_weights(_decode_weights_jit(graphdef, state, True), q8x)
     if not report["exact"]:
         weights = _decode_weights_jit(graphdef, state, out_in)
     LAST_PACKING.clear()
@@ -194,7 +195,7 @@ def draft_unembed(weights: dict, ids) -> tuple[jax.Array, jax.Array | PackedMatr
     ids_N = jnp.asarray(np.asarray(ids, np.int32))
     w = weights["unembed"]
     if isinstance(w, PackedMatrix):
-        return ids_N, PackedMatrix(w.q[ids_N], w.d[ids_N], None if w.m is None else w.m[ids_N])
+        return ids_N, PackedMatrix(w.q[ids_N], w.d[ids_N], None if w.m is None else w.m[ids_N], w.q8x)
     n_embd = weights["final_norm"].shape[0]
     return ids_N, (w[:, ids_N] if w.shape[0] == n_embd else w[ids_N])
 
