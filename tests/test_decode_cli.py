@@ -36,6 +36,21 @@ def test_bench_decode_json(workdir, tmp_path, capsys):
     assert out["exact_match"] is True
     assert out["tokens_per_forward"] > 1.0 and len(out["accept_rate_per_head"]) == 2
     assert out["new_tokens"] == 3 * 24
+    assert out["decode_weights"]["exact"] == 0 and out["draft_vocab"] == 260  # float weights, all tokens
+
+
+def test_a_draft_vocabulary_from_the_workdir_keeps_the_text(workdir, capsys):
+    import numpy as np
+
+    np.save(workdir / "draft_vocab.npy", np.argsort(np.arange(260) % 7, kind="stable").astype(np.int32))
+    texts = []
+    for mode, extra in (("greedy", []), ("speculative", ["--draft-vocab", "64"])):
+        assert main(["generate", "--workdir", str(workdir), "--prompt", "y = ", "--mode", mode,
+                     "--max-new-tokens", "12", "--ignore-eos", *extra]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+    with pytest.raises(SystemExit, match="draft_vocab=-2"):
+        main(["generate", "--workdir", str(workdir), "--prompt", "y", "--mode", "speculative", "--draft-vocab", "-2"])
 
 
 def test_generate_streams_the_same_text_in_every_greedy_mode(workdir, capsys):
