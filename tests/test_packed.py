@@ -178,3 +178,17 @@ def test_a_draft_vocabulary_changes_drafts_not_the_output(tmp_path):
     assert dv.draft_ids(loaded, None) is None and dv.draft_ids(loaded, 0) is None
     with pytest.raises(ValueError, match="draft_vocab=-1"):
         dv.draft_ids(loaded, -1)
+
+
+def test_a_float_unembedding_stays_float_while_the_trunk_packs(monkeypatch):
+    """Some GGUFs keep the embedding in F16/F32: the layers still pack, the unembedding does not."""
+    model = gguf_like(tiny_model(seed=5, n_future=2), "Q4_1")
+    pure = nnx.to_pure_dict(nnx.state(model))
+    pure["embed"] = pure["embed"] + 1e-3 * jax.random.normal(jax.random.key(1), pure["embed"].shape)
+    model = with_params(model, pure)
+    monkeypatch.setenv("MTP_PACKED_WEIGHTS", "1")
+    weights = dw.cached_decode_weights(model)
+    assert isinstance(weights["trunk"][1]["wdown"], PackedMatrix)
+    assert not isinstance(weights["unembed"], PackedMatrix) and dw.LAST_PACKING["float32"] == 1
+    assert not isinstance(dw.cached_decode_weights(tiny_model(seed=5, n_future=2))["trunk"][0]["wgu"], PackedMatrix)
+    assert dw.LAST_PACKING["exact"] == 0  # a float model: nothing packed

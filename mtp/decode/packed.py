@@ -159,13 +159,23 @@ def _out_in(w) -> np.ndarray:
     return np.ascontiguousarray(w.T) if w.shape[0] == w.shape[1] else w
 
 
+def may_pack(model) -> bool:
+    """A cheap first look (one row of the first layer's query matrix): could this model's weights
+    be GGUF blocks? Saves building a second copy of a float model's decode weights."""
+    if getattr(model.spec, "head_type", None) is None or not hasattr(model, "trunk"):
+        return False
+    wq = np.asarray(model.trunk.attn.wq[...][0], np.float32)  # [D, N, H]
+    return pack_exact(np.ascontiguousarray(wq.reshape(wq.shape[0], -1)[:, :1].T)) is not None
+
+
 def pack_decode_weights(weights: dict, q8x: bool = False) -> tuple[dict, dict]:
-    """Decode weights (``out_in`` layout) with every exactly packable matrix packed, and, when the
-    whole trunk packed, the drafting heads' matrices quantized (``quantize_s8``). Returns the new
-    weights and a report: matrices packed ``exact``, quantized for drafting (``drafts_s8``), left
-    ``float32``, and the bytes of all of them before and after; when the trunk does not pack
-    entirely, the weights come back unchanged (report 'exact' = 0). ``q8x``: every packed matrix
-    multiplies with int8 activations (``activations_int8``)."""
+    """Decode weights (``out_in`` layout) with every exactly packable matrix packed (all trunk
+    layers must pack; the unembedding packs when it can), and, when the trunk packed, the drafting
+    heads' matrices quantized (``quantize_s8``). Returns the new weights and a report: matrices
+    packed ``exact``, quantized for drafting (``drafts_s8``), left ``float32``, and the bytes of all
+    of them before and after; when the trunk does not pack entirely, the weights come back
+    unchanged (report 'exact' = 0). ``q8x``: every packed matrix multiplies with int8 activations
+    (``activations_int8``)."""
     report = {"exact": 0, "drafts_s8": 0, "float32": 0, "bytes_before": 0, "bytes_after": 0}
 
     def exact_layers(layers):
@@ -180,11 +190,11 @@ def pack_decode_weights(weights: dict, q8x: bool = False) -> tuple[dict, dict]:
             out.append(new)
         return out
 
-    unembed = pack_exact(_out_in(weights["unembed"]))
-    trunk = exact_layers(weights["trunk"]) if unembed is not None else None
+    trunk = exact_layers(weights["trunk"])
     if trunk is None:
         return weights, report
-    new = dict(weights, trunk=trunk, unembed=unembed)
+    unembed = pack_exact(_out_in(weights["unembed"]))  # GGUFs may keep it in F16/F32: then it stays
+    new = dict(weights, trunk=trunk, unembed=unembed if unembed is not None else weights["unembed"])
     heads = weights["heads"]
     if heads and all(isinstance(h, dict) and "wqkv" in h for h in heads):
         head1 = exact_layers(heads[:1])
@@ -204,9 +214,9 @@ def pack_decode_weights(weights: dict, q8x: bool = False) -> tuple[dict, dict]:
                     kind = "float32" if not packed else ("drafts_s8" if group == "heads" and i else "exact")
                     report[kind] += 1
                     report["bytes_after"] += a.nbytes if packed else int(np.asarray(a).nbytes)
-    report["exact"] += 1
+    report["exact" if unembed is not None else "float32"] += 1
     report["bytes_before"] += int(np.asarray(weights["unembed"]).nbytes)
-    report["bytes_after"] += unembed.nbytes
+    report["bytes_after"] += unembed.nbytes if unembed is not None else int(np.asarray(weights["unembed"]).nbytes)
     report["activations"] = "int8" if q8x else "float32"
     if q8x:
         new = jax.tree.map(lambda a: PackedMatrix(a.q, a.d, a.m, q8x=True) if isinstance(a, PackedMatrix) else a, new,

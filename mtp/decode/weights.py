@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtp.decode.packed import PackedMatrix, activations_int8, pack_decode_weights, packing_enabled
+from mtp.decode.packed import PackedMatrix, activations_int8, may_pack, pack_decode_weights, packing_enabled
 from mtp.model.heads import LAYER_HEADS
 from mtp.model.transformer import rms_norm
 
@@ -158,7 +158,7 @@ def cached_decode_weights(model) -> dict:
     weights are exactly GGUF blocks decodes from the blocks (``mtp.decode.packed``)."""
     graphdef, state = nnx.split(model)
     out_in = weights_out_in(model.spec)
-    pack = packing_enabled() and jnp.dtype(model.spec.dtype) == jnp.float32
+    pack = packing_enabled() and jnp.dtype(model.spec.dtype) == jnp.float32 and may_pack(model)
     q8x = pack and activations_int8()
     leaves = [out_in, pack, q8x, *jax.tree.leaves(state)]  # the layout and packing are part of the key
     if _LAST and len(_LAST[0][0]) == len(leaves) and all(a is b for a, b in zip(_LAST[0][0], leaves)):
