@@ -71,3 +71,30 @@ def test_a_failed_build_names_the_command_and_the_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="false.*failed"):
         cpu.build(compiler="false")
     assert not list(tmp_path.glob("*.so"))  # nothing half-written is left to be loaded later
+
+
+def test_decode_attention_kernel_matches_xla_and_is_independent_of_the_block_size(monkeypatch):
+    """The batch-1 attention kernel against XLA's attention (``attend`` with the kernel off), and
+    each token's output bitwise the same alone as inside a block of 2..5 (XLA's was a few ulps
+    apart: what broke speculative == greedy with int8 activations)."""
+    from mtp.decode import cache as dc
+    from mtp.kernels.cpu import decode_attention
+
+    rng = np.random.default_rng(3)
+    T, N, K, S, H = 5, 6, 2, 40, 16
+    q = rng.standard_normal((T, N, H)).astype(np.float32)
+    k = rng.standard_normal((K, S, H)).astype(np.float32)
+    v = rng.standard_normal((K, S, H)).astype(np.float32)
+    mask = np.zeros((T, S), bool)
+    mask[:, :20] = True  # a prefix of 20, then the block causally
+    mask[:, 20:20 + T] = np.tril(np.ones((T, T), bool))
+    f = jax.jit(decode_attention)
+    out = np.asarray(f(q, k, v, mask))
+    monkeypatch.setattr(dc, "use_attention_kernel", lambda *a: False)
+    ref = np.asarray(dc.attend(q[None], k, v, mask[None, None])).reshape(T, N, H)
+    np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
+    for t in range(T):
+        alone = np.asarray(f(q[t:t + 1], k, v, mask[t:t + 1]))[0]
+        assert (alone == out[t]).all(), f"token {t} differs alone"
+    monkeypatch.undo()
+    assert "mtp_decode_attention" in jax.jit(dc.attend).lower(q[None], k, v, mask[None, None]).as_text()

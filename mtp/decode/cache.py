@@ -89,6 +89,20 @@ def _write_kv(c_CxSxH, new_BxTxKxH, lengths_B, slots_BxT):
     return c_BxKxSxH.reshape(B * K, -1, H)  # indexed dims come first: the update is [B, T, K, H]
 
 
+ATTENTION_KERNEL_MAX_T = 64  # decode steps and draft blocks; a prefill stays with XLA's products
+
+
+def use_attention_kernel(B: int, T: int, H: int, dtype) -> bool:
+    """Whether ``attend`` runs ``mtp.kernels.decode_attention``: batch 1, a decode step or draft
+    block, float32, on the CPU with the kernels built. Its per-token results do not depend on the
+    block size, which is what makes speculative decoding bitwise equal to plain greedy."""
+    if B != 1 or T > ATTENTION_KERNEL_MAX_T or H % 8 or jnp.dtype(dtype) != jnp.float32:
+        return False
+    from mtp.kernels import rows_matmul_available
+
+    return rows_matmul_available()
+
+
 def attend(q_BxTxNxH, k_CxSxH, v_CxSxH, mask_Bx1xTxS):
     """Grouped-query attention of the new tokens over a per-layer cache ``[B*K, S, H]`` (already
     holding their own keys/values): query head n reads kv head ``n // (N / K)``
@@ -96,6 +110,11 @@ def attend(q_BxTxNxH, k_CxSxH, v_CxSxH, mask_Bx1xTxS):
     B, T, N, H = q_BxTxNxH.shape
     K = k_CxSxH.shape[0] // B
     G = N // K
+    if use_attention_kernel(B, T, H, k_CxSxH.dtype):
+        from mtp.kernels.cpu import decode_attention
+
+        out_TxNxH = decode_attention(q_BxTxNxH[0], k_CxSxH, v_CxSxH, mask_Bx1xTxS[0, 0])
+        return out_TxNxH.reshape(B, T, N * H).astype(q_BxTxNxH.dtype)
     q_CxQxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)  # row g*T + t
     s_CxQxS = jnp.einsum("cqh,csh->cqs", q_CxQxH, k_CxSxH).astype(jnp.float32) * (H ** -0.5)
     mask_CxQxS = jnp.repeat(jnp.tile(mask_Bx1xTxS[:, 0], (1, G, 1)), K, axis=0)

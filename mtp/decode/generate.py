@@ -210,6 +210,19 @@ def _verify_sample(key, logits1_BxTxV, block_BxT, dc: DecodeConfig):
     return n_acc_B, n_acc_B, path_BxD, emitted_BxD
 
 
+BLOCK_ROOM = 64
+
+
+def block_room(T: int) -> int:
+    """Cache slots kept past ``prompt + max_new_tokens`` for a block of ``T`` tokens: ``T`` rounded
+    up to a multiple of ``BLOCK_ROOM``. The cache length must not depend on the decoding mode:
+    XLA:CPU's attention products and softmax sums over the cache come out a few ulps apart for
+    another length, and int8 activations (``mtp.decode.packed``) turn such ulps into different
+    tokens; with one length plain greedy and speculative decoding (blocks of up to 64 tokens)
+    compute every token's logits bit for bit alike."""
+    return -(-T // BLOCK_ROOM) * BLOCK_ROOM
+
+
 _STREAM_SINK = []  # the on_tokens callback of the generate() call in progress (host side)
 
 
@@ -226,7 +239,7 @@ def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: Deco
     B, P = tokens_BxP.shape
     T, D = tree.size, tree.max_depth + 1
     k_heads = tree.n_heads if dc.speculative else 1
-    S = P + dc.max_new_tokens + T + 1
+    S = P + dc.max_new_tokens + 1 + block_room(T)  # the same S for every block size up to 64
     M = dc.max_new_tokens + D
     stacked = init_cache(model.spec, B, S, k_heads)  # the layout returned; the loop carries layers
     cache = unstack_cache(stacked)

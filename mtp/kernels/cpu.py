@@ -15,10 +15,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SOURCE = Path(__file__).with_name("rows_matmul.cc")
 TARGET = "mtp_rows_matmul"
-TARGETS = {TARGET: "MtpRowsMatmul", "mtp_rows_matmul_s8": "MtpRowsMatmulS8", "mtp_rows_matmul_u4": "MtpRowsMatmulU4"}
+TARGETS = {TARGET: "MtpRowsMatmul", "mtp_rows_matmul_s8": "MtpRowsMatmulS8", "mtp_rows_matmul_u4": "MtpRowsMatmulU4",
+           "mtp_decode_attention": "MtpDecodeAttention"}
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17", "-w"]
 _STATUS: dict = {"available": None, "reason": "not tried yet", "library": None}
 
@@ -126,3 +128,15 @@ def packed_matmul(x_MxI: jax.Array, q: jax.Array, d: jax.Array, m: jax.Array | N
     if m is None:
         return jax.ffi.ffi_call("mtp_rows_matmul_s8", out, vmap_method="sequential")(x, q, d, q8x=q8x)
     return jax.ffi.ffi_call("mtp_rows_matmul_u4", out, vmap_method="sequential")(x, q, d, m, q8x=q8x)
+
+
+def decode_attention(q_TxNxH: jax.Array, k_KxSxH: jax.Array, v_KxSxH: jax.Array, mask_TxS: jax.Array) -> jax.Array:
+    """Batch-1 grouped-query attention of T new tokens over a cache (``[T, N, H]`` out), scale
+    ``1/sqrt(H)``, float32; each token's result is bitwise independent of T (see the C++ source)."""
+    if not rows_matmul_available():
+        raise RuntimeError(f"mtp decode attention kernel unavailable: {_STATUS['reason']}")
+    H = q_TxNxH.shape[-1]
+    call = jax.ffi.ffi_call("mtp_decode_attention", jax.ShapeDtypeStruct(q_TxNxH.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(q_TxNxH.astype(jnp.float32), k_KxSxH.astype(jnp.float32), v_KxSxH.astype(jnp.float32),
+                mask_TxS.astype(jnp.uint8), scale=np.float32(H ** -0.5))

@@ -525,6 +525,58 @@ static ffi::Error RowsMatmulU4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   return ffi::Error::Success();
 }
 
+// ---- decode attention (batch 1) ----------------------------------------------------------------------
+// out[t, n] = softmax_j(q[t, n] . k[kv(n), j] * scale, j allowed by mask[t, j]) . v[kv(n), j], with
+// kv(n) = n / (N / K) (grouped-query attention). Every (t, n) is computed by the same operations in j
+// order whatever T is, so a token's attention inside a block of drafts is bitwise the same as alone
+// (XLA:CPU's batched dots and softmax sums were not: a few ulps apart for another T or cache length).
+static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                  ffi::Buffer<ffi::U8> mask, ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || md.size() != 2)
+    return ffi::Error::InvalidArgument("mtp_decode_attention: q [T, N, H], k/v [K, S, H], mask [T, S]");
+  const int64_t T = qd[0], N = qd[1], H = qd[2], K = kd[0], S = kd[1];
+  if (kd[2] != H || md[0] != T || md[1] != S || N % K != 0 || H % 8 != 0)
+    return ffi::Error::InvalidArgument("mtp_decode_attention: shapes do not match (H must be a multiple of 8)");
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  const uint8_t* mp = mask.typed_data();
+  float* op = out->typed_data();
+  const int64_t G = N / K, HV = H / 8;
+  std::unique_ptr<float[]> sc(new float[S]);
+  std::unique_ptr<v8f[]> acc(new v8f[HV]);
+  for (int64_t t = 0; t < T; ++t) {
+    const uint8_t* mrow = mp + t * S;
+    for (int64_t n = 0; n < N; ++n) {
+      const float* qv = qp + (t * N + n) * H;
+      const float* kh = kp + (n / G) * S * H;
+      const float* vh = vp + (n / G) * S * H;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < S; ++j) {
+        if (!mrow[j]) continue;
+        v8f a = load8(qv) * load8(kh + j * H);
+        for (int64_t c = 1; c < HV; ++c) a = fma8(load8(qv + 8 * c), load8(kh + j * H + 8 * c), a);
+        sc[j] = hsum8(a) * scale;
+        mx = std::max(mx, sc[j]);
+      }
+      for (int64_t c = 0; c < HV; ++c) acc[c] = splat(0.0f);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < S; ++j) {
+        if (!mrow[j]) continue;
+        const float e = std::exp(sc[j] - mx);
+        sum += e;
+        const v8f ev = splat(e);
+        for (int64_t c = 0; c < HV; ++c) acc[c] = fma8(ev, load8(vh + j * H + 8 * c), acc[c]);
+      }
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      float* o = op + (t * N + n) * H;
+      for (int64_t c = 0; c < HV; ++c) store8(o + 8 * c, acc[c] * splat(inv));
+    }
+  }
+  return ffi::Error::Success();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpRowsMatmul, RowsMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -551,3 +603,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpRowsMatmulU4, RowsMatmulU4,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("q8x"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
