@@ -162,8 +162,6 @@ def _out_in(w) -> np.ndarray:
 def may_pack(model) -> bool:
     """A cheap first look (one row of the first layer's query matrix): could this model's weights
     be GGUF blocks? Saves building a second copy of a float model's decode weights."""
-    if getattr(model.spec, "head_type", None) is None or not hasattr(model, "trunk"):
-        return False
     wq = np.asarray(model.trunk.attn.wq[...][0], np.float32)  # [D, N, H]
     return pack_exact(np.ascontiguousarray(wq.reshape(wq.shape[0], -1)[:, :1].T)) is not None
 

@@ -28,6 +28,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mtp.decode.packed import PackedMatrix, activations_int8, may_pack, pack_decode_weights, packing_enabled
@@ -158,13 +159,13 @@ def cached_decode_weights(model) -> dict:
     weights are exactly GGUF blocks decodes from the blocks (``mtp.decode.packed``)."""
     graphdef, state = nnx.split(model)
     out_in = weights_out_in(model.spec)
-    pack = packing_enabled() and jnp.dtype(model.spec.dtype) == jnp.float32 and may_pack(model)
-    q8x = pack and activations_int8()
-    leaves = [out_in, pack, q8x, *jax.tree.leaves(state)]  # the layout and packing are part of the key
+    enabled = packing_enabled() and jnp.dtype(model.spec.dtype) == jnp.float32
+    q8x = enabled and activations_int8()
+    leaves = [out_in, enabled, q8x, *jax.tree.leaves(state)]  # the layout and packing are part of the key
     if _LAST and len(_LAST[0][0]) == len(leaves) and all(a is b for a, b in zip(_LAST[0][0], leaves)):
         return _LAST[0][1]
     report = {"exact": 0}
-    if pack:
+    if enabled and may_pack(model):
         weights, report = pack_decode_weights(_decode_weights_jit(graphdef, state, True), q8x)
     if not report["exact"]:
         weights = _decode_weights_jit(graphdef, state, out_in)
@@ -190,8 +191,6 @@ def draft_unembed(weights: dict, ids) -> tuple[jax.Array, jax.Array | PackedMatr
     """``(ids_N, the unembedding of those N tokens)`` in the decode layout, for heads that draft
     among a few tokens only (``DecodeConfig.draft_ids``): rows of a packed or ``[V, D]`` matrix,
     columns of a ``[D, V]`` one."""
-    import numpy as np
-
     ids_N = jnp.asarray(np.asarray(ids, np.int32))
     w = weights["unembed"]
     if isinstance(w, PackedMatrix):
