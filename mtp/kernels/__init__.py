@@ -1,14 +1,18 @@
-"""Hand-written CPU kernels for decoding, called through ``jax.ffi``.
+"""Hand-written CPU kernels for decoding, called through ``jax.ffi`` (C++ source next to this file).
 
-XLA:CPU multiplies one token by a large matrix well, but a block of 2..32 tokens (a speculative
-draft block) streams the matrix at a third of the memory bandwidth. ``rows_matmul`` (C++ source
-next to this file) streams each weight once for the whole block, split over XLA's intra-op threads.
-It is built on first use with the system's C++ compiler (``-O3 -march=native``) into
-``~/.cache/mtp/kernels`` and registered as an FFI target; where that is not possible (no compiler,
-another backend than CPU, ``MTP_CPU_KERNELS=0``) decoding uses XLA's own products, with a warning
-naming the reason.
+- ``rows_matmul``: a block of 2..32 rows times a float32 decode matrix, streaming the matrix once
+  (XLA:CPU reads it at a third of the bandwidth for such blocks), split over XLA's intra-op threads.
+- ``packed_matmul``: any number of rows times a matrix kept in GGUF blocks (Q8_0/Q4_0 as int8,
+  Q4_1 as 4-bit), converted in registers; optionally with int8 activations (``q8x``).
+- ``decode_attention``: batch-1 attention of a decode step or draft block over the KV cache.
+
+Each computes every output row by the same operations whatever the number of rows, so a token's
+logits are bitwise the same alone and inside a speculative block. The library is built on first
+use with the system's C++ compiler (``-O3 -march=native``) into ``~/.cache/mtp/kernels`` and
+registered as FFI targets; where that is not possible (no compiler, another backend than CPU,
+``MTP_CPU_KERNELS=0``) decoding uses XLA's own operations, with a warning naming the reason.
 """
 
-from mtp.kernels.cpu import kernel_status, packed_matmul, rows_matmul, rows_matmul_available
+from mtp.kernels.cpu import decode_attention, kernel_status, packed_matmul, rows_matmul, rows_matmul_available
 
-__all__ = ["kernel_status", "packed_matmul", "rows_matmul", "rows_matmul_available"]
+__all__ = ["decode_attention", "kernel_status", "packed_matmul", "rows_matmul", "rows_matmul_available"]
