@@ -5,11 +5,13 @@ dequantized from, not from float32 copies.
 ``d * q + m`` (Q4_1) for its block of 32. Batch-1 decoding reads every weight once per token, so
 reading 8-bit or 4-bit blocks instead of float32 cuts the bytes 4-6x. ``pack_exact`` recovers the
 blocks from the float32 matrix and keeps them only when dequantizing them gives back every weight
-bitwise (``d * q`` then ``+ m``, in float32, as gguf's own code does); ``mtp.kernels.packed_matmul``
-dequantizes in registers with the same operations, so a packed product equals the float32 one of
-the block kernel bit for bit: decoding from packed weights changes nothing but the speed.
+bitwise (``d * q`` then ``+ m``, in float32, as gguf's own code does). ``mtp.kernels.packed_matmul``
+multiplies from the blocks (``d * sum(x q) + m * sum(x)`` per block), within float rounding of the
+float32 product and with every row independent of the block size, so decoding from packed weights
+keeps the model's weights exactly and speculative output equal to plain greedy.
 
-Matrices that are not exactly packable stay float32. The drafting heads (2..n, trained here in
+Every trunk layer must pack for any packing to happen; the unembedding packs when it can (some
+GGUFs keep it F16/F32). The drafting heads (2..n, trained here in
 float32) are the one lossy exception: they are quantized like Q8_0 (``quantize_s8``) when the trunk
 is packed, because they only propose tokens; the model's next-token head and the trunk check every
 proposal, so the output stays the model's own greedy output (only acceptance can move).

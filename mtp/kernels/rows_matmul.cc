@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
@@ -249,59 +250,47 @@ struct PackU4 {
   }
 };
 
-// xs: [M, I / 32, 8] lane sums of each block of x, (x0 + x1) + (x2 + x3) (u4 only)
-template <class P, int MB, int R>
-static void pk_tile(const P& p, const float* x, const float* xs, float* y, int64_t I, int64_t O, int64_t m0,
-                    int64_t o0) {
-  v8f acc[MB][R], acc_m[MB][R];  // the d * q and the m terms, in two chains
-  for (int mb = 0; mb < MB; ++mb)
-    for (int r = 0; r < R; ++r) acc[mb][r] = acc_m[mb][r] = splat(0.0f);
-  const int64_t nb = I / 32;
-  const int64_t ahead = p.ahead;
-  const bool fetch = o0 + R + ahead <= O;
-  for (int64_t b = 0; b < nb; ++b) {
-    if (fetch && (b & 1) == 0)
-      for (int r = 0; r < R; ++r) p.prefetch(o0 + r + ahead, b);
-    for (int r = 0; r < R; ++r) {
-      v8f qv[4];
-      p.q4(o0 + r, b, qv);
-      const v8f dv = splat(p.d(o0 + r, b));
-      for (int mb = 0; mb < MB; ++mb) {
-        const float* xb = x + (m0 + mb) * I + b * 32;
-        const v8f s01 = fma8(load8(xb + 8), qv[1], load8(xb) * qv[0]);
-        const v8f s23 = fma8(load8(xb + 24), qv[3], load8(xb + 16) * qv[2]);
-        acc[mb][r] = fma8(s01 + s23, dv, acc[mb][r]);
-        if (P::kShift)
-          acc_m[mb][r] = fma8(load8(xs + ((m0 + mb) * nb + b) * 8), splat(p.m(o0 + r, b)), acc_m[mb][r]);
-      }
-    }
-  }
-  for (int mb = 0; mb < MB; ++mb)
-    for (int r = 0; r < R; ++r)
-      y[(m0 + mb) * O + o0 + r] = hsum8(P::kShift ? acc[mb][r] + acc_m[mb][r] : acc[mb][r]);
-}
-
-template <class P, int MB>
-static void pk_rows(const P& p, const float* x, const float* xs, float* y, int64_t I, int64_t O, int64_t m0,
-                    int64_t o_begin, int64_t o_end) {
-  // One weight row at a time: interleaving 2-4 rows (as "nt" does) ran 1.6-2x slower on rows of
-  // 1536+ inputs (576: the same) on the AVX2 VM, whatever the prefetch distance.
-  constexpr int R = 1;
-  int64_t o = o_begin;
-  for (; o + R <= o_end; o += R) pk_tile<P, MB, R>(p, x, xs, y, I, O, m0, o);
-  for (; o < o_end; ++o) pk_tile<P, MB, 1>(p, x, xs, y, I, O, m0, o);
-}
-
-template <class P>
-static void pk_range(const P& p, const float* x, const float* xs, float* y, int64_t M, int64_t I, int64_t O,
-                     int64_t o_begin, int64_t o_end) {
+// Output rows [o_begin, o_end) in slabs of 64, x rows in blocks of 4, 2, 1, one weight row per
+// tile: tile(std::integral_constant<int, MB>{}, m0, o) computes y[m0 .. m0 + MB - 1, o]. One weight
+// row at a time: interleaving 2-4 rows (as "nt" does) ran 1.6-2x slower on rows of 1536+ inputs
+// (576: the same) on the AVX2 VM, whatever the prefetch distance.
+template <class Tile>
+static void packed_range(Tile tile, int64_t M, int64_t o_begin, int64_t o_end) {
   for (int64_t s = o_begin; s < o_end; s += 64) {
     const int64_t e = std::min(s + 64, o_end);
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) pk_rows<P, 4>(p, x, xs, y, I, O, m, s, e);
-    for (; m + 2 <= M; m += 2) pk_rows<P, 2>(p, x, xs, y, I, O, m, s, e);
-    for (; m < M; ++m) pk_rows<P, 1>(p, x, xs, y, I, O, m, s, e);
+    for (; m + 4 <= M; m += 4)
+      for (int64_t o = s; o < e; ++o) tile(std::integral_constant<int, 4>{}, m, o);
+    for (; m + 2 <= M; m += 2)
+      for (int64_t o = s; o < e; ++o) tile(std::integral_constant<int, 2>{}, m, o);
+    for (; m < M; ++m)
+      for (int64_t o = s; o < e; ++o) tile(std::integral_constant<int, 1>{}, m, o);
   }
+}
+
+// y[m0 .. m0 + MB - 1, o] with float x; xs: [M, I / 32, 8] lane sums of each block of x,
+// (x0 + x1) + (x2 + x3) (u4 only)
+template <class P, int MB>
+static void pk_tile(const P& p, const float* x, const float* xs, float* y, int64_t I, int64_t O, int64_t m0,
+                    int64_t o) {
+  v8f acc[MB], acc_m[MB];  // the d * q and the m terms, in two chains
+  for (int mb = 0; mb < MB; ++mb) acc[mb] = acc_m[mb] = splat(0.0f);
+  const int64_t nb = I / 32;
+  const bool fetch = o + 1 + p.ahead <= O;
+  for (int64_t b = 0; b < nb; ++b) {
+    if (fetch && (b & 1) == 0) p.prefetch(o + p.ahead, b);
+    v8f qv[4];
+    p.q4(o, b, qv);
+    const v8f dv = splat(p.d(o, b));
+    for (int mb = 0; mb < MB; ++mb) {
+      const float* xb = x + (m0 + mb) * I + b * 32;
+      const v8f s01 = fma8(load8(xb + 8), qv[1], load8(xb) * qv[0]);
+      const v8f s23 = fma8(load8(xb + 24), qv[3], load8(xb + 16) * qv[2]);
+      acc[mb] = fma8(s01 + s23, dv, acc[mb]);
+      if (P::kShift) acc_m[mb] = fma8(load8(xs + ((m0 + mb) * nb + b) * 8), splat(p.m(o, b)), acc_m[mb]);
+    }
+  }
+  for (int mb = 0; mb < MB; ++mb) y[(m0 + mb) * O + o] = hsum8(P::kShift ? acc[mb] + acc_m[mb] : acc[mb]);
 }
 
 // ---- packed x int8 activations (opt-in: q8x) ----------------------------------------------------------
@@ -328,55 +317,28 @@ struct XQ {
 };
 
 #ifdef __AVX2__
-template <class P, int MB, int R>
-static void pq_tile(const P& p, const XQ& xq, float* y, int64_t I, int64_t O, int64_t m0, int64_t o0) {
-  v8f acc[MB][R], acc_m[MB][R];
-  for (int mb = 0; mb < MB; ++mb)
-    for (int r = 0; r < R; ++r) acc[mb][r] = acc_m[mb][r] = splat(0.0f);
+// y[m0 .. m0 + MB - 1, o] with int8 x blocks
+template <class P, int MB>
+static void pq_tile(const P& p, const XQ& xq, float* y, int64_t I, int64_t O, int64_t m0, int64_t o) {
+  v8f acc[MB], acc_m[MB];
+  for (int mb = 0; mb < MB; ++mb) acc[mb] = acc_m[mb] = splat(0.0f);
   const int64_t nb = I / 32;
-  const bool fetch = o0 + R + p.ahead <= O;
+  const bool fetch = o + 1 + p.ahead <= O;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < nb; ++b) {
-    if (fetch && (b & 1) == 0)
-      for (int r = 0; r < R; ++r) p.prefetch(o0 + r + p.ahead, b);
-    for (int r = 0; r < R; ++r) {
-      const __m256i w = p.bytes32(o0 + r, b);
-      const __m256i wu = P::kShift ? w : _mm256_sign_epi8(w, w);  // maddubs: unsigned x signed
-      const float dw = p.d(o0 + r, b);
-      for (int mb = 0; mb < MB; ++mb) {
-        __m256i xv = _mm256_loadu_si256((const __m256i*)(xq.q + (m0 + mb) * I + b * 32));
-        if (!P::kShift) xv = _mm256_sign_epi8(xv, w);
-        const v8f f = (v8f)_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), ones));
-        acc[mb][r] = fma8(f, splat(dw * xq.d[(m0 + mb) * nb + b]), acc[mb][r]);
-        if (P::kShift)
-          acc_m[mb][r] = fma8(load8(xq.s + ((m0 + mb) * nb + b) * 8), splat(p.m(o0 + r, b)), acc_m[mb][r]);
-      }
+    if (fetch && (b & 1) == 0) p.prefetch(o + p.ahead, b);
+    const __m256i w = p.bytes32(o, b);
+    const __m256i wu = P::kShift ? w : _mm256_sign_epi8(w, w);  // maddubs: unsigned x signed
+    const float dw = p.d(o, b);
+    for (int mb = 0; mb < MB; ++mb) {
+      __m256i xv = _mm256_loadu_si256((const __m256i*)(xq.q + (m0 + mb) * I + b * 32));
+      if (!P::kShift) xv = _mm256_sign_epi8(xv, w);
+      const v8f f = (v8f)_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), ones));
+      acc[mb] = fma8(f, splat(dw * xq.d[(m0 + mb) * nb + b]), acc[mb]);
+      if (P::kShift) acc_m[mb] = fma8(load8(xq.s + ((m0 + mb) * nb + b) * 8), splat(p.m(o, b)), acc_m[mb]);
     }
   }
-  for (int mb = 0; mb < MB; ++mb)
-    for (int r = 0; r < R; ++r)
-      y[(m0 + mb) * O + o0 + r] = hsum8(P::kShift ? acc[mb][r] + acc_m[mb][r] : acc[mb][r]);
-}
-
-template <class P, int MB>
-static void pq_rows(const P& p, const XQ& xq, float* y, int64_t I, int64_t O, int64_t m0, int64_t o_begin,
-                    int64_t o_end) {
-  constexpr int R = 1;  // see pk_rows
-  int64_t o = o_begin;
-  for (; o + R <= o_end; o += R) pq_tile<P, MB, R>(p, xq, y, I, O, m0, o);
-  for (; o < o_end; ++o) pq_tile<P, MB, 1>(p, xq, y, I, O, m0, o);
-}
-
-template <class P>
-static void pq_range(const P& p, const XQ& xq, float* y, int64_t M, int64_t I, int64_t O, int64_t o_begin,
-                     int64_t o_end) {
-  for (int64_t s = o_begin; s < o_end; s += 64) {
-    const int64_t e = std::min(s + 64, o_end);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) pq_rows<P, 4>(p, xq, y, I, O, m, s, e);
-    for (; m + 2 <= M; m += 2) pq_rows<P, 2>(p, xq, y, I, O, m, s, e);
-    for (; m < M; ++m) pq_rows<P, 1>(p, xq, y, I, O, m, s, e);
-  }
+  for (int mb = 0; mb < MB; ++mb) y[(m0 + mb) * O + o] = hsum8(P::kShift ? acc[mb] + acc_m[mb] : acc[mb]);
 }
 constexpr bool kHaveQ8x = true;
 #else
@@ -490,11 +452,15 @@ static ffi::Error RowsMatmulS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
 #ifdef __AVX2__
   if (q8x) {
     const XQ xq{xside.q.get(), xside.d.get(), nullptr};
-    parallel_rows(pool, O, O * I, kPackedAlign, [=](int64_t b, int64_t e) { pq_range(p, xq, yp, M, I, O, b, e); });
+    parallel_rows(pool, O, O * I, kPackedAlign, [=](int64_t b, int64_t e) {
+      packed_range([&](auto mb, int64_t m0, int64_t o) { pq_tile<PackS8, mb>(p, xq, yp, I, O, m0, o); }, M, b, e);
+    });
     return ffi::Error::Success();
   }
 #endif
-  parallel_rows(pool, O, O * I, kPackedAlign, [=](int64_t b, int64_t e) { pk_range(p, xp, nullptr, yp, M, I, O, b, e); });
+  parallel_rows(pool, O, O * I, kPackedAlign, [=](int64_t b, int64_t e) {
+    packed_range([&](auto mb, int64_t m0, int64_t o) { pk_tile<PackS8, mb>(p, xp, nullptr, yp, I, O, m0, o); }, M, b, e);
+  });
   return ffi::Error::Success();
 }
 
@@ -517,11 +483,15 @@ static ffi::Error RowsMatmulU4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
 #ifdef __AVX2__
   if (q8x) {
     const XQ xq{xside.q.get(), xside.d.get(), xsp};
-    parallel_rows(pool, O, O * I / 2, kPackedAlign, [=](int64_t b, int64_t e) { pq_range(p, xq, yp, M, I, O, b, e); });
+    parallel_rows(pool, O, O * I / 2, kPackedAlign, [=](int64_t b, int64_t e) {
+      packed_range([&](auto mb, int64_t m0, int64_t o) { pq_tile<PackU4, mb>(p, xq, yp, I, O, m0, o); }, M, b, e);
+    });
     return ffi::Error::Success();
   }
 #endif
-  parallel_rows(pool, O, O * I / 2, kPackedAlign, [=](int64_t b, int64_t e) { pk_range(p, xp, xsp, yp, M, I, O, b, e); });
+  parallel_rows(pool, O, O * I / 2, kPackedAlign, [=](int64_t b, int64_t e) {
+    packed_range([&](auto mb, int64_t m0, int64_t o) { pk_tile<PackU4, mb>(p, xp, xsp, yp, I, O, m0, o); }, M, b, e);
+  });
   return ffi::Error::Success();
 }
 
