@@ -22,6 +22,9 @@
 #include <string>
 #include <type_traits>
 #include <thread>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 
 #include "xla/ffi/api/ffi.h"
 #if defined(__FMA__) || defined(__AVX2__)
@@ -346,42 +349,134 @@ constexpr bool kHaveQ8x = false;  // without AVX2 the q8x attribute is ignored: 
 #endif
 
 // ---- threads --------------------------------------------------------------------------------------
-struct Work {
-  std::atomic<int64_t> next{0};  // next chunk to claim
-  std::atomic<int64_t> done{0};  // chunks finished
+// Our own workers, not XLA's intra-op pool: handing a product to a sleeping pool thread cost 20-30 us
+// on the 2-core VM (a 576 x 576 product ran slower on 2 threads than on 1), ~120 times per token.
+// The workers spin for a while after each job (decode calls come back to back), then sleep.
+//
+// A job is published as one 64-bit word: generation (24 bits) | chunk count (20) | next chunk (20).
+// A thread claims a chunk by compare-and-swap on the word; a claim that succeeds with an index below
+// the count belongs to that generation's job, whose function and context cannot change before all
+// its chunks are done. Results do not depend on which thread computes a chunk (rows are independent).
+class SpinPool {
+ public:
+  using Fn = void (*)(const void* ctx, int64_t chunk);
+  static constexpr int64_t kMaxChunks = (int64_t(1) << 20) - 1;
+
+  explicit SpinPool(int64_t workers) {
+    for (int64_t t = 0; t < workers; ++t) std::thread([this] { loop(); }).detach();
+    n_workers_ = workers;
+  }
+  int64_t workers() const { return n_workers_; }
+
+  // Runs fn(ctx, c) for c in [0, n) on the calling thread and the workers; false (nothing run) when
+  // another job holds the pool: the caller then runs the chunks itself.
+  bool run(Fn fn, const void* ctx, int64_t n) {
+    if (busy_.exchange(true, std::memory_order_acquire)) return false;
+    fn_ = fn;
+    ctx_ = ctx;
+    done_.store(0, std::memory_order_relaxed);
+    gen_ = (gen_ + 1) & 0xFFFFFF;
+    const uint64_t g = gen_;
+    word_.store((g << 40) | (uint64_t(n) << 20), std::memory_order_seq_cst);
+    if (sleeping_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lk(mu_);
+      cv_.notify_all();
+    }
+    drain(g);
+    while (done_.load(std::memory_order_acquire) < n) pause();
+    busy_.store(false, std::memory_order_release);
+    return true;
+  }
+
+ private:
+  static inline void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+  static uint64_t gen_of(uint64_t w) { return w >> 40; }
+
+  void drain(uint64_t g) {
+    for (;;) {
+      uint64_t w = word_.load(std::memory_order_acquire);
+      if (gen_of(w) != g) return;
+      const int64_t n = int64_t((w >> 20) & kMaxChunks), c = int64_t(w & kMaxChunks);
+      if (c >= n) return;
+      if (!word_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel)) continue;
+      fn_(ctx_, c);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = gen_of(word_.load(std::memory_order_acquire));
+    for (;;) {
+      // spin ~0.5 ms (checking the clock every 256 pauses), then sleep until the next job
+      auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(500);
+      uint64_t g = seen;
+      for (int64_t i = 1; (g = gen_of(word_.load(std::memory_order_acquire))) == seen; ++i) {
+        pause();
+        if ((i & 255) == 0 && std::chrono::steady_clock::now() > until) {
+          std::unique_lock<std::mutex> lk(mu_);
+          sleeping_.fetch_add(1, std::memory_order_seq_cst);
+          cv_.wait(lk, [&] { return gen_of(word_.load(std::memory_order_seq_cst)) != seen; });
+          sleeping_.fetch_sub(1, std::memory_order_seq_cst);
+        }
+      }
+      seen = g;
+      drain(g);
+    }
+  }
+
+  std::atomic<uint64_t> word_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleeping_{0};
+  std::atomic<bool> busy_{false};
+  Fn fn_ = nullptr;
+  const void* ctx_ = nullptr;
+  uint64_t gen_ = 0;
+  int64_t n_workers_ = 0;
+  std::mutex mu_;
+  std::condition_variable cv_;
 };
 
-// run(b, e) over output rows [0, O) in chunks of a multiple of `align`, on the pool's threads.
+static int64_t kernel_threads(ffi::ThreadPool& pool) {
+  static const int64_t threads = [&] {  // MTP_KERNEL_THREADS caps the threads (0/unset: XLA's count)
+    const char* env = std::getenv("MTP_KERNEL_THREADS");
+    const int64_t cap = env ? std::atoll(env) : 0;
+    int64_t t = std::max<int64_t>(1, pool.num_threads());
+    return cap > 0 ? std::min(t, cap) : t;
+  }();
+  return threads;
+}
+
+static SpinPool* spin_pool(int64_t threads) {
+  static SpinPool* pool = threads > 1 ? new SpinPool(threads - 1) : nullptr;  // lives until exit
+  return pool;
+}
+
+// run(b, e) over output rows [0, O) in chunks of a multiple of `align`, on the kernel threads.
 template <class F>
 static void parallel_rows(ffi::ThreadPool& pool, int64_t O, int64_t work_size, int64_t align, F run) {
-  static const int64_t max_threads = [] {  // MTP_KERNEL_THREADS caps the threads (0/unset: all)
-    const char* env = std::getenv("MTP_KERNEL_THREADS");
-    return env ? std::atoll(env) : 0;
-  }();
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (max_threads > 0) threads = std::min(threads, max_threads);
+  int64_t threads = kernel_threads(pool);
   // Small matrices: one thread (the hand-off costs more than it saves).
   if (work_size < (int64_t(1) << 16)) threads = 1;
   const int64_t n_chunks = std::min<int64_t>(threads * 4, std::max<int64_t>(1, O / align));
   const int64_t per = ((O + n_chunks - 1) / n_chunks + align - 1) / align * align;
-  auto chunk = [=](int64_t c) {
-    const int64_t b = c * per, e = std::min(O, b + per);
-    if (b < e) run(b, e);
+  struct Ctx {
+    F* run;
+    int64_t per, O;
+  } ctx{&run, per, O};
+  auto chunk = [](const void* p, int64_t c) {
+    const Ctx& k = *static_cast<const Ctx*>(p);
+    const int64_t b = c * k.per, e = std::min(k.O, b + k.per);
+    if (b < e) (*k.run)(b, e);
   };
-  if (threads == 1 || n_chunks == 1) {
-    for (int64_t c = 0; c < n_chunks; ++c) chunk(c);
-    return;
-  }
-  auto work = std::make_shared<Work>();
-  auto drain = [work, chunk, n_chunks]() {
-    for (int64_t c; (c = work->next.fetch_add(1)) < n_chunks;) {
-      chunk(c);
-      work->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(drain)(drain));  // late helpers find no work
-  drain();
-  while (work->done.load(std::memory_order_acquire) < n_chunks) std::this_thread::yield();
+  SpinPool* sp = threads > 1 && n_chunks > 1 ? spin_pool(kernel_threads(pool)) : nullptr;
+  if (sp && sp->run(chunk, &ctx, n_chunks)) return;
+  for (int64_t c = 0; c < n_chunks; ++c) chunk(&ctx, c);
 }
 
 static ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
