@@ -20,7 +20,9 @@ heads on a pretrained model): head i at position t learns the model's OWN greedy
 i.e. head 1's argmax at position t+i-1 (computed without gradients). That is what exact
 self-speculative decoding checks a draft against, so a head trained on it drafts what the model
 would have written instead of what the corpus says (Medusa-2's self-distillation, from teacher-forced
-prefixes).
+prefixes). ``'self_onpolicy'``: the same targets, kept only where the corpus tokens between t and
+t+i are the model's own too (``on_policy_mask``): decoding verifies a draft after the model's own
+tokens, so targets that follow a token the model would not have written teach the wrong thing.
 
 Training-only savings of the ``'scan'`` loss (exact: the same gradients for everything that trains):
 ``active`` runs only the heads with a nonzero loss weight (a frozen head 1 with weight 0 costs
@@ -57,13 +59,26 @@ def head_targets(tokens_BxT: jax.Array, segment_ids_BxT: jax.Array, n_future: in
     return jnp.stack(targets), jnp.stack(masks)
 
 
-TARGETS = ("data", "self")
+TARGETS = ("data", "self", "self_onpolicy")
 
 
 def self_tokens(tokens_BxT: jax.Array, greedy_BxT: jax.Array) -> jax.Array:
     """The sequence whose token s is the model's greedy prediction for s (from position s-1):
     ``head_targets`` of it give head i the model's own token for t+i."""
     return jnp.concatenate([tokens_BxT[:, :1], greedy_BxT[:, :-1].astype(tokens_BxT.dtype)], axis=1)
+
+
+def on_policy_mask(tokens_BxT: jax.Array, own_BxT: jax.Array, n_future: int) -> jax.Array:
+    """``[N, B, T]``: head i at position t is on the decoding path when the corpus tokens t+1 ..
+    t+i-1 are the model's own greedy tokens (``own_BxT``, from ``self_tokens``): only then is the
+    model's token for t+i, given the corpus prefix, what speculative decoding checks head i's draft
+    against (it verifies after the model's own tokens, not the corpus'). Head 1: always."""
+    agree_BxT = tokens_BxT == own_BxT
+    masks, run_BxT = [jnp.ones_like(agree_BxT)], jnp.ones_like(agree_BxT)
+    for i in range(1, n_future):
+        run_BxT = run_BxT & jnp.pad(agree_BxT[:, i:], ((0, 0), (0, i)))  # token t+i agrees too
+        masks.append(run_BxT)
+    return jnp.stack(masks)
 
 
 def _chunk_len(chunk: int, T: int) -> int:
@@ -99,6 +114,10 @@ def loss_targets(kind: str, tokens_BxT, segment_ids_BxT, n_future: int, greedy_f
         return head_targets(tokens_BxT, segment_ids_BxT, n_future)
     if kind == "self":
         return head_targets(self_tokens(tokens_BxT, greedy_fn()), segment_ids_BxT, n_future)
+    if kind == "self_onpolicy":
+        own_BxT = self_tokens(tokens_BxT, greedy_fn())
+        targets_NxBxT, mask_NxBxT = head_targets(own_BxT, segment_ids_BxT, n_future)
+        return targets_NxBxT, mask_NxBxT & on_policy_mask(tokens_BxT, own_BxT, n_future)
     raise ValueError(f"loss.targets={kind!r} is unknown; use one of {TARGETS}.")
 
 

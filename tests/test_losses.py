@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from helpers import random_tokens, tiny_model
 
-from mtp.losses import compute_loss, head_targets, head_weights
+from mtp.losses import compute_loss, head_targets, head_weights, on_policy_mask, self_tokens
 
 
 def test_targets_and_masks_on_a_packed_sequence():
@@ -142,6 +142,34 @@ def test_self_targets_are_the_models_own_greedy_tokens():
         np.testing.assert_allclose(aux_s["sum_correct"][i], hits.sum())
     l_d, _ = compute_loss("scan", model, tokens, seg, weights, norm, 4)
     assert abs(float(l_d) - float(l_s)) > 1e-3  # the targets really changed
+
+
+def test_on_policy_mask_by_hand():
+    """Head i at t counts only when tokens t+1 .. t+i-1 are the model's own (own[s] == tokens[s])."""
+    tokens = jnp.array([[5, 1, 2, 3, 4, 6]])
+    own = jnp.array([[5, 1, 9, 3, 4, 6]])  # the model would not have written token 2
+    mask = np.asarray(on_policy_mask(tokens, own, 3))
+    assert mask[0].all()
+    np.testing.assert_array_equal(mask[1, 0], [1, 0, 1, 1, 1, 0])  # t+1 == 2 disagrees; past the end
+    np.testing.assert_array_equal(mask[2, 0], [0, 0, 1, 1, 0, 0])
+
+
+def test_on_policy_self_targets_count_only_the_models_own_prefixes():
+    """targets='self_onpolicy': the 'self' targets, masked to positions whose intermediate corpus
+    tokens the model would have written itself (built here by writing its greedy token in)."""
+    model = tiny_model(n_future=3)
+    tokens = np.array(random_tokens(9, (1, 12)))
+    for t in (1, 2, 3, 6, 7):  # make token t+1 the model's own choice after tokens[:t+1]
+        tokens[0, t + 1] = int(jnp.argmax(model(jnp.asarray(tokens), jnp.ones((1, 12), jnp.int32))[0, 0, t]))
+    tokens = jnp.asarray(tokens)
+    seg = jnp.ones_like(tokens)
+    _, mask = head_targets(tokens, seg, 3)
+    norm = mask.sum((1, 2)).astype(jnp.float32)
+    _, aux = compute_loss("scan", model, tokens, seg, jnp.ones(3), norm, 4, "self_onpolicy")
+    own = self_tokens(tokens, jnp.argmax(model(tokens, seg)[0], -1))
+    want = (mask & on_policy_mask(tokens, own, 3)).sum((1, 2))
+    np.testing.assert_array_equal(aux["count"], want)
+    assert 0 < int(want[2]) < int(want[1]) < int(want[0])  # some prefixes are the model's, not all
 
 
 def test_skipping_zero_weight_heads_and_the_frozen_unembedding_keeps_the_gradients():
