@@ -21,6 +21,7 @@ import numpy as np
 from mtp.decode.api import PAD_TO, decode_config, encode_prompt
 from mtp.decode.generate import generate
 from mtp.decode.tree import format_nodes, is_node_list
+from mtp.kernels import rows_matmul, rows_matmul_available
 
 
 def heldout_prompts(data_cfg, n: int = 8, lines: int = 6, seed: int = 0, split: str = "validation") -> list[str]:
@@ -76,15 +77,23 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of a jitted full read (sum) of an array far larger than the caches (best of N)."""
+    """Bytes/s of a full read of an array far larger than the caches (best of N): the faster of a
+    jitted sum (XLA may read it on one thread) and, where the CPU kernels are built, a one-row
+    product with a float32 matrix on all kernel threads (what decoding's products do). The faster
+    read sets the roofline, so a roofline fraction is never flattered by a one-thread probe."""
     x = jnp.ones((n_bytes // 4,), jnp.float32)
-    f = jax.jit(lambda a: jnp.sum(a))
-    f(x).block_until_ready()
+    probes = [jax.jit(jnp.sum)]
+    if rows_matmul_available():
+        x = x.reshape(-1, 1024)
+        row = jnp.ones((1, 1024), jnp.float32)
+        probes = [jax.jit(jnp.sum), jax.jit(lambda a: rows_matmul(row, a, True))]
     best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+    for f in probes:
         f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f(x).block_until_ready()
+            best = min(best, time.perf_counter() - t)
     del x
     return n_bytes / best
 

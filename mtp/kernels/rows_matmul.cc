@@ -161,12 +161,8 @@ static void nn_range(const float* x, const float* w, float* y, int64_t M, int64_
 }
 
 // ---- packed: W [O, I] in blocks of 32 -------------------------------------------------------------
-// Per block b of 32 inputs the product is factorized, as llama.cpp does for these formats:
-//   sum_i x_i (d q_i + m) = d * sum_i x_i q_i + m * sum_i x_i
-// (8-lane sums of groups g = 0..3 of 8: s = fma(x1, q1, x0 q0) + fma(x3, q3, x2 q2);
-// acc = fma(s, d, acc); u4 only, in a second chain: acc_m = fma((x0 + x1) + (x2 + x3), m, acc_m);
-// then acc + acc_m and the fixed lane reduction). Converting q to float is the costly part (1.4x
-// slower when each weight is also scaled and shifted first).
+// Each block of 32 weights is converted to float32 in registers (see pk_tile); converting q to float
+// is the costly part of a one-row product.
 // Packed rows are short (a 576-wide Q4_1 row is 288 bytes): prefetch a fixed distance in bytes, not
 // in rows, or the prefetches arrive too late.
 constexpr int64_t kPrefetchBytes = 16384;
@@ -253,17 +249,22 @@ struct PackU4 {
   }
 };
 
-// Output rows [o_begin, o_end) in slabs of 64, x rows in blocks of 4, 2, 1, one weight row per
-// tile: tile(std::integral_constant<int, MB>{}, m0, o) computes y[m0 .. m0 + MB - 1, o]. One weight
-// row at a time: interleaving 2-4 rows (as "nt" does) ran 1.6-2x slower on rows of 1536+ inputs
-// (576: the same) on the AVX2 VM, whatever the prefetch distance.
-template <class Tile>
+// Output rows [o_begin, o_end) in slabs of 64, x rows in blocks of kMax (4 or 3), then 3, 2, 1; one
+// weight row per tile: tile(std::integral_constant<int, MB>{}, m0, o) computes y[m0 .. m0 + MB - 1, o].
+// One weight row at a time: interleaving 2-4 rows (as "nt" does) ran 1.6-2x slower on rows of 1536+
+// inputs (576: the same) on the AVX2 VM, whatever the prefetch distance.
+template <int kMax, class Tile>
 static void packed_range(Tile tile, int64_t M, int64_t o_begin, int64_t o_end) {
+  static_assert(kMax == 3 || kMax == 4, "tiles of 4 or 3 rows");
   for (int64_t s = o_begin; s < o_end; s += 64) {
     const int64_t e = std::min(s + 64, o_end);
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-      for (int64_t o = s; o < e; ++o) tile(std::integral_constant<int, 4>{}, m, o);
+    for (; m + kMax <= M; m += kMax)
+      for (int64_t o = s; o < e; ++o) tile(std::integral_constant<int, kMax>{}, m, o);
+    if (M - m == 3) {  // 3 rows (a 3-token block) in one tile: each weight block converted once
+      for (int64_t o = s; o < e; ++o) tile(std::integral_constant<int, 3>{}, m, o);
+      m += 3;
+    }
     for (; m + 2 <= M; m += 2)
       for (int64_t o = s; o < e; ++o) tile(std::integral_constant<int, 2>{}, m, o);
     for (; m < M; ++m)
@@ -271,29 +272,36 @@ static void packed_range(Tile tile, int64_t M, int64_t o_begin, int64_t o_end) {
   }
 }
 
-// y[m0 .. m0 + MB - 1, o] with float x; xs: [M, I / 32, 8] lane sums of each block of x,
-// (x0 + x1) + (x2 + x3) (u4 only)
+// y[m0 .. m0 + MB - 1, o] with float x. The block's 32 weights are scaled in registers once,
+// w = q * d (s8: exactly the dequantized float32 weight) or fma(q, d, m) (u4), and shared by the MB x
+// rows: per row only 4 fused multiply-adds a block, into 4 chains (lanes of groups g = 0..3 of 8),
+// reduced as (c0 + c1) + (c2 + c3) and then the fixed lane order. A 2-row block cost 1.2-1.35x one row
+// this way (the factorized d * sum(x q) + m * sum(x) of llama.cpp: ~1.5x, as each row re-scaled its sums).
+// At most 3 rows a tile: 12 accumulators + the weights fill the 16 AVX2 registers.
 template <class P, int MB>
-static void pk_tile(const P& p, const float* x, const float* xs, float* y, int64_t I, int64_t O, int64_t m0,
-                    int64_t o) {
-  v8f acc[MB], acc_m[MB];  // the d * q and the m terms, in two chains
-  for (int mb = 0; mb < MB; ++mb) acc[mb] = acc_m[mb] = splat(0.0f);
+static void pk_tile(const P& p, const float* x, float* y, int64_t I, int64_t O, int64_t m0, int64_t o) {
+  static_assert(MB <= 3, "at most 3 rows: 4 accumulators each");
+  v8f acc[MB][4];
+  for (int mb = 0; mb < MB; ++mb)
+    for (int g = 0; g < 4; ++g) acc[mb][g] = splat(0.0f);
   const int64_t nb = I / 32;
   const bool fetch = o + 1 + p.ahead <= O;
   for (int64_t b = 0; b < nb; ++b) {
     if (fetch && (b & 1) == 0) p.prefetch(o + p.ahead, b);
-    v8f qv[4];
-    p.q4(o, b, qv);
+    v8f wv[4];
+    p.q4(o, b, wv);
     const v8f dv = splat(p.d(o, b));
-    for (int mb = 0; mb < MB; ++mb) {
-      const float* xb = x + (m0 + mb) * I + b * 32;
-      const v8f s01 = fma8(load8(xb + 8), qv[1], load8(xb) * qv[0]);
-      const v8f s23 = fma8(load8(xb + 24), qv[3], load8(xb + 16) * qv[2]);
-      acc[mb] = fma8(s01 + s23, dv, acc[mb]);
-      if (P::kShift) acc_m[mb] = fma8(load8(xs + ((m0 + mb) * nb + b) * 8), splat(p.m(o, b)), acc_m[mb]);
+    if (P::kShift) {
+      const v8f mv = splat(p.m(o, b));
+      for (int g = 0; g < 4; ++g) wv[g] = fma8(wv[g], dv, mv);
+    } else {
+      for (int g = 0; g < 4; ++g) wv[g] = wv[g] * dv;
     }
+    for (int g = 0; g < 4; ++g)
+      for (int mb = 0; mb < MB; ++mb) acc[mb][g] = fma8(load8(x + (m0 + mb) * I + b * 32 + 8 * g), wv[g], acc[mb][g]);
   }
-  for (int mb = 0; mb < MB; ++mb) y[(m0 + mb) * O + o] = hsum8(P::kShift ? acc[mb] + acc_m[mb] : acc[mb]);
+  for (int mb = 0; mb < MB; ++mb)
+    y[(m0 + mb) * O + o] = hsum8((acc[mb][0] + acc[mb][1]) + (acc[mb][2] + acc[mb][3]));
 }
 
 // ---- packed x int8 activations (opt-in: q8x) ----------------------------------------------------------
@@ -548,13 +556,13 @@ static ffi::Error RowsMatmulS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   if (q8x) {
     const XQ xq{xside.q.get(), xside.d.get(), nullptr};
     parallel_rows(pool, O, O * I, kPackedAlign, [=](int64_t b, int64_t e) {
-      packed_range([&](auto mb, int64_t m0, int64_t o) { pq_tile<PackS8, mb>(p, xq, yp, I, O, m0, o); }, M, b, e);
+      packed_range<4>([&](auto mb, int64_t m0, int64_t o) { pq_tile<PackS8, mb>(p, xq, yp, I, O, m0, o); }, M, b, e);
     });
     return ffi::Error::Success();
   }
 #endif
   parallel_rows(pool, O, O * I, kPackedAlign, [=](int64_t b, int64_t e) {
-    packed_range([&](auto mb, int64_t m0, int64_t o) { pk_tile<PackS8, mb>(p, xp, nullptr, yp, I, O, m0, o); }, M, b, e);
+    packed_range<3>([&](auto mb, int64_t m0, int64_t o) { pk_tile<PackS8, mb>(p, xp, yp, I, O, m0, o); }, M, b, e);
   });
   return ffi::Error::Success();
 }
@@ -573,19 +581,19 @@ static ffi::Error RowsMatmulU4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   q8x = q8x && kHaveQ8x;
-  const XSide xside(xp, M, I, q8x, true);
+  const XSide xside(xp, M, I, q8x, q8x);  // the lane sums of x: the int8 path's m term
   const float* xsp = xside.s.get();
 #ifdef __AVX2__
   if (q8x) {
     const XQ xq{xside.q.get(), xside.d.get(), xsp};
     parallel_rows(pool, O, O * I / 2, kPackedAlign, [=](int64_t b, int64_t e) {
-      packed_range([&](auto mb, int64_t m0, int64_t o) { pq_tile<PackU4, mb>(p, xq, yp, I, O, m0, o); }, M, b, e);
+      packed_range<4>([&](auto mb, int64_t m0, int64_t o) { pq_tile<PackU4, mb>(p, xq, yp, I, O, m0, o); }, M, b, e);
     });
     return ffi::Error::Success();
   }
 #endif
   parallel_rows(pool, O, O * I / 2, kPackedAlign, [=](int64_t b, int64_t e) {
-    packed_range([&](auto mb, int64_t m0, int64_t o) { pk_tile<PackU4, mb>(p, xp, xsp, yp, I, O, m0, o); }, M, b, e);
+    packed_range<3>([&](auto mb, int64_t m0, int64_t o) { pk_tile<PackU4, mb>(p, xp, yp, I, O, m0, o); }, M, b, e);
   });
   return ffi::Error::Success();
 }
