@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--draft-vocab", type=int, default=None, help=DRAFT_VOCAB_HELP)
     pe.add_argument("--max-new-tokens", type=int, default=128)
     pe.add_argument("--repeats", type=int, default=1)
+    pe.add_argument("--rounds", type=int, default=3,
+                    help="measure ours and llama.cpp this many times, interleaved; each engine's best round"
+                         " counts (a shared machine's speed drifts; transformers runs once)")
     pe.add_argument("--json", action="store_true")
     pe.set_defaults(func=cmd_bench_peers)
     f = bench.add_parser("faults", help="SIGKILL a run K times, resume, compare with an uninterrupted run")

@@ -23,3 +23,18 @@ def test_bench_train_json_rows():
         assert r["step_time_s"] > 0 and r["peak_bytes"] > 0 and 0 < r["mfu"] < 1
     # the memory-flat loss never needs more temporary memory than materializing all heads' logits
     assert rows[1]["peak_bytes"] <= rows[0]["peak_bytes"]
+
+
+def test_peers_rounds_keep_each_engines_best_round_and_every_rounds_identity():
+    """mtp bench peers --rounds: the faster round's row counts, every round's speed is kept, and
+    'identical to our greedy' must hold in all rounds."""
+    from mtp.bench.peers_bench import _faster
+
+    row = None
+    for tps, same in ((50.0, True), (70.0, False), (60.0, True)):
+        row = _faster(row, {"tokens_per_s": tps, "tokens_per_forward": 1.4, "identical_to_mtp_greedy": same}, 3)
+    assert row["tokens_per_s"] == 70.0 and row["tokens_per_s_rounds"] == [50.0, 70.0, 60.0]
+    assert row["identical_to_mtp_greedy"] is False
+    skipped = {"skipped": "llama-cpp-python not installed"}
+    assert _faster(None, skipped, 3) == skipped
+    assert _faster(None, {"tokens_per_s": 5.0}, 1) == {"tokens_per_s": 5.0}

@@ -1,7 +1,9 @@
 """Hand-written CPU kernels for decoding, called through ``jax.ffi`` (C++ source next to this file).
 
 - ``rows_matmul``: a block of 2..32 rows times a float32 decode matrix, streaming the matrix once
-  (XLA:CPU reads it at a third of the bandwidth for such blocks), split over XLA's intra-op threads.
+  (XLA:CPU reads it at a third of the bandwidth for such blocks), split over the kernel threads
+  (our own workers, which spin between the back-to-back calls of a decode step; ``MTP_KERNEL_THREADS``
+  caps them).
 - ``packed_matmul``: any number of rows times a matrix kept in GGUF blocks (Q8_0/Q4_0 as int8,
   Q4_1 as 4-bit), converted in registers; optionally with int8 activations (``q8x``).
 - ``decode_attention``: batch-1 attention of a decode step or draft block over the KV cache.
