@@ -34,7 +34,8 @@ setup(
         # tests: parity against transformers (CPU torch wheel), statistics for sampling exactness
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "scipy>=1.11", "torch==2.13.0", "transformers>=4.45",
                 "accelerate>=0.26"],
-        # peer benchmark (mtp bench peers): llama.cpp through its Python binding (compiles llama.cpp, ~16 min on 2 cores)
+        # peer benchmark (mtp bench peers): llama.cpp through its Python binding
+        # (compiles llama.cpp, ~16 min on 2 cores)
         "peers": ["llama-cpp-python>=0.3"],
     },
     entry_points={"console_scripts": ["mtp=mtp.cli:main"]},
