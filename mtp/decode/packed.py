@@ -6,9 +6,10 @@ dequantized from, not from float32 copies.
 reading 8-bit or 4-bit blocks instead of float32 cuts the bytes 4-6x. ``pack_exact`` recovers the
 blocks from the float32 matrix and keeps them only when dequantizing them gives back every weight
 bitwise (``d * q`` then ``+ m``, in float32, as gguf's own code does). ``mtp.kernels.packed_matmul``
-multiplies from the blocks (``d * sum(x q) + m * sum(x)`` per block), within float rounding of the
-float32 product and with every row independent of the block size, so decoding from packed weights
-keeps the model's weights exactly and speculative output equal to plain greedy.
+converts each block to float32 weights in registers (``q * d``: the imported weight bit for bit;
+``fma(q, d, m)``: within one rounding of it) and multiplies, within float rounding of the float32
+product and with every row independent of the block size, so decoding from packed weights keeps
+the model's weights and speculative output equal to plain greedy.
 
 Every trunk layer must pack for any packing to happen; the unembedding packs when it can (some
 GGUFs keep it F16/F32). The drafting heads (2..n, trained here in

@@ -1,5 +1,5 @@
 // mtp_rows_matmul: y[M, O] = x[M, I] @ W for a few rows M (decode: 1 token, or a block of draft
-// tokens) and a large float32 matrix W streamed once from memory, split over XLA's intra-op threads.
+// tokens) and a large float32 matrix W streamed once from memory, split over the kernel's own threads (SpinPool).
 //
 //   layout "nt": W is [O, I] (each output's weights contiguous), y[m, o] = dot(x[m, :], W[o, :])
 //   layout "nn": W is [I, O],                                     y[m, o] = sum_i x[m, i] W[i, o]
@@ -372,9 +372,7 @@ class SpinPool {
 
   explicit SpinPool(int64_t workers) {
     for (int64_t t = 0; t < workers; ++t) std::thread([this] { loop(); }).detach();
-    n_workers_ = workers;
   }
-  int64_t workers() const { return n_workers_; }
 
   // Runs fn(ctx, c) for c in [0, n) on the calling thread and the workers; false (nothing run) when
   // another job holds the pool: the caller then runs the chunks itself.
@@ -445,7 +443,6 @@ class SpinPool {
   Fn fn_ = nullptr;
   const void* ctx_ = nullptr;
   uint64_t gen_ = 0;
-  int64_t n_workers_ = 0;
   std::mutex mu_;
   std::condition_variable cv_;
 };
@@ -468,7 +465,8 @@ static SpinPool* spin_pool(int64_t threads) {
 // run(b, e) over output rows [0, O) in chunks of a multiple of `align`, on the kernel threads.
 template <class F>
 static void parallel_rows(ffi::ThreadPool& pool, int64_t O, int64_t work_size, int64_t align, F run) {
-  int64_t threads = kernel_threads(pool);
+  const int64_t all = kernel_threads(pool);
+  int64_t threads = all;
   // Small matrices: one thread (the hand-off costs more than it saves).
   if (work_size < (int64_t(1) << 16)) threads = 1;
   const int64_t n_chunks = std::min<int64_t>(threads * 4, std::max<int64_t>(1, O / align));
@@ -482,7 +480,7 @@ static void parallel_rows(ffi::ThreadPool& pool, int64_t O, int64_t work_size, i
     const int64_t b = c * k.per, e = std::min(k.O, b + k.per);
     if (b < e) (*k.run)(b, e);
   };
-  SpinPool* sp = threads > 1 && n_chunks > 1 ? spin_pool(kernel_threads(pool)) : nullptr;
+  SpinPool* sp = threads > 1 && n_chunks > 1 ? spin_pool(all) : nullptr;
   if (sp && sp->run(chunk, &ctx, n_chunks)) return;
   for (int64_t c = 0; c < n_chunks; ++c) chunk(&ctx, c);
 }
