@@ -192,3 +192,40 @@ def test_a_float_unembedding_stays_float_while_the_trunk_packs(monkeypatch):
     assert not isinstance(weights["unembed"], PackedMatrix) and dw.LAST_PACKING["float32"] == 1
     assert not isinstance(dw.cached_decode_weights(tiny_model(seed=5, n_future=2))["trunk"][0]["wgu"], PackedMatrix)
     assert dw.LAST_PACKING["exact"] == 0  # a float model: nothing packed
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_the_fused_decode_layer_matches_the_unfused_one(kind, monkeypatch):
+    """Batch-1 packed layers run as two fused kernel calls (mtp/kernels/decode_layer.cc): the same
+    hidden states and cache entries as the layer built from XLA operations, within float rounding."""
+    from mtp.decode.cache import forward_layered, init_cache, unstack_cache
+
+    model = gguf_like(tiny_model(seed=2, n_future=3), kind)
+    weights = dw.cached_decode_weights(model)
+    cache = unstack_cache(init_cache(model.spec, 1, 32, 3))
+    cache = {**cache, "trunk_k": [c + 0.1 * jax.random.normal(jax.random.key(i), c.shape)
+                                  for i, c in enumerate(cache["trunk_k"])]}  # a prefix to attend to
+    args = (cache, jnp.array([[5, 9, 11, 4]], jnp.int32), jnp.array([3], jnp.int32), jnp.arange(4),
+            np.tril(np.ones((4, 4), bool)))
+    got = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MTP_FUSED_LAYERS", flag)
+
+        def fwd(c, t, lengths, depth, block):
+            return forward_layered(model, weights, c, t, lengths, depth, block, 3)
+
+        hlo = jax.jit(fwd).lower(*args).as_text()
+        assert hlo.count("mtp_layer_rest") == (5 if flag == "1" else 0)  # 2 trunk layers + 3 heads
+        hidden, new = jax.jit(fwd)(*args)
+        got[flag] = [np.asarray(hidden), *map(np.asarray, new["trunk_k"] + new["trunk_v"] + new["head_v"])]
+    for fused, plain in zip(got["1"], got["0"]):
+        np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fused_layer_names_a_bad_operand():
+    from mtp.kernels.cpu import layer_qkv
+
+    w = PackedMatrix(jnp.zeros((40, 32), jnp.float32), jnp.ones((40, 1), jnp.float32))  # q must be int8/uint8
+    cs = jnp.zeros((1, 4), jnp.float32)
+    with pytest.raises(Exception, match="wqkv: q must be int8"):
+        jax.block_until_ready(layer_qkv(jnp.ones((1, 32)), jnp.ones(32), w, cs, cs, n_heads=3, n_kv_heads=1, eps=1e-5))

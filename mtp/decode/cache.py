@@ -15,14 +15,17 @@ batch axis of 1 to squeeze made XLA copy every layer's cache every step).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp.decode.packed import MATRICES, PackedMatrix
 from mtp.decode.weights import decode_weights, linear, project, simple_head
 from mtp.model.heads import LAYER_HEADS, causal_combine
 from mtp.model.lm import MTPLM
-from mtp.model.transformer import rms_norm, rope
+from mtp.model.transformer import rms_norm, rope, rope_angles
 
 
 def init_cache(spec, batch: int, max_len: int, n_heads: int) -> dict:
@@ -123,11 +126,53 @@ def attend(q_BxTxNxH, k_CxSxH, v_CxSxH, mask_Bx1xTxS):
     return o_CxQxH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
 
 
-def _block_step(lw: dict, spec, x_BxTxD, positions_BxT, mask_Bx1xTxS, k_CxSxH, v_CxSxH, lengths_B, slots_BxT):
+def use_fused_layer(lw: dict, B: int, T: int, H: int, dtype) -> bool:
+    """Whether ``_block_step`` runs the layer as the two fused kernel calls of
+    ``mtp/kernels/decode_layer.cc`` (``layer_qkv``, ``layer_rest``): where the attention kernel
+    runs (batch 1, a decode step or draft block, float32) and all four matrices are packed
+    (``mtp.decode.packed``) with the same activations. ``MTP_FUSED_LAYERS=0`` turns it off."""
+    if os.environ.get("MTP_FUSED_LAYERS", "1") == "0":
+        return False
+    mats = [lw.get(key) for key in MATRICES]
+    if not all(isinstance(w, PackedMatrix) for w in mats) or len({w.q8x for w in mats}) != 1:
+        return False
+    return use_attention_kernel(B, T, H, dtype)
+
+
+def fused_tables(spec, positions_BxT, mask_Bx1xTxS):
+    """What every fused layer of a forward shares (batch 1): RoPE's ``cos``/``sin`` ``[T, H / 2]``
+    (the values ``rope`` uses) and the attention mask ``[T, S]`` as uint8."""
+    angle_TxH2 = rope_angles(positions_BxT[0], spec.resolved_head_dim, spec.rope_theta)
+    return jnp.cos(angle_TxH2), jnp.sin(angle_TxH2), mask_Bx1xTxS[0, 0].astype(jnp.uint8)
+
+
+def _fused_block_step(lw: dict, spec, x_BxTxD, tables, k_CxSxH, v_CxSxH, lengths_B):
+    """``_block_step`` in two kernel calls (``use_fused_layer``); XLA writes the new keys and values
+    into the cache in place between them."""
+    from mtp.kernels.cpu import layer_qkv, layer_rest
+
+    cos_TxH2, sin_TxH2, mask_TxS = tables
+    eps = spec.norm_eps
+    q_TxNxH, k_KxTxH, v_KxTxH = layer_qkv(x_BxTxD[0], lw["attn_norm"], lw["wqkv"], cos_TxH2, sin_TxH2,
+                                          n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, eps=eps)
+    zero = jnp.zeros((), jnp.int32)
+    k_CxSxH = jax.lax.dynamic_update_slice(k_CxSxH, k_KxTxH, (zero, lengths_B[0], zero))
+    v_CxSxH = jax.lax.dynamic_update_slice(v_CxSxH, v_KxTxH, (zero, lengths_B[0], zero))
+    x_TxD = layer_rest(x_BxTxD[0], q_TxNxH, k_CxSxH, v_CxSxH, mask_TxS, lw["wo"], lw["mlp_norm"], lw["wgu"],
+                       lw["wdown"], eps=eps)
+    return x_TxD[None].astype(x_BxTxD.dtype), k_CxSxH, v_CxSxH
+
+
+def _block_step(lw: dict, spec, x_BxTxD, positions_BxT, mask_Bx1xTxS, k_CxSxH, v_CxSxH, lengths_B, slots_BxT,
+                tables=None):
     """One transformer layer (decode layout ``lw``) over the new tokens, writing their keys and
-    values into the per-layer cache (slots ``lengths_b + 0 .. T-1``, inside the cache)."""
+    values into the per-layer cache (slots ``lengths_b + 0 .. T-1``, inside the cache).
+    ``tables``: ``fused_tables`` when the caller computed them once for all layers."""
     B, T, _ = x_BxTxD.shape
     N, K, H, eps = spec.n_heads, spec.n_kv_heads, spec.resolved_head_dim, spec.norm_eps
+    if use_fused_layer(lw, B, T, H, k_CxSxH.dtype):
+        tables = fused_tables(spec, positions_BxT, mask_Bx1xTxS) if tables is None else tables
+        return _fused_block_step(lw, spec, x_BxTxD, tables, k_CxSxH, v_CxSxH, lengths_B)
     qkv_BxTxC = linear(rms_norm(x_BxTxD, lw["attn_norm"], eps), lw["wqkv"])
     q_BxTxNxH = rope(qkv_BxTxC[..., :N * H].reshape(B, T, N, H), positions_BxT, spec.rope_theta)
     k_BxTxKxH = rope(qkv_BxTxC[..., N * H:(N + K) * H].reshape(B, T, K, H), positions_BxT, spec.rope_theta)
@@ -153,10 +198,12 @@ def forward_layered(model: MTPLM, weights: dict, cache: dict, tokens_BxT, length
     mask = cache_mask(lengths_B, block_mask_TxT, S)
     x_BxTxD = weights["embed"][tokens_BxT]
     states = not model.shared_head_input  # heads 2..n read an earlier layer or a mix of all
+    tables = fused_tables(spec, positions_BxT, mask) if tokens_BxT.shape[0] == 1 else None  # unused: dropped
 
     h_BxTxD, trunk_k, trunk_v, outs = x_BxTxD, [], [], []
     for lw, k_c, v_c in zip(weights["trunk"], cache["trunk_k"], cache["trunk_v"]):
-        h_BxTxD, k_c, v_c = _block_step(lw, spec, h_BxTxD, positions_BxT, mask, k_c, v_c, lengths_B, slots_BxT)
+        h_BxTxD, k_c, v_c = _block_step(lw, spec, h_BxTxD, positions_BxT, mask, k_c, v_c, lengths_B, slots_BxT,
+                                        tables)
         trunk_k.append(k_c)
         trunk_v.append(v_c)
         outs.append(h_BxTxD)
@@ -170,7 +217,7 @@ def forward_layered(model: MTPLM, weights: dict, cache: dict, tokens_BxT, length
         hw = weights["heads"][i]
         if spec.head_type in LAYER_HEADS:
             h_i, head_k[i], head_v[i] = _block_step(hw, spec, head_in[i], positions_BxT, mask, head_k[i],
-                                                    head_v[i], lengths_B, slots_BxT)
+                                                    head_v[i], lengths_B, slots_BxT, tables)
         else:
             h_i = simple_head(hw, head_in[i])
         hidden.append(h_i)

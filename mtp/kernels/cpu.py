@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("rows_matmul.cc")
+SOURCE = Path(__file__).with_name("mtp_kernels.cc")  # includes the two below
+SOURCES = [SOURCE, SOURCE.with_name("rows_matmul.cc"), SOURCE.with_name("decode_layer.cc")]
 TARGET = "mtp_rows_matmul"
 TARGETS = {TARGET: "MtpRowsMatmul", "mtp_rows_matmul_s8": "MtpRowsMatmulS8", "mtp_rows_matmul_u4": "MtpRowsMatmulU4",
-           "mtp_decode_attention": "MtpDecodeAttention"}
+           "mtp_decode_attention": "MtpDecodeAttention", "mtp_layer_qkv": "MtpLayerQkv",
+           "mtp_layer_rest": "MtpLayerRest"}
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17", "-w"]
 _STATUS: dict = {"available": None, "reason": "not tried yet", "library": None}
 
@@ -49,9 +51,9 @@ def build(compiler: str | None = None) -> Path:
     if not cxx:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
     include = jax.ffi.include_dir()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), cxx, include, jax.__version__,
+    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES), " ".join(FLAGS), cxx, include, jax.__version__,
                                     _cpu_id()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"rows_matmul-{key}.so"
+    out = cache_dir() / f"mtp_kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,3 +142,36 @@ def decode_attention(q_TxNxH: jax.Array, k_KxSxH: jax.Array, v_KxSxH: jax.Array,
                             vmap_method="sequential")
     return call(q_TxNxH.astype(jnp.float32), k_KxSxH.astype(jnp.float32), v_KxSxH.astype(jnp.float32),
                 mask_TxS.astype(jnp.uint8), scale=np.float32(H ** -0.5))
+
+
+def _packed_args(w) -> tuple:
+    """A ``PackedMatrix``'s operands for the fused layer: q, d and m (an empty m for s8 blocks)."""
+    m = w.m if w.m is not None else jnp.zeros((0, 0), jnp.float32)
+    return w.q, w.d, m
+
+
+def layer_qkv(x_TxD: jax.Array, norm_D: jax.Array, wqkv, cos_TxH2: jax.Array, sin_TxH2: jax.Array, *, n_heads: int,
+              n_kv_heads: int, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The fused first half of a batch-1 decode layer (``decode_layer.cc``): RMSNorm, the packed
+    ``wqkv`` product and RoPE (angles' ``cos``/``sin`` ``[T, H / 2]``) -> ``q [T, N, H]``,
+    ``k [K, T, H]``, ``v [K, T, H]`` (keys and values in the cache's layout)."""
+    T = x_TxD.shape[0]
+    H = 2 * cos_TxH2.shape[-1]
+    out = (jax.ShapeDtypeStruct((T, n_heads, H), jnp.float32),
+           jax.ShapeDtypeStruct((n_kv_heads, T, H), jnp.float32),
+           jax.ShapeDtypeStruct((n_kv_heads, T, H), jnp.float32))
+    call = jax.ffi.ffi_call("mtp_layer_qkv", out, vmap_method="sequential")
+    return call(x_TxD.astype(jnp.float32), norm_D.astype(jnp.float32), *_packed_args(wqkv), cos_TxH2, sin_TxH2,
+                eps=np.float32(eps), q8x=bool(wqkv.q8x))
+
+
+def layer_rest(x_TxD: jax.Array, q_TxNxH: jax.Array, k_KxSxH: jax.Array, v_KxSxH: jax.Array, mask_TxS: jax.Array,
+               wo, mlp_norm_D: jax.Array, wgu, wdown, *, eps: float) -> jax.Array:
+    """The fused second half (``decode_layer.cc``): attention over the cache (already holding the
+    new keys and values), ``x + attn @ wo``, RMSNorm, ``silu(gate) * up``, ``@ wdown`` and the
+    residual -> the layer's output ``[T, D]``."""
+    H = q_TxNxH.shape[-1]
+    call = jax.ffi.ffi_call("mtp_layer_rest", jax.ShapeDtypeStruct(x_TxD.shape, jnp.float32), vmap_method="sequential")
+    return call(x_TxD.astype(jnp.float32), q_TxNxH, k_KxSxH, v_KxSxH, mask_TxS.astype(jnp.uint8), *_packed_args(wo),
+                mlp_norm_D.astype(jnp.float32), *_packed_args(wgu), *_packed_args(wdown), eps=np.float32(eps),
+                scale=np.float32(H ** -0.5), q8x=bool(wo.q8x))

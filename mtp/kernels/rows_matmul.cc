@@ -537,6 +537,72 @@ struct XSide {
   }
 };
 
+// A packed matrix W [O, I]: "s8" (q int8 [O, I], W = d * q) or "u4" (q [O, I / 2], W = d * q + m).
+struct PackedW {
+  const void* q;
+  bool u4;
+  const float* d;  // [O, I / 32]
+  const float* m;  // [O, I / 32] (u4), else unused
+  int64_t O, I;
+};
+
+// Checks one packed operand (q int8 [O, I], or uint8 [O, I / 2] with m [O, I / 32]; d [O, I / 32])
+// against the input size I; `name` and `what` go into the message.
+static ffi::Error packed_operand(const std::string& name, const char* what, ffi::AnyBuffer q,
+                                 ffi::Buffer<ffi::F32> d, ffi::Buffer<ffi::F32> m, int64_t I, PackedW* w) {
+  const auto qd = q.dimensions(), dd = d.dimensions(), md = m.dimensions();
+  const std::string where = name + ": " + what;
+  if (I % 32 != 0) return ffi::Error::InvalidArgument(where + ": the input size must be a multiple of 32");
+  if (dd.size() != 2 || dd[1] != I / 32) return ffi::Error::InvalidArgument(where + ": d must be [O, I / 32]");
+  const int64_t O = dd[0];
+  const bool u4 = q.element_type() == ffi::DataType::U8;
+  if (!u4 && q.element_type() != ffi::DataType::S8)
+    return ffi::Error::InvalidArgument(where + ": q must be int8 (s8 blocks) or uint8 (u4 blocks)");
+  if (qd.size() != 2 || qd[0] != O || qd[1] != (u4 ? I / 2 : I))
+    return ffi::Error::InvalidArgument(where + (u4 ? ": q must be [O, I / 2]" : ": q must be [O, I]"));
+  if (u4 && (md.size() != 2 || md[0] != O || md[1] != I / 32))
+    return ffi::Error::InvalidArgument(where + ": m must be [O, I / 32]");
+  *w = PackedW{q.untyped_data(), u4, d.typed_data(), u4 ? m.typed_data() : nullptr, O, I};
+  return ffi::Error::Success();
+}
+
+// y [M, O] = x [M, I] @ W.T for a packed W, on the kernel threads.
+static void packed_product(ffi::ThreadPool& pool, const PackedW& w, const float* xp, int64_t M, float* yp,
+                           bool q8x) {
+  const int64_t I = w.I, O = w.O;
+  q8x = q8x && kHaveQ8x;
+  const XSide xside(xp, M, I, q8x, q8x && w.u4);  // the lane sums of x: the int8 path's u4 m term
+  if (w.u4) {
+    const PackU4 p{static_cast<const uint8_t*>(w.q), w.d, w.m, I, I / 32, ahead_rows(I / 2)};
+#ifdef __AVX2__
+    if (q8x) {
+      const XQ xq{xside.q.get(), xside.d.get(), xside.s.get()};
+      parallel_rows(pool, O, O * I / 2, kPackedAlign, [=](int64_t b, int64_t e) {
+        packed_range<4>([&](auto mb, int64_t m0, int64_t o) { pq_tile<PackU4, mb>(p, xq, yp, I, O, m0, o); }, M, b, e);
+      });
+      return;
+    }
+#endif
+    parallel_rows(pool, O, O * I / 2, kPackedAlign, [=](int64_t b, int64_t e) {
+      packed_range<3>([&](auto mb, int64_t m0, int64_t o) { pk_tile<PackU4, mb>(p, xp, yp, I, O, m0, o); }, M, b, e);
+    });
+    return;
+  }
+  const PackS8 p{static_cast<const int8_t*>(w.q), w.d, nullptr, I, I / 32, ahead_rows(I)};
+#ifdef __AVX2__
+  if (q8x) {
+    const XQ xq{xside.q.get(), xside.d.get(), nullptr};
+    parallel_rows(pool, O, O * I, kPackedAlign, [=](int64_t b, int64_t e) {
+      packed_range<4>([&](auto mb, int64_t m0, int64_t o) { pq_tile<PackS8, mb>(p, xq, yp, I, O, m0, o); }, M, b, e);
+    });
+    return;
+  }
+#endif
+  parallel_rows(pool, O, O * I, kPackedAlign, [=](int64_t b, int64_t e) {
+    packed_range<3>([&](auto mb, int64_t m0, int64_t o) { pk_tile<PackS8, mb>(p, xp, yp, I, O, m0, o); }, M, b, e);
+  });
+}
+
 static ffi::Error RowsMatmulS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                                ffi::Buffer<ffi::F32> d, ffi::ResultBuffer<ffi::F32> y, bool q8x) {
   int64_t M, I, O;
@@ -545,23 +611,8 @@ static ffi::Error RowsMatmulS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   const auto qd = q.dimensions();
   if (qd.size() != 2 || qd[0] != O || qd[1] != I)
     return ffi::Error::InvalidArgument("mtp_rows_matmul_s8: q must be [O, I]");
-  const PackS8 p{q.typed_data(), d.typed_data(), nullptr, I, I / 32, ahead_rows(I)};
-  const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  q8x = q8x && kHaveQ8x;
-  const XSide xside(xp, M, I, q8x, false);
-#ifdef __AVX2__
-  if (q8x) {
-    const XQ xq{xside.q.get(), xside.d.get(), nullptr};
-    parallel_rows(pool, O, O * I, kPackedAlign, [=](int64_t b, int64_t e) {
-      packed_range<4>([&](auto mb, int64_t m0, int64_t o) { pq_tile<PackS8, mb>(p, xq, yp, I, O, m0, o); }, M, b, e);
-    });
-    return ffi::Error::Success();
-  }
-#endif
-  parallel_rows(pool, O, O * I, kPackedAlign, [=](int64_t b, int64_t e) {
-    packed_range<3>([&](auto mb, int64_t m0, int64_t o) { pk_tile<PackS8, mb>(p, xp, yp, I, O, m0, o); }, M, b, e);
-  });
+  packed_product(pool, PackedW{q.typed_data(), false, d.typed_data(), nullptr, O, I}, x.typed_data(), M,
+                 y->typed_data(), q8x);
   return ffi::Error::Success();
 }
 
@@ -575,24 +626,8 @@ static ffi::Error RowsMatmulU4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   const auto md = m.dimensions();
   if (qd.size() != 2 || qd[0] != O || qd[1] != I / 2 || md.size() != 2 || md[0] != O || md[1] != I / 32)
     return ffi::Error::InvalidArgument("mtp_rows_matmul_u4: q must be [O, I / 2] and m [O, I / 32]");
-  const PackU4 p{q.typed_data(), d.typed_data(), m.typed_data(), I, I / 32, ahead_rows(I / 2)};
-  const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  q8x = q8x && kHaveQ8x;
-  const XSide xside(xp, M, I, q8x, q8x);  // the lane sums of x: the int8 path's m term
-  const float* xsp = xside.s.get();
-#ifdef __AVX2__
-  if (q8x) {
-    const XQ xq{xside.q.get(), xside.d.get(), xsp};
-    parallel_rows(pool, O, O * I / 2, kPackedAlign, [=](int64_t b, int64_t e) {
-      packed_range<4>([&](auto mb, int64_t m0, int64_t o) { pq_tile<PackU4, mb>(p, xq, yp, I, O, m0, o); }, M, b, e);
-    });
-    return ffi::Error::Success();
-  }
-#endif
-  parallel_rows(pool, O, O * I / 2, kPackedAlign, [=](int64_t b, int64_t e) {
-    packed_range<3>([&](auto mb, int64_t m0, int64_t o) { pk_tile<PackU4, mb>(p, xp, yp, I, O, m0, o); }, M, b, e);
-  });
+  packed_product(pool, PackedW{q.typed_data(), true, d.typed_data(), m.typed_data(), O, I}, x.typed_data(), M,
+                 y->typed_data(), q8x);
   return ffi::Error::Success();
 }
 
@@ -601,25 +636,16 @@ static ffi::Error RowsMatmulU4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
 // kv(n) = n / (N / K) (grouped-query attention). Every (t, n) is computed by the same operations in j
 // order whatever T is, so a token's attention inside a block of drafts is bitwise the same as alone
 // (XLA:CPU's batched dots and softmax sums were not: a few ulps apart for another T or cache length).
-static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                                  ffi::Buffer<ffi::U8> mask, ffi::ResultBuffer<ffi::F32> out, float scale) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
-  if (qd.size() != 3 || kd.size() != 3 || md.size() != 2)
-    return ffi::Error::InvalidArgument("mtp_decode_attention: q [T, N, H], k/v [K, S, H], mask [T, S]");
-  const int64_t T = qd[0], N = qd[1], H = qd[2], K = kd[0], S = kd[1];
-  if (kd[2] != H || md[0] != T || md[1] != S || N % K != 0 || H % 8 != 0)
-    return ffi::Error::InvalidArgument("mtp_decode_attention: shapes do not match (H must be a multiple of 8)");
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
-  const uint8_t* mp = mask.typed_data();
-  float* op = out->typed_data();
+// Query heads [n_begin, n_end) of every token; the heads are split over the kernel threads.
+static void attend_heads(const float* qp, const float* kp, const float* vp, const uint8_t* mp, float* op,
+                         int64_t T, int64_t N, int64_t H, int64_t K, int64_t S, float scale, int64_t n_begin,
+                         int64_t n_end) {
   const int64_t G = N / K, HV = H / 8;
   std::unique_ptr<float[]> sc(new float[S]);
   std::unique_ptr<v8f[]> acc(new v8f[HV]);
   for (int64_t t = 0; t < T; ++t) {
     const uint8_t* mrow = mp + t * S;
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t n = n_begin; n < n_end; ++n) {
       const float* qv = qp + (t * N + n) * H;
       const float* kh = kp + (n / G) * S * H;
       const float* vh = vp + (n / G) * S * H;
@@ -645,6 +671,26 @@ static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32>
       for (int64_t c = 0; c < HV; ++c) store8(o + 8 * c, acc[c] * splat(inv));
     }
   }
+}
+
+static void attention(ffi::ThreadPool& pool, const float* qp, const float* kp, const float* vp, const uint8_t* mp,
+                      float* op, int64_t T, int64_t N, int64_t H, int64_t K, int64_t S, float scale) {
+  parallel_rows(pool, N, T * N * S * H * 2, 1, [=](int64_t b, int64_t e) {
+    attend_heads(qp, kp, vp, mp, op, T, N, H, K, S, scale, b, e);
+  });
+}
+
+static ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                  ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::U8> mask, ffi::ResultBuffer<ffi::F32> out,
+                                  float scale) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || md.size() != 2)
+    return ffi::Error::InvalidArgument("mtp_decode_attention: q [T, N, H], k/v [K, S, H], mask [T, S]");
+  const int64_t T = qd[0], N = qd[1], H = qd[2], K = kd[0], S = kd[1];
+  if (kd[2] != H || md[0] != T || md[1] != S || N % K != 0 || H % 8 != 0)
+    return ffi::Error::InvalidArgument("mtp_decode_attention: shapes do not match (H must be a multiple of 8)");
+  attention(pool, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), out->typed_data(), T, N, H, K,
+            S, scale);
   return ffi::Error::Success();
 }
 
@@ -677,6 +723,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpRowsMatmulU4, RowsMatmulU4,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -65,10 +65,15 @@ def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
     return (causal_TxT[None] & same_BxTxT)[:, None]
 
 
+def rope_angles(positions_xT: jax.Array, H: int, theta: float) -> jax.Array:
+    """RoPE's angles ``[..., T, H / 2]``: position times ``theta ** (-2i / H)``, float32."""
+    freq_H2 = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+    return positions_xT[..., None].astype(jnp.float32) * freq_H2
+
+
 def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
     H = x_BxTxNxH.shape[-1]
-    freq_H2 = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
-    angle_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * freq_H2
+    angle_BxTxH2 = rope_angles(positions_BxT, H, theta)
     sin, cos = jnp.sin(angle_BxTxH2)[:, :, None], jnp.cos(angle_BxTxH2)[:, :, None]
     x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
