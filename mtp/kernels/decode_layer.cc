@@ -118,10 +118,15 @@ static ffi::Error LayerRest(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   for (int64_t i = 0; i < T * D; ++i) yp[i] = xp[i] + s.b[i];  // h = x + attn @ Wo (kept in out)
   rms_norm_rows(yp, norm.typed_data(), s.a.get(), T, D, eps);
   packed_product(pool, wgu, s.a.get(), T, s.b.get(), q8x);  // [T, 2F]: gate, then up
-  for (int64_t t = 0; t < T; ++t) {                        // silu(gate) * up, as jax.nn.silu
+  for (int64_t t = 0; t < T; ++t) {                        // silu(gate) * up: gate / (1 + exp(-gate)) * up
     const float* g = s.b.get() + t * 2 * F;
     float* a = s.a.get() + t * F;
-    for (int64_t i = 0; i < F; ++i) a[i] = (g[i] * (1.0f / (1.0f + std::exp(-g[i])))) * g[F + i];
+    int64_t i = 0;
+    for (; i + 8 <= F; i += 8) {
+      const v8f gv = load8(g + i);
+      store8(a + i, (gv / (splat(1.0f) + exp8(splat(0.0f) - gv))) * load8(g + F + i));
+    }
+    for (; i < F; ++i) a[i] = (g[i] / (1.0f + std::exp(-g[i]))) * g[F + i];
   }
   packed_product(pool, wdn, s.a.get(), T, s.b.get(), q8x);
   for (int64_t i = 0; i < T * D; ++i) yp[i] = yp[i] + s.b[i];
