@@ -229,3 +229,24 @@ def test_the_fused_layer_names_a_bad_operand():
     cs = jnp.zeros((1, 4), jnp.float32)
     with pytest.raises(Exception, match="wqkv: q must be int8"):
         jax.block_until_ready(layer_qkv(jnp.ones((1, 32)), jnp.ones(32), w, cs, cs, n_heads=3, n_kv_heads=1, eps=1e-5))
+
+
+def test_a_long_prompt_prefills_through_float32_layers_with_the_same_output(monkeypatch):
+    """Packed weights keep float32 layers beside them for prompts of PREFILL_FLOAT_MIN_ROWS rows or
+    more (XLA's matrix products); decode steps stay packed, and speculative output equals greedy."""
+    model = gguf_like(tiny_model(seed=2, n_future=3), "Q4_1")
+    prompts = [list(range(3, 3 + dw.PREFILL_FLOAT_MIN_ROWS + 5))]
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MTP_PREFILL_FLOAT", flag)
+        outs[flag] = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=12), pad_to=16).tokens
+        weights = dw.cached_decode_weights(model)
+        assert dw.LAST_PACKING["prefill"] == ("float32" if flag == "1" else "packed")
+        assert ("prefill" in weights) == (flag == "1")
+        assert isinstance(weights["trunk"][0]["wqkv"], PackedMatrix)
+    assert not isinstance(weights["prefill"]["trunk"][0]["wqkv"], PackedMatrix)
+    assert dw.prefill_weights(weights, dw.PREFILL_FLOAT_MIN_ROWS)["trunk"] is weights["prefill"]["trunk"]
+    assert dw.prefill_weights(weights, 8)["trunk"] is weights["trunk"]  # short prompts stay packed
+    assert outs["1"] == outs["0"]  # the same weights; only the products' rounding differs
+    spec = generate(model, prompts, DecodeConfig("speculative", 3, None, max_new_tokens=12), pad_to=16)
+    assert spec.tokens == outs["1"]

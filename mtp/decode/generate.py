@@ -37,7 +37,7 @@ from mtp.decode.cache import (
     unstack_cache,
 )
 from mtp.decode.tree import DraftTree, build_tree, build_tree_nodes, is_node_list
-from mtp.decode.weights import cached_decode_weights, draft_unembed, linear, project
+from mtp.decode.weights import cached_decode_weights, draft_unembed, linear, prefill_weights, project
 from mtp.model.transformer import rms_norm
 
 MODES = ("greedy", "sample", "speculative", "speculative_sample")
@@ -253,8 +253,8 @@ def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: Deco
     # Prefill: the prompt as one causal block at lengths 0.
     zeros_B = jnp.zeros((B,), jnp.int32)
     causal = np.tril(np.ones((P, P), bool))
-    hidden_HxBxPxD, cache = forward_layered(model, weights, cache, tokens_BxP, zeros_B, np.arange(P), causal,
-                                            fwd_heads)
+    hidden_HxBxPxD, cache = forward_layered(model, prefill_weights(weights, B * P), cache, tokens_BxP, zeros_B,
+                                            np.arange(P), causal, fwd_heads)
     last_HxBxD = jnp.take_along_axis(hidden_HxBxPxD, (lengths_B - 1)[None, :, None, None], axis=2)[:, :, 0]
     logits1_BxV = project(weights, last_HxBxD[0], eps)
     key, k0 = jax.random.split(key)

@@ -161,18 +161,54 @@ def cached_decode_weights(model) -> dict:
     out_in = weights_out_in(model.spec)
     enabled = packing_enabled() and jnp.dtype(model.spec.dtype) == jnp.float32
     q8x = enabled and activations_int8()
-    leaves = [out_in, enabled, q8x, *jax.tree.leaves(state)]  # the layout and packing are part of the key
-    if _LAST and len(_LAST[0][0]) == len(leaves) and all(a is b for a, b in zip(_LAST[0][0], leaves)):
+    prefill = os.environ.get("MTP_PREFILL_FLOAT", "1"), os.environ.get("MTP_PREFILL_FLOAT_MAX_BYTES")
+    leaves = [out_in, enabled, q8x, prefill, *jax.tree.leaves(state)]  # the layout and packing are part of the key
+    if _LAST and len(_LAST[0][0]) == len(leaves) and _LAST[0][0][:4] == leaves[:4] \
+            and all(a is b for a, b in zip(_LAST[0][0][4:], leaves[4:])):
         return _LAST[0][1]
     report = {"exact": 0}
     if enabled and may_pack(model):
         weights, report = pack_decode_weights(_decode_weights_jit(graphdef, state, True), q8x)
     if not report["exact"]:
         weights = _decode_weights_jit(graphdef, state, out_in)
+    else:  # float32 layers for prompt prefills (prefill_weights), within a memory budget
+        report["prefill"] = "packed"
+        n_bytes = sum(4 * int(np.prod(a.shape)) for a in jax.tree.leaves(
+            [weights["trunk"], weights["heads"]], is_leaf=lambda a: isinstance(a, PackedMatrix)))
+        if os.environ.get("MTP_PREFILL_FLOAT", "1") != "0" and n_bytes <= int(
+                os.environ.get("MTP_PREFILL_FLOAT_MAX_BYTES", PREFILL_FLOAT_MAX_BYTES)):
+            floats = _decode_weights_jit(graphdef, state, False)
+            weights = {**weights, "prefill": {"trunk": floats["trunk"], "heads": floats["heads"]}}
+            report["prefill"] = "float32"
     LAST_PACKING.clear()
     LAST_PACKING.update(report)
     _LAST[:] = [(leaves, weights)]
     return weights
+
+
+def has_packed(weights: dict) -> bool:
+    return any(isinstance(a, PackedMatrix) for a in jax.tree.leaves(weights["trunk"], is_leaf=lambda a: isinstance(
+        a, PackedMatrix)))
+
+
+PREFILL_FLOAT_MAX_BYTES = 4 << 30  # float32 prefill layers kept beside packed ones up to this size
+# below this many rows a prefill streams the float32 layers (4-6x the packed bytes) for little work:
+# the packed kernel is as fast (SmolLM2: 16 rows 55 ms packed, ~90 ms float32; 32 rows 105 / 91)
+PREFILL_FLOAT_MIN_ROWS = 32
+
+
+def prefill_weights(weights: dict, n_rows: int) -> dict:
+    """The weights a prefill of ``n_rows`` prompt rows multiplies with: with packed decode weights,
+    the float32 ``[in, out]`` layers ``cached_decode_weights`` kept beside them (the same values:
+    packing is exact), so the prompt goes through XLA's matrix-matrix products; decode steps keep
+    the packed weights. The packed kernel converts each block for every 3 rows: a 64-row SmolLM2
+    prefill took 200 ms that way and 80-110 ms with float32 layers, 128 rows 471 and ~155 ms
+    (2026-12-02); under ``PREFILL_FLOAT_MIN_ROWS`` rows the prefill stays packed.
+    ``MTP_PREFILL_FLOAT=0`` keeps no float32 layers; ``MTP_PREFILL_FLOAT_MAX_BYTES`` caps them."""
+    floats = weights.get("prefill")
+    if n_rows < PREFILL_FLOAT_MIN_ROWS or floats is None:
+        return weights
+    return {**weights, "trunk": floats["trunk"], "heads": floats["heads"]}
 
 
 def step_bytes(weights: dict) -> int:
