@@ -38,3 +38,23 @@ def test_peers_rounds_keep_each_engines_best_round_and_every_rounds_identity():
     skipped = {"skipped": "llama-cpp-python not installed"}
     assert _faster(None, skipped, 3) == skipped
     assert _faster(None, {"tokens_per_s": 5.0}, 1) == {"tokens_per_s": 5.0}
+
+
+def test_peers_rows_time_the_decode_steps_apart_from_the_prefill():
+    """The greedy rows also report the decode loop's own rate (a 1-token generation of each prompt
+    timed as its prefill), and the table shows it against the roofline beside the whole rate."""
+    import types
+
+    from helpers import tiny_model
+
+    from mtp.bench.peers_bench import _run_ours, format_table
+    from mtp.decode.generate import DecodeConfig
+
+    loaded = types.SimpleNamespace(model=tiny_model(seed=1))
+    row, outs = _run_ours(loaded, [[5, 6, 7], [8, 9]], DecodeConfig("greedy", max_new_tokens=6), 1, decode_rate=True)
+    assert [len(o) for o in outs] == [6, 6] and row["tokens_per_forward"] == 1.0
+    assert row["decode_tokens_per_s"] > 0 and row["tokens_per_s"] > 0
+    row.update(roofline_tokens_per_s=1e6, fraction_of_roofline=row["tokens_per_s"] / 1e6, step_bytes=1000,
+               decode_fraction_of_roofline=row["decode_tokens_per_s"] / 1e6)
+    text = format_table({"rows": {"mtp greedy": row}, "read_bandwidth_gb_s": 1.0})
+    assert "decode steps alone" in text and "mtp greedy" in text
