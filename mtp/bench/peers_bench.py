@@ -91,21 +91,25 @@ def bench_ours(loaded, prompt_ids, max_new: int, heads: int, tree, repeats: int,
         rows[label], spec = _run_ours(loaded, prompt_ids, dc, repeats)
         rows[label]["identical_to_mtp_greedy"] = spec == greedy
         log(f"  {label}: {rows[label]['tokens_per_s']:.2f} tokens/s")
-    if packed:
-        old = os.environ.get("MTP_PACKED_WEIGHTS")
-        os.environ["MTP_PACKED_WEIGHTS"] = "0"
-        try:
-            label = "mtp greedy (float32 weights)"
-            step_bytes[label] = decode_weights_used(loaded)["step_bytes"]
-            dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new, stop_at_eos=False)
-            rows[label], out = _run_ours(loaded, prompt_ids, dc, repeats, decode_rate=True)
-            rows[label]["identical_to_mtp_greedy"] = out == greedy
-            log(f"  {label}: {rows[label]['tokens_per_s']:.2f} tokens/s")
-        finally:
-            if old is None:
-                os.environ.pop("MTP_PACKED_WEIGHTS", None)
-            else:
-                os.environ["MTP_PACKED_WEIGHTS"] = old
+    if packed:  # the same greedy from float32 weights, and with llama.cpp's int8 activations (lossy)
+        for label, env, value in (("mtp greedy (float32 weights)", "MTP_PACKED_WEIGHTS", "0"),
+                                  ("mtp greedy (GGUF blocks, int8 activations)", "MTP_PACKED_ACTIVATIONS", "int8")):
+            old = os.environ.get(env)
+            os.environ[env] = value
+            try:
+                step_bytes[label] = decode_weights_used(loaded)["step_bytes"]
+                dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new, stop_at_eos=False)
+                rows[label], out = _run_ours(loaded, prompt_ids, dc, repeats, decode_rate=True)
+                if env == "MTP_PACKED_WEIGHTS":
+                    rows[label]["identical_to_mtp_greedy"] = out == greedy
+                else:  # not the float model's output any more: how far it follows it
+                    rows[label]["agreement_with_mtp_greedy"] = _agreement(greedy, out)
+                log(f"  {label}: {rows[label]['tokens_per_s']:.2f} tokens/s")
+            finally:
+                if old is None:
+                    os.environ.pop(env, None)
+                else:
+                    os.environ[env] = old
     return rows, greedy, {**step_bytes, "packing": used["packing"]}
 
 
