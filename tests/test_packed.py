@@ -250,3 +250,12 @@ def test_a_long_prompt_prefills_through_float32_layers_with_the_same_output(monk
     assert outs["1"] == outs["0"]  # the same weights; only the products' rounding differs
     spec = generate(model, prompts, DecodeConfig("speculative", 3, None, max_new_tokens=12), pad_to=16)
     assert spec.tokens == outs["1"]
+
+
+def test_the_float32_prefill_layers_respect_their_memory_budget(monkeypatch):
+    model = gguf_like(tiny_model(seed=4, n_future=2), "Q8_0")
+    monkeypatch.setenv("MTP_PREFILL_FLOAT_MAX_BYTES", "1000")  # smaller than the tiny model's layers
+    assert "prefill" not in dw.cached_decode_weights(model) and dw.LAST_PACKING["prefill"] == "packed"
+    monkeypatch.setenv("MTP_PREFILL_FLOAT_MAX_BYTES", "lots")
+    with pytest.raises(ValueError, match="MTP_PREFILL_FLOAT_MAX_BYTES='lots'"):
+        dw.cached_decode_weights(model)

@@ -40,6 +40,10 @@ CACHE_RESIDENT_BYTES = 1 << 20  # an MLP matrix below this stays in cache from t
 # there (against ~18 GB/s for one row), a fused multiply + row-sum at 9-12 GB/s for any such block
 FUSED_ROWS_MAX = 32
 KERNEL_MIN_BYTES = 1 << 20  # smaller matrices stay in cache: XLA's own products are as fast there
+PREFILL_FLOAT_MAX_BYTES = 4 << 30  # float32 prefill layers kept beside packed ones up to this size
+# below this many rows a prefill streams the float32 layers (4-6x the packed bytes) for little work:
+# the packed kernel is as fast (SmolLM2: 16 rows 55 ms packed, ~90 ms float32; 32 rows 105 / 91)
+PREFILL_FLOAT_MIN_ROWS = 32
 
 
 def use_kernel(x_MxI: jax.Array, w: jax.Array) -> bool:
@@ -175,8 +179,7 @@ def cached_decode_weights(model) -> dict:
         report["prefill"] = "packed"
         n_bytes = sum(4 * int(np.prod(a.shape)) for a in jax.tree.leaves(
             [weights["trunk"], weights["heads"]], is_leaf=lambda a: isinstance(a, PackedMatrix)))
-        if os.environ.get("MTP_PREFILL_FLOAT", "1") != "0" and n_bytes <= int(
-                os.environ.get("MTP_PREFILL_FLOAT_MAX_BYTES", PREFILL_FLOAT_MAX_BYTES)):
+        if os.environ.get("MTP_PREFILL_FLOAT", "1") != "0" and n_bytes <= _prefill_budget():
             floats = _decode_weights_jit(graphdef, state, False)
             weights = {**weights, "prefill": {"trunk": floats["trunk"], "heads": floats["heads"]}}
             report["prefill"] = "float32"
@@ -186,15 +189,13 @@ def cached_decode_weights(model) -> dict:
     return weights
 
 
-def has_packed(weights: dict) -> bool:
-    return any(isinstance(a, PackedMatrix) for a in jax.tree.leaves(weights["trunk"], is_leaf=lambda a: isinstance(
-        a, PackedMatrix)))
-
-
-PREFILL_FLOAT_MAX_BYTES = 4 << 30  # float32 prefill layers kept beside packed ones up to this size
-# below this many rows a prefill streams the float32 layers (4-6x the packed bytes) for little work:
-# the packed kernel is as fast (SmolLM2: 16 rows 55 ms packed, ~90 ms float32; 32 rows 105 / 91)
-PREFILL_FLOAT_MIN_ROWS = 32
+def _prefill_budget() -> int:
+    value = os.environ.get("MTP_PREFILL_FLOAT_MAX_BYTES", str(PREFILL_FLOAT_MAX_BYTES))
+    try:
+        return int(float(value))
+    except ValueError:
+        raise ValueError(f"MTP_PREFILL_FLOAT_MAX_BYTES={value!r}: give a number of bytes (e.g. 4e9), or set"
+                         " MTP_PREFILL_FLOAT=0 to keep no float32 prefill layers.") from None
 
 
 def prefill_weights(weights: dict, n_rows: int) -> dict:
