@@ -7,12 +7,16 @@
 - ``packed_matmul``: any number of rows times a matrix kept in GGUF blocks (Q8_0/Q4_0 as int8,
   Q4_1 as 4-bit), converted in registers; optionally with int8 activations (``q8x``).
 - ``decode_attention``: batch-1 attention of a decode step or draft block over the KV cache.
+- ``layer_qkv`` / ``layer_rest`` (``decode_layer.cc``, in ``mtp.kernels.cpu``): a whole batch-1
+  decode layer with packed weights in two calls (norms, RoPE, attention, SiLU and residuals
+  fused around the packed products).
 
 Each computes every output row by the same operations whatever the number of rows, so a token's
-logits are bitwise the same alone and inside a speculative block. The library is built on first
-use with the system's C++ compiler (``-O3 -march=native``) into ``~/.cache/mtp/kernels`` and
-registered as FFI targets; where that is not possible (no compiler, another backend than CPU,
-``MTP_CPU_KERNELS=0``) decoding uses XLA's own operations, with a warning naming the reason.
+logits are bitwise the same alone and inside a speculative block. The library (one unit,
+``mtp_kernels.cc``) is built on first use with the system's C++ compiler (``-O3 -march=native``)
+into ``~/.cache/mtp/kernels`` and registered as FFI targets; where that is not possible (no
+compiler, another backend than CPU, ``MTP_CPU_KERNELS=0``) decoding uses XLA's own operations,
+with a warning naming the reason.
 """
 
 from mtp.kernels.cpu import decode_attention, kernel_status, packed_matmul, rows_matmul, rows_matmul_available
