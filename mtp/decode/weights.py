@@ -170,19 +170,18 @@ def cached_decode_weights(model) -> dict:
     if _LAST and len(_LAST[0][0]) == len(leaves) and _LAST[0][0][:4] == leaves[:4] \
             and all(a is b for a, b in zip(_LAST[0][0][4:], leaves[4:])):
         return _LAST[0][1]
-    report = {"exact": 0}
+    report, floats = {"exact": 0}, None
     if enabled and may_pack(model):
-        weights, report = pack_decode_weights(_decode_weights_jit(graphdef, state, True), q8x)
+        floats = _decode_weights_jit(graphdef, state, True)
+        weights, report = pack_decode_weights(floats, q8x)
     if not report["exact"]:
-        weights = _decode_weights_jit(graphdef, state, out_in)
-    else:  # float32 layers for prompt prefills (prefill_weights), within a memory budget
-        report["prefill"] = "packed"
-        n_bytes = sum(4 * int(np.prod(a.shape)) for a in jax.tree.leaves(
-            [weights["trunk"], weights["heads"]], is_leaf=lambda a: isinstance(a, PackedMatrix)))
-        if os.environ.get("MTP_PREFILL_FLOAT", "1") != "0" and n_bytes <= _prefill_budget():
-            floats = _decode_weights_jit(graphdef, state, False)
-            weights = {**weights, "prefill": {"trunk": floats["trunk"], "heads": floats["heads"]}}
-            report["prefill"] = "float32"
+        weights = floats if floats is not None and out_in else _decode_weights_jit(graphdef, state, out_in)
+    else:  # the float32 layers the blocks were packed from serve prompt prefills (prefill_weights)
+        layers = {"trunk": floats["trunk"], "heads": floats["heads"]}
+        keep = os.environ.get("MTP_PREFILL_FLOAT", "1") != "0" and sum(
+            int(a.nbytes) for a in jax.tree.leaves(layers)) <= _prefill_budget()
+        weights = {**weights, "prefill": layers} if keep else weights
+        report["prefill"] = "float32" if keep else "packed"
     LAST_PACKING.clear()
     LAST_PACKING.update(report)
     _LAST[:] = [(leaves, weights)]
@@ -200,10 +199,10 @@ def _prefill_budget() -> int:
 
 def prefill_weights(weights: dict, n_rows: int) -> dict:
     """The weights a prefill of ``n_rows`` prompt rows multiplies with: with packed decode weights,
-    the float32 ``[in, out]`` layers ``cached_decode_weights`` kept beside them (the same values:
+    the float32 layers ``cached_decode_weights`` packed them from, kept beside them (the same values:
     packing is exact), so the prompt goes through XLA's matrix-matrix products; decode steps keep
     the packed weights. The packed kernel converts each block for every 3 rows: a 64-row SmolLM2
-    prefill took 200 ms that way and 80-110 ms with float32 layers, 128 rows 471 and ~155 ms
+    prefill took 200 ms that way and 56-80 ms with float32 layers, 128 rows 471 and 98-155 ms
     (2026-12-02); under ``PREFILL_FLOAT_MIN_ROWS`` rows the prefill stays packed.
     ``MTP_PREFILL_FLOAT=0`` keeps no float32 layers; ``MTP_PREFILL_FLOAT_MAX_BYTES`` caps them."""
     floats = weights.get("prefill")

@@ -62,7 +62,7 @@ static ffi::Error LayerQkv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
       cd[1] != H / 2 || !same_dims(sin.dimensions(), cd) || !same_dims(v_out->dimensions(), kd))
     return ffi::Error::InvalidArgument(name + ": the shapes of x, the norm, q, k, v, cos and sin do not agree");
   PackedW w;
-  if (auto err = packed_operand(name, "wqkv", wq, wd, wm, D, &w); err.failure()) return err;
+  if (auto err = packed_operand(name, "wqkv", wq, wd, &wm, D, &w); err.failure()) return err;
   const int64_t C = (N + 2 * K) * H;
   if (w.O != C) return ffi::Error::InvalidArgument(name + ": wqkv must have (N + 2K) * H outputs");
   Scratch s(T * D, T * C);
@@ -103,10 +103,10 @@ static ffi::Error LayerRest(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     return ffi::Error::InvalidArgument(name + ": the shapes of x, q, the cache, the mask and the norm do not agree"
                                        " (H must be a multiple of 8)");
   PackedW wo, wgu, wdn;
-  if (auto err = packed_operand(name, "wo", wo_q, wo_d, wo_m, N * H, &wo); err.failure()) return err;
-  if (auto err = packed_operand(name, "wgu", gu_q, gu_d, gu_m, D, &wgu); err.failure()) return err;
+  if (auto err = packed_operand(name, "wo", wo_q, wo_d, &wo_m, N * H, &wo); err.failure()) return err;
+  if (auto err = packed_operand(name, "wgu", gu_q, gu_d, &gu_m, D, &wgu); err.failure()) return err;
   const int64_t F = wgu.O / 2;
-  if (auto err = packed_operand(name, "wdown", dn_q, dn_d, dn_m, F, &wdn); err.failure()) return err;
+  if (auto err = packed_operand(name, "wdown", dn_q, dn_d, &dn_m, F, &wdn); err.failure()) return err;
   if (wo.O != D || wdn.O != D || wgu.O != 2 * F)
     return ffi::Error::InvalidArgument(name + ": wo and wdown must have D outputs, wgu 2F (gate, then up)");
   const float* xp = x.typed_data();

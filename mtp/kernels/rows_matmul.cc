@@ -529,18 +529,6 @@ static ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
   return ffi::Error::Success();
 }
 
-// Shapes of a packed product: x [M, I], d (and m) [O, I / 32]; q checked by the caller.
-static ffi::Error PackedShapes(const char* name, ffi::Span<const int64_t> xd, ffi::Span<const int64_t> dd,
-                               int64_t* M, int64_t* I, int64_t* O) {
-  if (xd.size() != 2 || dd.size() != 2) return ffi::Error::InvalidArgument(std::string(name) + ": x and d must be 2-D");
-  *M = xd[0];
-  *I = xd[1];
-  *O = dd[0];
-  if (*I % 32 != 0 || dd[1] != *I / 32)
-    return ffi::Error::InvalidArgument(std::string(name) + ": the input size must be 32 * d's columns");
-  return ffi::Error::Success();
-}
-
 // The x side of a packed product: float rows, or (q8x) the rows quantized to int8 blocks.
 struct XSide {
   std::unique_ptr<int8_t[]> q;
@@ -572,10 +560,10 @@ struct PackedW {
 };
 
 // Checks one packed operand (q int8 [O, I], or uint8 [O, I / 2] with m [O, I / 32]; d [O, I / 32])
-// against the input size I; `name` and `what` go into the message.
+// against the input size I; `m` may be null (s8 only); `name` and `what` go into the message.
 static ffi::Error packed_operand(const std::string& name, const char* what, ffi::AnyBuffer q,
-                                 ffi::Buffer<ffi::F32> d, ffi::Buffer<ffi::F32> m, int64_t I, PackedW* w) {
-  const auto qd = q.dimensions(), dd = d.dimensions(), md = m.dimensions();
+                                 ffi::Buffer<ffi::F32> d, const ffi::Buffer<ffi::F32>* m, int64_t I, PackedW* w) {
+  const auto qd = q.dimensions(), dd = d.dimensions();
   const std::string where = name + ": " + what;
   if (I % 32 != 0) return ffi::Error::InvalidArgument(where + ": the input size must be a multiple of 32");
   if (dd.size() != 2 || dd[1] != I / 32) return ffi::Error::InvalidArgument(where + ": d must be [O, I / 32]");
@@ -585,9 +573,9 @@ static ffi::Error packed_operand(const std::string& name, const char* what, ffi:
     return ffi::Error::InvalidArgument(where + ": q must be int8 (s8 blocks) or uint8 (u4 blocks)");
   if (qd.size() != 2 || qd[0] != O || qd[1] != (u4 ? I / 2 : I))
     return ffi::Error::InvalidArgument(where + (u4 ? ": q must be [O, I / 2]" : ": q must be [O, I]"));
-  if (u4 && (md.size() != 2 || md[0] != O || md[1] != I / 32))
+  if (u4 && (!m || m->dimensions().size() != 2 || m->dimensions()[0] != O || m->dimensions()[1] != I / 32))
     return ffi::Error::InvalidArgument(where + ": m must be [O, I / 32]");
-  *w = PackedW{q.untyped_data(), u4, d.typed_data(), u4 ? m.typed_data() : nullptr, O, I};
+  *w = PackedW{q.untyped_data(), u4, d.typed_data(), u4 ? m->typed_data() : nullptr, O, I};
   return ffi::Error::Success();
 }
 
@@ -628,32 +616,27 @@ static void packed_product(ffi::ThreadPool& pool, const PackedW& w, const float*
   });
 }
 
-static ffi::Error RowsMatmulS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
-                               ffi::Buffer<ffi::F32> d, ffi::ResultBuffer<ffi::F32> y, bool q8x) {
-  int64_t M, I, O;
-  if (auto err = PackedShapes("mtp_rows_matmul_s8", x.dimensions(), d.dimensions(), &M, &I, &O); err.failure())
-    return err;
-  const auto qd = q.dimensions();
-  if (qd.size() != 2 || qd[0] != O || qd[1] != I)
-    return ffi::Error::InvalidArgument("mtp_rows_matmul_s8: q must be [O, I]");
-  packed_product(pool, PackedW{q.typed_data(), false, d.typed_data(), nullptr, O, I}, x.typed_data(), M,
-                 y->typed_data(), q8x);
+// y = x [M, I] @ W.T for a packed W ("s8": q, d; "u4": q, d, m).
+static ffi::Error PackedMatmul(const std::string& name, ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x,
+                               ffi::AnyBuffer q, ffi::Buffer<ffi::F32> d, const ffi::Buffer<ffi::F32>* m,
+                               ffi::ResultBuffer<ffi::F32> y, bool q8x) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument(name + ": x must be [M, I]");
+  PackedW w;
+  if (auto err = packed_operand(name, "W", q, d, m, xd[1], &w); err.failure()) return err;
+  packed_product(pool, w, x.typed_data(), xd[0], y->typed_data(), q8x);
   return ffi::Error::Success();
 }
 
-static ffi::Error RowsMatmulU4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
+static ffi::Error RowsMatmulS8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                               ffi::Buffer<ffi::F32> d, ffi::ResultBuffer<ffi::F32> y, bool q8x) {
+  return PackedMatmul("mtp_rows_matmul_s8", pool, x, q, d, nullptr, y, q8x);
+}
+
+static ffi::Error RowsMatmulU4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
                                ffi::Buffer<ffi::F32> d, ffi::Buffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> y,
                                bool q8x) {
-  int64_t M, I, O;
-  if (auto err = PackedShapes("mtp_rows_matmul_u4", x.dimensions(), d.dimensions(), &M, &I, &O); err.failure())
-    return err;
-  const auto qd = q.dimensions();
-  const auto md = m.dimensions();
-  if (qd.size() != 2 || qd[0] != O || qd[1] != I / 2 || md.size() != 2 || md[0] != O || md[1] != I / 32)
-    return ffi::Error::InvalidArgument("mtp_rows_matmul_u4: q must be [O, I / 2] and m [O, I / 32]");
-  packed_product(pool, PackedW{q.typed_data(), true, d.typed_data(), m.typed_data(), O, I}, x.typed_data(), M,
-                 y->typed_data(), q8x);
-  return ffi::Error::Success();
+  return PackedMatmul("mtp_rows_matmul_u4", pool, x, q, d, &m, y, q8x);
 }
 
 // ---- decode attention (batch 1) ----------------------------------------------------------------------
@@ -732,7 +715,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpRowsMatmulS8, RowsMatmulS8,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("q8x"));
@@ -741,7 +724,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MtpRowsMatmulU4, RowsMatmulU4,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
