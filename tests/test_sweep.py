@@ -21,7 +21,6 @@ from mtp.sweep.run import (
     PointFailed,
     SubprocessRunner,
     collect,
-    default_prompts,
     run_points,
 )
 
@@ -293,20 +292,3 @@ def test_real_sweep_trains_and_resumes(tmp_path, capsys):
     assert sweep_main(args) == 0
     assert "n_future=2: finished earlier" in capsys.readouterr().err
     assert (d / "eval.json").stat().st_mtime_ns == mtime
-
-    from mtp.sweep.grid import point_config
-
-    cfg = point_config(TINY, make_grid(["model.n_future=1"])[0])
-    prompts = default_prompts(cfg.data, n=2, max_chars=120)
-    assert len(prompts) == 2 and all(0 < len(p) <= 120 for p in prompts)
-
-
-def test_synthetic_task_prompts_are_its_validation_prompts():
-    from mtp.config import load_config
-    from mtp.data import synthetic
-
-    cfg = load_config(str(Path(__file__).resolve().parent.parent / "configs" / "induction.py"))
-    cfg.data.synthetic_val_examples = 5
-    prompts = default_prompts(cfg.data, n=3)
-    assert prompts == [e.prompt for e in synthetic.task_examples(cfg.data, "validation")[:3]]
-    assert all(p.endswith("|") for p in prompts)

@@ -12,68 +12,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp.data.prompts import heldout_prompts, read_prompts
 from mtp.decode.api import PAD_TO, decode_config, encode_prompt
 from mtp.decode.generate import generate
 from mtp.decode.tree import format_nodes, is_node_list
 from mtp.kernels import rows_matmul, rows_matmul_available
-
-
-def heldout_prompts(data_cfg, n: int = 8, lines: int = 6, seed: int = 0, split: str = "validation") -> list[str]:
-    """``n`` code prompts from the validation split of a data config: each starts at a ``def`` or
-    ``class`` line of a different held-out file and runs ``lines`` lines (files the model never
-    trained on, picked deterministically). ``split='train'``: the same from training files (what
-    draft-tree calibration uses, so it never sees the benchmark's prompts)."""
-    import random
-
-    from mtp.data.corpus import list_files, read_text, split_of
-
-    files = list_files(data_cfg)
-    val = [p for p in files.relative_paths if split_of(p, files.val_fraction) == split]
-    rng = random.Random(seed)
-    rng.shuffle(val)
-    prompts = []
-    for rel in val:
-        text = read_text(files.root / rel)
-        if not text:
-            continue
-        src = text.splitlines(keepends=True)
-        starts = [i for i, line in enumerate(src) if line.lstrip().startswith(("def ", "class "))]
-        if not starts:
-            continue
-        i = rng.choice(starts)
-        prompt = "".join(src[i:i + lines])
-        if 40 <= len(prompt) <= 600:
-            prompts.append(prompt)
-        if len(prompts) == n:
-            break
-    if not prompts:
-        raise ValueError(f"No {split} prompts found in data.source={data_cfg.source!r}; pass --prompts FILE.jsonl.")
-    return prompts
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    if not Path(path).is_file():
-        raise ValueError(f"--prompts {path}: no such file; write one {{\"prompt\": \"...\"}} per line.")
-    prompts = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not JSON ({e.msg}); expected {{\"prompt\": \"...\"}} per line.") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-            raise ValueError(f"{path}:{i}: expected an object with a non-empty string \"prompt\".")
-        prompts.append(row["prompt"])
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts; write one {{\"prompt\": \"...\"}} per line.")
-    return prompts
 
 
 def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:

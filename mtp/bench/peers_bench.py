@@ -19,14 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mtp.bench.decode_bench import (
-    block_products,
-    decode_weights_used,
-    heldout_prompts,
-    measure_read_bandwidth,
-    read_prompts,
-    tree_text,
-)
+from mtp.bench.decode_bench import block_products, decode_weights_used, measure_read_bandwidth, tree_text
+from mtp.data.prompts import heldout_prompts, read_prompts
 
 
 def _threads() -> int:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp.data.prompts import heldout_prompts
 from mtp.decode.tree import format_nodes
 
 DEFAULT_NODES = 16
@@ -70,7 +71,6 @@ def rank_counts(loaded, heads: int, *, n_prompts: int = 16, max_new_tokens: int 
     """Counts of every rank-path prefix over greedy continuations of training-split prompts."""
     from flax import nnx
 
-    from mtp.bench.decode_bench import heldout_prompts
     from mtp.decode.api import PAD_TO, decode_config, encode_prompt
     from mtp.decode.generate import generate
 

@@ -55,8 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="print one shell command per unfinished point (for cluster launchers) and exit")
     p.add_argument("--report-only", action="store_true", help="train nothing; rewrite the results")
     p.add_argument("--prompts", default=None, metavar="FILE.jsonl",
-                   help='tokens/forward prompts, {"prompt": ...} per line (default: the first lines of'
-                        " a few held-out files)")
+                   help='tokens/forward prompts, {"prompt": ...} per line (default: held-out snippets of'
+                        " the data, as in `mtp bench decode`)")
     p.add_argument("--tpf-prompts", type=int, default=4, help="held-out prompts for tokens/forward")
     p.add_argument("--tpf-max-new-tokens", type=int, default=64)
     p.add_argument("--no-tpf", action="store_true", help="do not measure tokens per forward")

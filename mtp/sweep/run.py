@@ -31,6 +31,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from mtp.data.prompts import heldout_prompts, read_prompts
 from mtp.sweep.grid import Point, point_config
 
 POINT_FILE = "sweep_point.json"
@@ -211,44 +212,6 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def default_prompts(data_cfg, n: int = 4, max_chars: int = 256) -> list[str]:
-    """The first lines (up to ``max_chars``) of the first ``n`` held-out (validation) files; for a
-    synthetic task (induction, polynomial), the prompts of its first ``n`` validation examples."""
-    from mtp.data import synthetic
-    from mtp.data.corpus import assign_splits, list_files, read_text
-
-    if synthetic.is_synthetic(str(data_cfg.source)):
-        return [e.prompt[:max_chars] for e in synthetic.task_examples(data_cfg, "validation")[:n]]
-    files = list_files(data_cfg)
-    held_out = sorted(assign_splits(list(files.relative_paths), files.val_fraction)["validation"])
-    prompts = []
-    for rel in held_out:
-        text = read_text(files.root / rel)
-        if not text or not text.strip():
-            continue
-        snippet = ""
-        for line in text.splitlines(keepends=True):
-            if snippet and len(snippet) + len(line) > max_chars:
-                break
-            snippet += line
-        prompts.append(snippet[:max_chars])
-        if len(prompts) == n:
-            break
-    return prompts
-
-
-def load_prompts(path: str | Path) -> list[str]:
-    """``{"prompt": ...}`` per line of a JSONL file."""
-    prompts = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            obj = json.loads(line)
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise ValueError(f"{path}:{i}: expected {{\"prompt\": \"...\"}}")
-            prompts.append(obj["prompt"])
-    return prompts
-
-
 @dataclasses.dataclass
 class TPFOptions:
     enabled: bool = True
@@ -311,11 +274,11 @@ class TokensPerForward:
         if self.options.prompts_file:
             key = "file"
             if key not in self._prompts:
-                self._prompts[key] = load_prompts(self.options.prompts_file)
+                self._prompts[key] = read_prompts(self.options.prompts_file)
         else:
             key = json.dumps(cfg.data.to_dict(), sort_keys=True, default=str)
             if key not in self._prompts:
-                self._prompts[key] = default_prompts(cfg.data, self.options.n_prompts)
+                self._prompts[key] = heldout_prompts(cfg.data, self.options.n_prompts)
         return self._prompts[key]
 
     def __call__(self, cfg, point_dir: Path) -> tuple[float | None, str | None]:
