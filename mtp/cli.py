@@ -22,26 +22,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from mtp.config_files import resolve_config_path
+
 DRAFT_VOCAB_HELP = ("speculative: heads 2..k draft among the N most frequent training tokens (0: the whole"
                      " vocabulary; default 8192 when the vocabulary is >= 4x larger); the output is the same")
 TREE_HELP = ("draft tree: widths per depth (3,2,1), sparse rank paths (0;1;0.0), or auto[:N] (an N-node tree"
              " calibrated on this model, cached in the workdir); default: a chain")
-
-
-def resolve_config_path(value: str | None) -> Path:
-    if not value:
-        return CONFIG_DIR / "default.py"
-    path = Path(value)
-    if path.exists() or path.suffix == ".py":
-        return path
-    named = CONFIG_DIR / f"{value}.py"
-    if named.exists():
-        return named
-    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__"))
-    raise SystemExit(f"mtp: no config {value!r}: not a file and not one of configs/{{{available}}}.py")
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -8,24 +8,8 @@ layer L-1 is the model's own next-token head (``heads[0]``), so logits equal the
 See docs/pretrained.md.
 """
 
-from __future__ import annotations
-
-
-class ConvertError(ValueError):
-    """A source file that cannot be imported; the message names the tensor (or key) and what was
-    expected. Raised before anything is written to the target workdir."""
-
-
-def convert_gguf(path, workdir, **kwargs):
-    from mtp.convert.gguf_import import convert_gguf as _convert
-
-    return _convert(path, workdir, **kwargs)
-
-
-def convert_hf(path, workdir, **kwargs):
-    from mtp.convert.hf_import import convert_hf as _convert
-
-    return _convert(path, workdir, **kwargs)
-
+from mtp.convert.gguf_import import convert_gguf
+from mtp.convert.hf_import import convert_hf
+from mtp.convert.llama_map import ConvertError
 
 __all__ = ["ConvertError", "convert_gguf", "convert_hf"]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mtp.convert import ConvertError
 from mtp.convert.llama_map import (
     HF_NAMES,
+    ConvertError,
     LlamaHParams,
     build_params,
     check_shape,

@@ -23,9 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mtp.convert import ConvertError
-
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConvertError(ValueError):
+    """A source file that cannot be imported; the message names the tensor (or key) and what was
+    expected. Raised before anything is written to the target workdir."""
+
 
 # role (our parameter path below trunk/heads, or a top-level name) -> source name templates
 LAYER_ROLES = ("attn_norm.scale", "attn.wq", "attn.wk", "attn.wv", "attn.wo",

@@ -8,9 +8,7 @@ import numpy as np
 
 from mtp.decode.calibrate import calibrated_tree, parse_auto
 from mtp.decode.draft_vocab import draft_ids
-from mtp.decode.generate import DecodeConfig, GenerateResult, generate
-
-PAD_TO = 64  # prompts are padded to a multiple of this: one compilation per length bucket
+from mtp.decode.generate import PAD_TO, DecodeConfig, GenerateResult, generate
 
 
 def decode_config(loaded, *, mode: str = "greedy", heads: int | None = None, tree=None,

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp.data.prompts import heldout_prompts
+from mtp.decode.generate import PAD_TO, DecodeConfig, generate
 from mtp.decode.tree import format_nodes
 
 DEFAULT_NODES = 16
@@ -71,14 +72,12 @@ def rank_counts(loaded, heads: int, *, n_prompts: int = 16, max_new_tokens: int 
     """Counts of every rank-path prefix over greedy continuations of training-split prompts."""
     from flax import nnx
 
-    from mtp.decode.api import PAD_TO, decode_config, encode_prompt
-    from mtp.decode.generate import generate
-
     prompts = heldout_prompts(loaded.cfg.data, n=n_prompts, seed=1, split="train")
     max_new_tokens = min(max_new_tokens, loaded.spec.max_seq_len // 2)
-    dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new_tokens, stop_at_eos=False)
+    dc = DecodeConfig(mode="greedy", max_new_tokens=max_new_tokens)  # no EOS stop: every row runs to the end
     graphdef, state = nnx.split(loaded.model)
-    prompt_ids = [encode_prompt(loaded, text)[-(loaded.spec.max_seq_len - max_new_tokens):] for text in prompts]
+    keep = loaded.spec.max_seq_len - max_new_tokens
+    prompt_ids = [loaded.tokenizer.encode(text)[-keep:] for text in prompts]  # snippets: never empty
     if log:
         log(f"  calibrating draft tree: greedy continuations of {len(prompts)} prompts (one batch)")
     outs = generate(loaded.model, prompt_ids, dc, pad_to=PAD_TO).tokens

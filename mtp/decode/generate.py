@@ -42,6 +42,8 @@ from mtp.model.transformer import rms_norm
 
 MODES = ("greedy", "sample", "speculative", "speculative_sample")
 
+PAD_TO = 64  # prompts are padded to a multiple of this: one compilation per length bucket
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:

@@ -18,6 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from mtp.config_files import resolve_config_path
 from mtp.sweep.grid import SIZES, SweepError, make_grid
 from mtp.sweep.run import (
     SWEEP_FILE,
@@ -79,7 +80,6 @@ def _stored(args, overrides: list[str]) -> tuple[str | None, list[str], list[str
 
 
 def run(args, overrides: list[str] | None = None) -> int:
-    from mtp.cli import resolve_config_path
     from mtp.sweep.report import write_report
 
     if overrides is None:
