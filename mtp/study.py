@@ -28,19 +28,16 @@ as ``study.<time>.json`` and the study starts over.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
+
+from mtp.log import log
 
 DATA_SOURCES = {
     "code": {"source": "stdlib", "glob": "**/*.py"},
     # English prose that Debian-family machines carry locally: package documentation in Markdown
     "text": {"source": "/usr/share/doc", "glob": "**/*.md"},
 }
-
-
-def _log(msg: str) -> None:
-    print(f"[study] {msg}", file=sys.stderr, flush=True)
 
 
 def data_overrides(data: str) -> dict:
@@ -98,7 +95,7 @@ def _train_row(cfg) -> Path:
     workdir = Path(cfg.workdir)
     done = workdir / "eval.json"
     if done.exists() and json.loads(done.read_text()).get("step") == cfg.train.steps:
-        _log(f"{cfg.name}: already trained, reusing {workdir}")
+        log(f"{cfg.name}: already trained, reusing {workdir}", prefix="study")
     else:
         train(cfg)
     return workdir
@@ -152,11 +149,11 @@ def _resume(out: Path, settings: dict) -> tuple[list[dict], dict | None]:
         old = {}
     if old.get("settings") == settings:
         rows = old.get("rows", [])
-        _log(f"resuming: {len(rows)} rows already in {path}")
+        log(f"resuming: {len(rows)} rows already in {path}", prefix="study")
         return rows, old.get("ntp")
     keep = out / f"study.{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.rename(keep)
-    _log(f"{path} was written with other settings: kept as {keep.name}, starting over")
+    log(f"{path} was written with other settings: kept as {keep.name}, starting over", prefix="study")
     return [], None
 
 
@@ -176,7 +173,7 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
     base = load_model(src)
     L = base.spec.trunk_layers
     if base.spec.n_future != 1:
-        _log(f"note: {src} has n_future={base.spec.n_future}; the study treats head 1 as the NTP model")
+        log(f"note: {src} has n_future={base.spec.n_future}; the study treats head 1 as the NTP model", prefix="study")
     layers = sorted(set(layers or [max(1, L // 3), max(1, 2 * L // 3), L]))
     bad = [x for x in layers if not 1 <= x <= L]
     if bad:
@@ -225,7 +222,7 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
                     seqs = heldout_sequences(base, dover, n=max(1, positions // 8), seq_len=seq_len)
                     per_seq = max(1, positions // max(len(seqs), 1))
                 truncation = "per_step" if m ** (k - 1) <= max_paths else "beam"
-                _log(f"marginal m={m} k={k} ({truncation}), {len(seqs)} sequences x {per_seq} positions")
+                log(f"marginal m={m} k={k} ({truncation}), {len(seqs)} sequences x {per_seq} positions", prefix="study")
                 res = marginal_eval(base.model, seqs, ks=(k,), ms=(m,), positions_per_seq=per_seq,
                                     truncation=truncation, progress=True)
                 r = res["rows"][0]
@@ -239,9 +236,9 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
         save()
     for name, model, trainable, weights in trained:
         if have(name):
-            _log(f"{name}: already in study.json")
+            log(f"{name}: already in study.json", prefix="study")
             continue
-        _log(f"{name}: training {steps} steps ({trainable})")
+        log(f"{name}: training {steps} steps ({trainable})", prefix="study")
         cfg = _row_config(src, out, name, model=model, trainable=trainable, head_weights=weights,
                           backbone_lr_scale=joint_lr_scale, **common)
         wd = _train_row(cfg)
@@ -257,7 +254,7 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
     result["complete"] = True
     save()
     plot_study(result, out / "study.png")
-    _log(f"wrote {out}/study.json, study.md, study.png in {time.time() - started:.0f} s")
+    log(f"wrote {out}/study.json, study.md, study.png in {time.time() - started:.0f} s", prefix="study")
     return result
 
 

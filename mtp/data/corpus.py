@@ -27,17 +27,14 @@ from typing import ClassVar
 import ml_collections
 import tensorflow_datasets as tfds
 
+from mtp.log import log
+
 STDLIB = "stdlib"
 SPLITS = ("train", "validation")
 _HASH_BUCKETS = 10_000
 _EXCLUDED_DIRS = frozenset({"__pycache__"})
 _STDLIB_EXCLUDED_DIRS = _EXCLUDED_DIRS | {"site-packages", "dist-packages"}
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-def log(message: str) -> None:
-    """Short progress line on stderr, so stdout stays free for the caller's output."""
-    print(f"[mtp.data] {message}", file=sys.stderr, flush=True)
 
 
 def resolve_cache_dir(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
@@ -261,12 +258,12 @@ def build_corpus(data_cfg: ml_collections.ConfigDict) -> TextFiles:
     with _quiet_tfds():
         builder = TextFiles(corpus=corpus, data_dir=data_dir)
         if (builder.data_path / "dataset_info.json").exists():
-            log(f"corpus {corpus.name}: reusing {builder.data_dir}")
+            log(f"corpus {corpus.name}: reusing {builder.data_dir}", prefix="mtp.data")
             return builder
         log(
             f"corpus {corpus.name}: {len(corpus.relative_paths)} files, "
             f"{corpus.total_bytes / 1e6:.1f} MB under {corpus.root}; "
-            f"building ArrayRecord in {builder.data_dir}"
+            f"building ArrayRecord in {builder.data_dir}", prefix="mtp.data"
         )
         start = time.perf_counter()
         builder.download_and_prepare(
@@ -280,6 +277,6 @@ def build_corpus(data_cfg: ml_collections.ConfigDict) -> TextFiles:
     skipped = builder.info.metadata.get("skipped", {})
     log(
         f"corpus {corpus.name}: built in {time.perf_counter() - start:.1f} s ({counts} files; "
-        f"skipped {skipped.get('empty', 0)} empty, {skipped.get('not_utf8', 0)} not UTF-8)"
+        f"skipped {skipped.get('empty', 0)} empty, {skipped.get('not_utf8', 0)} not UTF-8)", prefix="mtp.data"
     )
     return builder

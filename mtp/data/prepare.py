@@ -20,9 +20,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mtp.data.corpus import SPLITS, build_corpus, log, resolve_cache_dir
+from mtp.data.corpus import SPLITS, build_corpus, resolve_cache_dir
 from mtp.data.synthetic import check_synthetic_config, is_synthetic, synthetic_corpus
 from mtp.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from mtp.log import log
 
 REQUIRED_KEYS = (
     "source",
@@ -194,7 +195,7 @@ def load_or_tokenize(
     else:
         start = time.perf_counter()
         stats = _tokenize_split(source, tokenizer, directory, split)
-        log(f"tokens: {split} tokenized in {time.perf_counter() - start:.1f} s: {stats}")
+        log(f"tokens: {split} tokenized in {time.perf_counter() - start:.1f} s: {stats}", prefix="mtp.data")
     return TokenizedDocuments(directory, split), stats
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from mtp.data.corpus import log
+from mtp.log import log
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # Bump when the trainer options below change, so old cached models are not reused.
@@ -143,14 +143,14 @@ def load_or_train_tokenizer(
     """
     path = cache_dir / "tokenizers" / corpus_name / f"{_RECIPE}-v{vocab_size}-c{max_chars}.model"
     if path.exists():
-        log(f"tokenizer: reusing {path}")
+        log(f"tokenizer: reusing {path}", prefix="mtp.data")
         return Tokenizer(path)
     start = time.perf_counter()
     sample = training_sample(documents, max_chars)
     log(
         f"tokenizer: training BPE vocab {vocab_size} on {sum(map(len, sample)) / 1e6:.1f}M chars "
-        f"of {len(sample)} train files"
+        f"of {len(sample)} train files", prefix="mtp.data"
     )
     tokenizer = train_tokenizer(sample, path, vocab_size)
-    log(f"tokenizer: trained in {time.perf_counter() - start:.1f} s -> {path}")
+    log(f"tokenizer: trained in {time.perf_counter() - start:.1f} s -> {path}", prefix="mtp.data")
     return tokenizer

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from mtp.config_files import resolve_config_path
+from mtp.log import log
 from mtp.sweep.grid import SIZES, SweepError, make_grid
 from mtp.sweep.run import (
     SWEEP_FILE,
@@ -28,7 +29,6 @@ from mtp.sweep.run import (
     TPFOptions,
     collect,
     is_finished,
-    log,
     read_json,
     run_points,
     train_command,

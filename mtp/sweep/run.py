@@ -32,16 +32,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mtp.data.prompts import heldout_prompts, read_prompts
+from mtp.log import log
 from mtp.sweep.grid import Point, point_config
 
 POINT_FILE = "sweep_point.json"
 SWEEP_FILE = "sweep.json"
 TPF_FILE = "sweep_tokens_per_forward.json"
 TAIL_CHARS = 3000
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 class PointFailed(RuntimeError):

@@ -22,7 +22,6 @@ when there is no init.workdir; base trunk weights, embeddings and final norm fro
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import jax
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp.config import ConfigError
+from mtp.log import log
 
 TRAINABLE = ("all", "heads", "new_heads", "lora")
 FRESH_OK = ("_lora_a']", "_lora_b']", "['mix_logits']")  # keys a source may lack (fresh init kept)
@@ -51,11 +51,6 @@ def fold_lora(flat: dict, alpha: float, wanted) -> dict:
                           b.reshape(n, r, -1).astype(np.float32)) * (alpha / r)
         flat[w_key] = (w.astype(np.float32) + delta.reshape(w.shape)).astype(w.dtype)
     return flat
-
-
-def _log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def resolve_gguf(value: str) -> str:
@@ -95,12 +90,12 @@ def ensure_source(init_cfg) -> Path | None:
                 from mtp.convert.gguf_import import convert_gguf
 
                 path = resolve_gguf(init_cfg.gguf)
-                _log(f"init: converting {path} into {src} (first run only)")
+                log(f"init: converting {path} into {src} (first run only)")
                 convert_gguf(path, src)
             else:
                 from mtp.convert.hf_import import convert_hf
 
-                _log(f"init: converting {init_cfg.hf} into {src} (first run only)")
+                log(f"init: converting {init_cfg.hf} into {src} (first run only)")
                 convert_hf(init_cfg.hf, src)
     return src
 
@@ -133,7 +128,7 @@ def init_params(src: Path, abstract_params, new_heads: str):
         from mtp.workdir import load_config_json
 
         flat = fold_lora(flat, float(load_config_json(src).model.get("lora_alpha", 16.0)), wanted)
-        _log(f"init: LoRA adapters of {src} folded into their base weights (model.lora_rank=0 here)")
+        log(f"init: LoRA adapters of {src} folded into their base weights (model.lora_rank=0 here)")
     out = []
     for path, abstract in leaves:
         key = jax.tree_util.keystr(path)
@@ -156,7 +151,7 @@ def init_params(src: Path, abstract_params, new_heads: str):
                 fill = np.full((extra, *want[1:]), np.nan, value.dtype)
             value = np.concatenate([value, fill], axis=0)
         out.append(value.astype(abstract.dtype))
-    _log(f"init: parameters from {src} (step {step})")
+    log(f"init: parameters from {src} (step {step})")
     return jax.tree_util.tree_unflatten(treedef, out)["params"]
 
 
