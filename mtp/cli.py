@@ -164,6 +164,8 @@ def cmd_bench_peers(args, overrides) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mtp.config import DECODE_MODES
+
     parser = argparse.ArgumentParser(prog="mtp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue a prompt with a workdir's model, streaming the text")
     g.add_argument("--workdir", required=True)
     g.add_argument("--prompt", default=None, help="text to continue (default: read stdin)")
-    g.add_argument("--mode", default="greedy", choices=("greedy", "sample", "speculative", "speculative_sample"))
+    g.add_argument("--mode", default="greedy", choices=DECODE_MODES)
     g.add_argument("--heads", type=int, default=None, help="speculative: heads used (default all)")
     g.add_argument("--tree", default=None, help="speculative greedy: " + TREE_HELP)
     g.add_argument("--draft-vocab", type=int, default=None, help=DRAFT_VOCAB_HELP)

@@ -4,26 +4,94 @@ validation that runs before anything is compiled.
 A config file defines ``get_config()`` returning an ``ml_collections.ConfigDict``, usually built on
 ``base_config()``; every key must exist in the schema below, so a typo is an error, not a silently
 ignored setting.
+
+This module is the bottom of the package: it imports nothing from ``mtp``. Every allowed-values
+tuple lives here (the model, loss, trainer and decoder import them), and so do the pure helpers
+that validation needs (``resolve_mesh_shape``, ``rules_from_config``, ``head_weights``,
+``check_data_config``), so ``validate`` checks a config without importing its consumers.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import math
+import string
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import ml_collections
 
-from mtp.sharding import DEFAULT_RULES, MESH_AXES
+# --- allowed values ---------------------------------------------------------------------------
+HEAD_TYPES = ("transformer", "linear", "medusa", "causal")  # model.head_type (mtp/model/heads.py)
+LAYER_HEADS = ("transformer", "causal")  # head types made of transformer layers (with a KV cache)
+HIDDEN_MIXES = ("none", "weighted")  # model.hidden_mix (mtp/model/lm.py)
+DTYPES = ("float32", "bfloat16", "float16")  # model.dtype, model.param_dtype
+REMATS = ("none", "full", "dots", "dots_no_batch")  # model.remat
+LOSS_IMPLS = ("vmap", "scan")  # loss.impl (mtp/losses.py)
+WEIGHTINGS = ("uniform", "geometric")  # loss.weighting
+LOSS_TARGETS = ("data", "self", "self_onpolicy")  # loss.targets
+TOKENIZER_KINDS = ("sentencepiece", "bytes", "pretrained")  # data.tokenizer
+SYNTHETIC_SOURCES = ("induction", "polynomial")  # data.source values generated locally (mtp/data/synthetic.py)
+INDUCTION_ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits  # data.induction_vocab <= 62
+POLY_MAX_OPS = 5  # data.poly_train_ops / poly_test_ops: operation counts in 1..POLY_MAX_OPS
+TRAINABLE_MODES = ("all", "heads", "new_heads", "lora")  # train.trainable (mtp/train/init_from.py)
+NEW_HEAD_INITS = ("copy_last", "random")  # init.new_heads
+DECODE_MODES = ("greedy", "sample", "speculative", "speculative_sample")  # mtp generate / humaneval --mode
+MESH_AXES = ("data", "fsdp", "tensor")  # mesh.* (mtp/sharding.py)
 
-DTYPES = ("float32", "bfloat16", "float16")
-REMATS = ("none", "full", "dots", "dots_no_batch")
+# sharding.rules: logical axis -> mesh axes (None: replicated); mtp/sharding.py applies them
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("embed_out", "tensor"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+    ("mtp_heads", None),
+    ("seq", None),
+)
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+# --- schema -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The ``model`` section: its fields are the section's keys and defaults (``ModelSpec`` adds the
+    derived sizes)."""
+
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4  # trunk layers as configured (before parameter matching)
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0 -> d_model // n_heads
+    d_ff: int = 0  # 0 -> SwiGLU's 8/3 * d_model rounded up to a multiple of 64
+    max_seq_len: int = 2048
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    n_future: int = 4  # output heads; head i predicts token t+i (1 = plain next-token LM)
+    head_type: str = "transformer"  # one of HEAD_TYPES
+    tie_embeddings: bool = True
+    parameter_matched: bool = False  # n_future-1 trunk layers give way to the extra heads (the paper's matching)
+    remat: str = "none"  # one of REMATS
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    init_std: float = 0.0  # 0 -> 1/sqrt(fan_in) per matrix; > 0 -> this std everywhere
+    # retrofitting heads onto a pretrained model (Mehra et al. 2025; mtp/model/lm.py)
+    branch_layer: int = 0  # 0: heads read the final trunk output; l: heads 2..n read trunk layer l's output
+    hidden_mix: str = "none"  # 'weighted': heads 2..n read a learned softmax mix of all trunk states
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank on every transformer layer (train.trainable='lora')
+    lora_alpha: float = 16.0  # LoRA scale = lora_alpha / lora_rank
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -32,30 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.workdir = ""  # '' -> runs/<name>
 
-    c.model = m = ml_collections.ConfigDict()
-    m.vocab_size = 4096
-    m.d_model = 256
-    m.n_layers = 4
-    m.n_heads = 8
-    m.n_kv_heads = 4
-    m.head_dim = 0  # 0 -> d_model // n_heads
-    m.d_ff = 0  # 0 -> 8/3 * d_model rounded up to a multiple of 64
-    m.max_seq_len = 2048
-    m.rope_theta = 10_000.0
-    m.norm_eps = 1e-5
-    m.n_future = 4
-    m.head_type = "transformer"
-    m.tie_embeddings = True
-    m.parameter_matched = False
-    m.remat = "none"
-    m.dtype = "float32"  # compute dtype
-    m.param_dtype = "float32"
-    m.init_std = 0.0  # 0 -> 1/sqrt(fan_in) per matrix
-    # retrofitting heads onto a pretrained model (Mehra et al. 2025; mtp/model/lm.py)
-    m.branch_layer = 0  # 0: heads read the final trunk output; l: heads 2..n read trunk layer l's output
-    m.hidden_mix = "none"  # 'weighted': heads 2..n read a learned softmax mix of all trunk states
-    m.lora_rank = 0  # > 0: LoRA adapters of this rank on every transformer layer (train.trainable='lora')
-    m.lora_alpha = 16.0  # LoRA scale = lora_alpha / lora_rank
+    c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
 
     c.loss = lo = ml_collections.ConfigDict()
     lo.impl = "scan"  # 'vmap' | 'scan' (memory-flat)
@@ -126,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
     ms.dcn_data = 1  # multi-slice: slices (over DCN) that mesh.data is split into; 1 = one slice
 
     c.sharding = sh = ml_collections.ConfigDict()
-    sh.rules = tuple((k, v) for k, v in DEFAULT_RULES)
+    sh.rules = DEFAULT_RULES
 
     c.perf = p = ml_collections.ConfigDict()
     p.peak_flops_per_device = 0.0  # 0 -> measure this host's matmul peak (CPU)
@@ -210,19 +255,178 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ml_collections.C
     return cfg
 
 
+# --- helpers shared with the consumers --------------------------------------------------------
+def resolve_mesh_shape(mesh_cfg: Mapping, n_devices: int) -> tuple[int, int, int]:
+    """Sizes of (data, fsdp, tensor); at most one may be -1 (= fill with remaining devices)."""
+    sizes = [mesh_cfg[a] for a in MESH_AXES]
+    for axis, s in zip(MESH_AXES, sizes):
+        if not isinstance(s, int) or isinstance(s, bool) or s == 0 or s < -1:
+            raise ConfigError(f"mesh.{axis}={s!r} is invalid: use a positive size or -1 to fill.")
+    fill = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fill) > 1:
+        raise ConfigError(
+            f"mesh: at most one of mesh.data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}."
+            " Set all but one to explicit sizes."
+        )
+    known = math.prod(s for s in sizes if s != -1)
+    if fill:
+        if n_devices % known:
+            raise ConfigError(
+                f"mesh: the fixed axes {dict(zip(MESH_AXES, sizes))} multiply to {known}, which does not"
+                f" divide the {n_devices} available devices. Pick sizes whose product divides {n_devices}."
+            )
+        sizes[fill[0]] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(
+            f"mesh: data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but"
+            f" {n_devices} devices are available. Make the product equal {n_devices}"
+            " (or set one axis to -1 to fill)."
+        )
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def rules_from_config(rules_cfg: Sequence) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Normalize a rule list to ``((logical, (mesh axes...)), ...)``."""
+    out = []
+    for rule in rules_cfg:
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ConfigError(f"sharding.rules: entry {rule!r} is invalid: each rule is a pair (logical axis"
+                              " name, mesh axis | tuple of mesh axes | None), e.g. ('embed', 'fsdp').")
+        logical, axes = rule
+        if axes is None:
+            axes = ()
+        elif isinstance(axes, str):
+            axes = (axes,)
+        for a in axes:
+            if a not in MESH_AXES:
+                raise ConfigError(
+                    f"sharding.rules: logical axis {logical!r} maps to unknown mesh axis {a!r};"
+                    f" mesh axes are {MESH_AXES}."
+                )
+        out.append((logical, tuple(axes)))
+    return tuple(out)
+
+
+def head_weights(loss_cfg, n_future: int) -> tuple[float, ...]:
+    """Per-head loss weights from config: explicit list, uniform, or geometric r^(i-1)."""
+    explicit = tuple(loss_cfg.head_weights)
+    if explicit:
+        if len(explicit) != n_future:
+            raise ConfigError(
+                f"loss.head_weights has {len(explicit)} entries but model.n_future={n_future};"
+                f" give one weight per head or set loss.head_weights=() to use loss.weighting.")
+        _check(all(_is_number(w) and w >= 0 for w in explicit), "loss.head_weights", explicit,
+               "use non-negative finite numbers, one per head (0 skips a head's loss).")
+        weights = tuple(float(w) for w in explicit)
+    elif loss_cfg.weighting == "uniform":
+        weights = (1.0,) * n_future
+    elif loss_cfg.weighting == "geometric":
+        weights = tuple(float(loss_cfg.geometric_r ** i) for i in range(n_future))
+    else:
+        raise ConfigError(f"loss.weighting={loss_cfg.weighting!r} is unknown; use one of {WEIGHTINGS}.")
+    _check(any(w > 0 for w in weights), "loss.head_weights", explicit or weights,
+           "at least one head needs a positive weight, or nothing is trained.")
+    return weights
+
+
+def check_data_config(data_cfg: ml_collections.ConfigDict) -> None:
+    """``data.*`` on its own, as ``prepare_data`` needs it: every check of ``validate`` on the section,
+    plus the SentencePiece minimum (a tokenizer is only trained when data is prepared, so a model
+    that is only planned or compiled may have a smaller vocabulary)."""
+    _check_data(data_cfg)
+    _check(data_cfg.tokenizer != "sentencepiece" or data_cfg.vocab_size >= 300, "data.vocab_size",
+           data_cfg.vocab_size, "a trained SentencePiece tokenizer needs >= 300 ids (bytes + specials);"
+           " raise data.vocab_size (and model.vocab_size), or use data.tokenizer='bytes' (vocab 260).")
+
+
 # --- validation -------------------------------------------------------------------------------
 def _check(cond: bool, key: str, value, fix: str) -> None:
     if not cond:
         raise ConfigError(f"{key}={value!r} is invalid: {fix}")
 
 
-def _validate_retrofit(m, trunk: int, trainable: str) -> None:
-    """model.branch_layer / hidden_mix / lora_rank / lora_alpha (keys absent from old configs = off)."""
-    from mtp.model.lm import HIDDEN_MIXES
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
-    branch, mix = m.get("branch_layer", 0), m.get("hidden_mix", "none")
-    rank, alpha = m.get("lora_rank", 0), m.get("lora_alpha", 16.0)
-    _check(isinstance(branch, int) and 0 <= branch < trunk, "model.branch_layer", branch,
+
+_KINDS = {bool: "True or False", int: "an int", float: "a finite number", str: "a string", tuple: "a tuple"}
+
+
+def _has_type(value, default) -> bool:
+    """An int where a float is expected is fine, and a list where a tuple is (config.json keeps lists)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return _is_number(value)
+    if isinstance(default, tuple):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(default))
+
+
+def _check_types(cfg, schema: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """Every key of ``schema`` is in ``cfg`` with the schema's type."""
+    missing = [prefix + k for k in _flat_keys(schema) if not _has_key(cfg, k)]
+    if missing:
+        raise ConfigError(f"the config lacks {', '.join(missing)}. Fix: build it on mtp.config.base_config(),"
+                          " which defines every key.")
+    for key, default in _flat_keys(schema).items():
+        value = _lookup(cfg, key)
+        _check(_has_type(value, default), prefix + key, value,
+               f"use {_KINDS[type(default)]} like {default!r}, not a {type(value).__name__}.")
+
+
+def _has_key(cfg, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(cfg, (Mapping, ml_collections.ConfigDict)) or part not in cfg:
+            return False
+        cfg = cfg[part]
+    return True
+
+
+def _lookup(cfg, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _check_model(m) -> int:
+    """The ``model`` section on its own; returns the trunk's depth."""
+    _check(m.vocab_size >= 1, "model.vocab_size", m.vocab_size, "use a positive vocabulary size, e.g. 4096.")
+    _check(m.d_model >= 1, "model.d_model", m.d_model, "use a positive width, e.g. 256.")
+    _check(m.n_layers >= 1, "model.n_layers", m.n_layers, "use at least 1 trunk layer.")
+    _check(m.n_future >= 1, "model.n_future", m.n_future, "use at least 1 head (1 = plain next-token LM).")
+    _check(m.head_type in HEAD_TYPES, "model.head_type", m.head_type, f"use one of {HEAD_TYPES}.")
+    _check(m.n_heads >= 1 and m.n_kv_heads >= 1, "model.n_heads/n_kv_heads", (m.n_heads, m.n_kv_heads),
+           "both must be positive.")
+    _check(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+           f"grouped-query attention needs n_heads ({m.n_heads}) divisible by n_kv_heads.")
+    _check(m.head_dim >= 0, "model.head_dim", m.head_dim, "use 0 (d_model // n_heads) or a positive size.")
+    if not m.head_dim:
+        _check(m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
+               f"must be divisible by model.n_heads={m.n_heads}, or set model.head_dim explicitly.")
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    _check(head_dim % 2 == 0, "model.head_dim", head_dim, "RoPE needs an even head dimension.")
+    _check(m.d_ff >= 0, "model.d_ff", m.d_ff, "use 0 (8/3 * d_model, rounded up to 64) or a positive width.")
+    _check(m.max_seq_len >= 1, "model.max_seq_len", m.max_seq_len, "use a positive length, e.g. 2048.")
+    _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "use a positive RoPE base, e.g. 10000.0.")
+    _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "use a small positive epsilon, e.g. 1e-5.")
+    _check(m.init_std >= 0, "model.init_std", m.init_std, "use 0 (1/sqrt(fan_in) per matrix) or a positive std.")
+    trunk = m.n_layers - (m.n_future - 1) if m.parameter_matched else m.n_layers
+    _check(trunk >= 1, "model.n_layers", m.n_layers,
+           f"parameter_matched removes n_future-1={m.n_future - 1} trunk layers, leaving {trunk};"
+           " use more layers, fewer heads, or model.parameter_matched=False.")
+    _check(m.remat in REMATS, "model.remat", m.remat, f"use one of {REMATS}.")
+    _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"use one of {DTYPES}.")
+    _check(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"use one of {DTYPES}.")
+    return trunk
+
+
+def _check_retrofit(m, trunk: int, trainable: str) -> None:
+    """model.branch_layer / hidden_mix / lora_rank / lora_alpha."""
+    branch, mix, rank = m.branch_layer, m.hidden_mix, m.lora_rank
+    _check(0 <= branch < trunk, "model.branch_layer", branch,
            f"use 0 (heads read the final trunk output) or a trunk layer 1..{trunk - 1} whose output"
            f" heads 2..n read (the trunk has {trunk} layers).")
     _check(mix in HIDDEN_MIXES, "model.hidden_mix", mix, f"use one of {HIDDEN_MIXES}.")
@@ -238,91 +442,122 @@ def _validate_retrofit(m, trunk: int, trainable: str) -> None:
     _check(not causal or (branch == 0 and mix == "none"), "model.head_type", m.head_type,
            "causal heads read head k-1's output, not the trunk: set model.branch_layer=0 and"
            " model.hidden_mix='none', or use head_type='transformer'.")
-    _check(isinstance(rank, int) and rank >= 0, "model.lora_rank", rank, "use 0 (no LoRA) or a positive rank.")
-    _check(alpha > 0, "model.lora_alpha", alpha, "use a positive LoRA scale numerator (scale = alpha / rank).")
+    _check(rank >= 0, "model.lora_rank", rank, "use 0 (no LoRA) or a positive rank.")
+    _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha,
+           "use a positive LoRA scale numerator (scale = alpha / rank).")
     _check(trainable != "lora" or rank > 0, "train.trainable", trainable,
            "'lora' trains LoRA adapters: set model.lora_rank > 0 (e.g. 16).")
 
 
-def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 1) -> None:
-    """Everything that can be checked before data or compilation; raises ConfigError."""
-    from mtp.losses import LOSS_IMPLS, TARGETS, WEIGHTINGS, head_weights
-    from mtp.model.heads import HEAD_TYPES
-    from mtp.sharding import resolve_mesh_shape, rules_from_config
-
-    m, t, lo = cfg.model, cfg.train, cfg.loss
-    _check(m.n_future >= 1, "model.n_future", m.n_future, "use at least 1 head (1 = plain next-token LM).")
-    _check(m.head_type in HEAD_TYPES, "model.head_type", m.head_type, f"use one of {HEAD_TYPES}.")
-    _check(m.n_heads >= 1 and m.n_kv_heads >= 1, "model.n_heads/n_kv_heads", (m.n_heads, m.n_kv_heads),
-           "both must be positive.")
-    _check(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
-           f"grouped-query attention needs n_heads ({m.n_heads}) divisible by n_kv_heads.")
-    if not m.head_dim:
-        _check(m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
-               f"must be divisible by model.n_heads={m.n_heads}, or set model.head_dim explicitly.")
-    head_dim = m.head_dim or m.d_model // m.n_heads
-    _check(head_dim % 2 == 0, "model.head_dim", head_dim, "RoPE needs an even head dimension.")
-    trunk = m.n_layers - (m.n_future - 1) if m.parameter_matched else m.n_layers
-    _check(trunk >= 1, "model.n_layers", m.n_layers,
-           f"parameter_matched removes n_future-1={m.n_future - 1} trunk layers, leaving {trunk};"
-           " use more layers, fewer heads, or model.parameter_matched=False.")
-    _check(m.remat in REMATS, "model.remat", m.remat, f"use one of {REMATS}.")
-    _validate_retrofit(m, trunk, t.trainable)
-    _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"use one of {DTYPES}.")
-    _check(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"use one of {DTYPES}.")
+def _check_loss(lo, n_future: int, init_workdir: str) -> None:
     _check(lo.impl in LOSS_IMPLS, "loss.impl", lo.impl, f"use one of {LOSS_IMPLS}.")
     _check(lo.weighting in WEIGHTINGS, "loss.weighting", lo.weighting, f"use one of {WEIGHTINGS}.")
-    _check(lo.get("targets", "data") in TARGETS, "loss.targets", lo.get("targets"), f"use one of {TARGETS}.")
-    _check(lo.get("targets", "data") == "data" or bool(cfg.init.workdir),
-           "loss.targets", lo.get("targets"),
+    _check(lo.geometric_r >= 0, "loss.geometric_r", lo.geometric_r,
+           "use a non-negative ratio: head i weighs r^(i-1), e.g. 0.5.")
+    _check(lo.chunk_size >= 0, "loss.chunk_size", lo.chunk_size,
+           "use 0 (whole sequence) or a positive chunk of the sequence.")
+    _check(lo.targets in LOSS_TARGETS, "loss.targets", lo.targets, f"use one of {LOSS_TARGETS}.")
+    _check(lo.targets == "data" or bool(init_workdir), "loss.targets", lo.targets,
            "'self' distills the heads from the model's own next-token head, which is untrained here:"
            " set init.workdir to a pretrained model (or use 'data').")
-    try:
-        head_weights(lo, m.n_future)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    _check(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len,
-           f"exceeds model.max_seq_len={m.max_seq_len}; lower train.seq_len or raise model.max_seq_len.")
+    head_weights(lo, n_future)
+
+
+def _check_data(d) -> None:
+    """``data.*`` on its own: types, ranges, the tokenizer and the synthetic tasks."""
+    _check_types(d, base_config().data, "data.")
+    _check(bool(d.source), "data.source", d.source,
+           f"use 'stdlib', a directory, a glob, or a synthetic task {SYNTHETIC_SOURCES}.")
+    _check(d.tokenizer in TOKENIZER_KINDS, "data.tokenizer", d.tokenizer, f"use one of {TOKENIZER_KINDS}.")
+    _check(d.tokenizer != "pretrained" or bool(d.tokenizer_path), "data.tokenizer_path", d.tokenizer_path,
+           "data.tokenizer='pretrained' reads an imported model's tokenizer.json: set data.tokenizer_path to"
+           " it or to the workdir holding it (mtp convert writes one).")
+    _check(d.vocab_size >= 1, "data.vocab_size", d.vocab_size, "use a positive vocabulary size.")
+    _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "use a fraction in (0, 1), e.g. 0.05.")
+    _check(d.tokenizer_max_chars > 0, "data.tokenizer_max_chars", d.tokenizer_max_chars,
+           "use a positive number of characters to train the tokenizer on, e.g. 10000000.")
+    _check(d.max_files >= 0, "data.max_files", d.max_files, "use 0 (all files) or a positive limit.")
+    if d.source in SYNTHETIC_SOURCES:
+        _check_synthetic(d)
+
+
+def _check_synthetic(d) -> None:
+    """The settings of a synthetic ``data.source``."""
+    source = d.source
+    checks = [("synthetic_examples", d.synthetic_examples >= 1, "a positive int, e.g. 20000"),
+              ("synthetic_val_examples", d.synthetic_val_examples >= 1, "a positive int, e.g. 1000"),
+              ("synthetic_seed", d.synthetic_seed >= 0, "a non-negative int, e.g. 0")]
+    if source == "induction":
+        checks += [("induction_pattern_len", d.induction_pattern_len >= 1,
+                    "a positive int (characters per pattern), e.g. 16"),
+                   ("induction_vocab", 2 <= d.induction_vocab <= len(INDUCTION_ALPHABET),
+                    f"an int in [2, {len(INDUCTION_ALPHABET)}] (symbols drawn from {INDUCTION_ALPHABET!r})")]
+    else:
+        checks.append(("tokenizer", d.tokenizer == "bytes",
+                       "'bytes' (and model.vocab_size=data.vocab_size=260): the task's ~17 characters"
+                       " give SentencePiece too few merges for a vocabulary >= 300"))
+        for key in ("poly_train_ops", "poly_test_ops"):
+            ops = tuple(d[key])
+            checks.append((key, bool(ops) and all(isinstance(k, int) and 1 <= k <= POLY_MAX_OPS for k in ops),
+                           f"a non-empty tuple of operation counts in 1..{POLY_MAX_OPS}, e.g. (1, 2, 3)"))
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"data.{key}={d[key]!r} is invalid for data.source={source!r}."
+                              f" Fix: set it to {expected}.")
+
+
+def _check_train(t, max_seq_len: int, init) -> None:
+    _check(t.seq_len <= max_seq_len, "train.seq_len", t.seq_len,
+           f"exceeds model.max_seq_len={max_seq_len}; lower train.seq_len or raise model.max_seq_len.")
     _check(t.seq_len >= 2, "train.seq_len", t.seq_len, "needs at least 2 tokens.")
     _check(t.steps >= 1, "train.steps", t.steps, "train for at least one step.")
+    _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "use a positive number of sequences per step.")
     _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "use 1 for no accumulation.")
-    trainables = ("all", "heads", "new_heads", "lora")
-    _check(t.trainable in trainables, "train.trainable", t.trainable, f"use one of {trainables}.")
-    _check(t.trainable != "new_heads" or bool(cfg.init.workdir), "train.trainable", t.trainable,
+    _check(t.log_every >= 1, "train.log_every", t.log_every, "log every N >= 1 steps.")
+    _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "use 0 (evaluate only at the end) or N >= 1 steps.")
+    _check(t.eval_batches >= 1, "train.eval_batches", t.eval_batches, "evaluate on at least 1 batch.")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every,
+           "checkpoint every N >= 1 steps (the last step is always saved; N >= train.steps saves only it).")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints,
+           "keep at least the newest checkpoint (1), e.g. 3.")
+    _check(t.trainable in TRAINABLE_MODES, "train.trainable", t.trainable, f"use one of {TRAINABLE_MODES}.")
+    _check(t.trainable != "new_heads" or bool(init.workdir), "train.trainable", t.trainable,
            "'new_heads' means heads the init.workdir model lacks: set init.workdir (or use 'heads').")
-    bb = cfg.optim.get("backbone_lr_scale", 1.0)
-    _check(0 < bb <= 1, "optim.backbone_lr_scale", bb, "use a factor in (0, 1]; 1 = one learning rate for all.")
-    _check(bb == 1.0 or t.trainable == "all", "optim.backbone_lr_scale", bb,
-           f"it scales the backbone's updates when train.trainable='all' (here {t.trainable!r}): leave it at 1.")
-    _check(cfg.init.new_heads in ("copy_last", "random"), "init.new_heads", cfg.init.new_heads,
-           "use 'copy_last' or 'random'.")
-    kinds = ("sentencepiece", "bytes", "pretrained")
-    _check(cfg.data.tokenizer in kinds, "data.tokenizer", cfg.data.tokenizer, f"use one of {kinds}.")
-    if cfg.data.tokenizer == "bytes":
-        _check(m.vocab_size == 260, "model.vocab_size", m.vocab_size,
-               "data.tokenizer='bytes' has 260 ids (256 bytes + pad/bos/eos/unk); set"
-               " model.vocab_size=260 and data.vocab_size=260.")
-    try:
-        from mtp.data.synthetic import check_synthetic_config
+    _check(init.new_heads in NEW_HEAD_INITS, "init.new_heads", init.new_heads, f"use one of {NEW_HEAD_INITS}.")
+    for key in ("gguf", "hf"):
+        _check(not init[key] or bool(init.workdir), f"init.{key}", init[key],
+               f"init.{key} is converted into init.workdir: set init.workdir to where the converted model goes.")
+    _check(not (init.gguf and init.hf), "init.hf", init.hf,
+           f"init.gguf={init.gguf!r} is set too: convert from one of them, and set the other to ''.")
 
-        check_synthetic_config(cfg.data)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    _check(cfg.data.vocab_size == m.vocab_size, "data.vocab_size", cfg.data.vocab_size,
-           f"the tokenizer vocab must equal model.vocab_size={m.vocab_size}; set both to the same value.")
-    _check(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction", cfg.data.val_fraction,
-           "use a fraction in [0, 1).")
-    try:
-        mesh_shape = resolve_mesh_shape(cfg.mesh, n_devices)
-        rules = rules_from_config(cfg.sharding.rules)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+
+def _check_optim(o, trainable: str) -> None:
+    _check(o.lr > 0, "optim.lr", o.lr, "use a positive peak learning rate, e.g. 3e-3.")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "use 0 (no warmup) or a positive count.")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio,
+           "use a fraction in [0, 1] of optim.lr to decay to, e.g. 0.1.")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "use 0 (none) or a positive decay, e.g. 0.1.")
+    _check(0 <= o.b1 < 1, "optim.b1", o.b1, "use an Adam decay rate in [0, 1), e.g. 0.9.")
+    _check(0 <= o.b2 < 1, "optim.b2", o.b2, "use an Adam decay rate in [0, 1), e.g. 0.95.")
+    _check(o.eps > 0, "optim.eps", o.eps, "use a small positive epsilon, e.g. 1e-8.")
+    _check(o.clip_norm > 0, "optim.clip_norm", o.clip_norm,
+           "use a positive global-norm bound for the gradients, e.g. 1.0.")
+    bb = o.backbone_lr_scale
+    _check(0 < bb <= 1, "optim.backbone_lr_scale", bb, "use a factor in (0, 1]; 1 = one learning rate for all.")
+    _check(bb == 1.0 or trainable == "all", "optim.backbone_lr_scale", bb,
+           f"it scales the backbone's updates when train.trainable='all' (here {trainable!r}): leave it at 1.")
+
+
+def _check_parallelism(cfg, n_devices: int, n_processes: int) -> None:
+    """The mesh, the sharding rules and how the batch splits over them."""
+    t = cfg.train
+    mesh_shape = resolve_mesh_shape(cfg.mesh, n_devices)
+    rules = rules_from_config(cfg.sharding.rules)
     sizes = dict(zip(MESH_AXES, mesh_shape))
-    dcn = cfg.mesh.get("dcn_data", 1)
-    _check(isinstance(dcn, int) and dcn >= 1 and sizes["data"] % dcn == 0, "mesh.dcn_data", dcn,
+    dcn = cfg.mesh.dcn_data
+    _check(dcn >= 1 and sizes["data"] % dcn == 0, "mesh.dcn_data", dcn,
            f"use a positive number of slices that divides mesh.data={sizes['data']} (each slice then"
-           f" holds data={sizes['data'] // max(dcn, 1) if isinstance(dcn, int) else '?'} x fsdp x tensor"
-           " devices); 1 for a single slice.")
+           f" holds data={sizes['data'] // max(dcn, 1)} x fsdp x tensor devices); 1 for a single slice.")
     batch_axes = dict(rules).get("batch", ())
     shards = math.prod(sizes[a] for a in batch_axes)
     _check(t.batch_size % t.grad_accum == 0, "train.batch_size", t.batch_size,
@@ -333,3 +568,27 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 
            f" {batch_axes} = {shards} shards; use a multiple of {shards * t.grad_accum}.")
     _check(t.batch_size % n_processes == 0, "train.batch_size", t.batch_size,
            f"must be divisible by the number of processes ({n_processes}).")
+
+
+def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 1) -> None:
+    """Everything that can be checked before data or compilation; raises ConfigError naming the key,
+    the value and the fix. Types first (so the range checks compare numbers), then each section."""
+    _check_types(cfg, base_config())
+    _check(bool(cfg.name), "name", cfg.name, "name the run (its default workdir is runs/<name>).")
+    _check(cfg.seed >= 0, "seed", cfg.seed, "use a non-negative int (NumPy seeds must be >= 0).")
+    m, t = cfg.model, cfg.train
+    trunk = _check_model(m)
+    _check_retrofit(m, trunk, t.trainable)
+    _check_loss(cfg.loss, m.n_future, cfg.init.workdir)
+    _check_train(t, m.max_seq_len, cfg.init)
+    _check_optim(cfg.optim, t.trainable)
+    _check(cfg.perf.peak_flops_per_device >= 0, "perf.peak_flops_per_device", cfg.perf.peak_flops_per_device,
+           "use 0 (measure this host's matmul peak) or the accelerator's peak FLOP/s per device.")
+    _check_data(cfg.data)
+    if cfg.data.tokenizer == "bytes":
+        _check(m.vocab_size == 260, "model.vocab_size", m.vocab_size,
+               "data.tokenizer='bytes' has 260 ids (256 bytes + pad/bos/eos/unk); set"
+               " model.vocab_size=260 and data.vocab_size=260.")
+    _check(cfg.data.vocab_size == m.vocab_size, "data.vocab_size", cfg.data.vocab_size,
+           f"the tokenizer vocab must equal model.vocab_size={m.vocab_size}; set both to the same value.")
+    _check_parallelism(cfg, n_devices, n_processes)

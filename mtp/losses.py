@@ -42,10 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtp.config import LOSS_IMPLS, LOSS_TARGETS
 from mtp.model.transformer import dense, rms_norm
-
-LOSS_IMPLS = ("vmap", "scan")
-WEIGHTINGS = ("uniform", "geometric")
 
 
 def head_targets(tokens_BxT: jax.Array, segment_ids_BxT: jax.Array, n_future: int):
@@ -57,9 +55,6 @@ def head_targets(tokens_BxT: jax.Array, segment_ids_BxT: jax.Array, n_future: in
         targets.append(tgt_BxT)
         masks.append((seg_BxT == segment_ids_BxT) & (segment_ids_BxT != 0))
     return jnp.stack(targets), jnp.stack(masks)
-
-
-TARGETS = ("data", "self", "self_onpolicy")
 
 
 def self_tokens(tokens_BxT: jax.Array, greedy_BxT: jax.Array) -> jax.Array:
@@ -118,23 +113,7 @@ def loss_targets(kind: str, tokens_BxT, segment_ids_BxT, n_future: int, greedy_f
         own_BxT = self_tokens(tokens_BxT, greedy_fn())
         targets_NxBxT, mask_NxBxT = head_targets(own_BxT, segment_ids_BxT, n_future)
         return targets_NxBxT, mask_NxBxT & on_policy_mask(tokens_BxT, own_BxT, n_future)
-    raise ValueError(f"loss.targets={kind!r} is unknown; use one of {TARGETS}.")
-
-
-def head_weights(loss_cfg, n_future: int) -> np.ndarray:
-    """Per-head loss weights from config: explicit list, uniform, or geometric r^(i-1)."""
-    explicit = tuple(loss_cfg.get("head_weights", ()) or ())
-    if explicit:
-        if len(explicit) != n_future:
-            raise ValueError(
-                f"loss.head_weights has {len(explicit)} entries but model.n_future={n_future};"
-                f" give one weight per head or set loss.head_weights=() to use loss.weighting.")
-        return np.asarray(explicit, np.float32)
-    if loss_cfg.weighting == "uniform":
-        return np.ones(n_future, np.float32)
-    if loss_cfg.weighting == "geometric":
-        return np.asarray([loss_cfg.geometric_r ** i for i in range(n_future)], np.float32)
-    raise ValueError(f"loss.weighting={loss_cfg.weighting!r} is unknown; use one of {WEIGHTINGS}.")
+    raise ValueError(f"loss.targets={kind!r} is unknown; use one of {LOSS_TARGETS}.")
 
 
 def _ce_sums(logits_xV, targets_x, mask_x):

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from mtp.sharding import MESH_AXES
+from mtp.config import MESH_AXES
 
 GIB = 2**30
 MESH_FORM = "data=1,fsdp=8,tensor=1"
@@ -72,7 +72,7 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def resolve_mesh(mesh_sizes: dict, n_devices: int | None) -> tuple[dict[str, int], int]:
     """Fill a -1 axis and check the product equals ``n_devices`` (default: the product)."""
-    from mtp.sharding import resolve_mesh_shape
+    from mtp.config import resolve_mesh_shape
 
     sizes = {a: int(mesh_sizes.get(a, 1)) for a in MESH_AXES}
     if n_devices is None:
@@ -173,9 +173,9 @@ def _aot_in_process(cfg, mesh_sizes: dict, n_devices: int) -> dict:
     """Lower + compile the real train step with abstract inputs on ``n_devices`` local devices."""
     import jax
 
-    from mtp.losses import head_weights
+    from mtp.config import head_weights, rules_from_config
     from mtp.model.spec import ModelSpec
-    from mtp.sharding import batch_sharding, make_mesh, rules_from_config
+    from mtp.sharding import batch_sharding, make_mesh
     from mtp.train.optim import lr_schedule, make_optimizer
     from mtp.train.state import make_layout
     from mtp.train.step import make_train_step
@@ -239,9 +239,8 @@ def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | N
     import jax
     from jax.sharding import AbstractMesh, AxisType
 
-    from mtp.config import ConfigError, validate
+    from mtp.config import ConfigError, rules_from_config, validate
     from mtp.model.spec import ModelSpec
-    from mtp.sharding import rules_from_config
     from mtp.train.optim import make_optimizer
     from mtp.train.state import make_layout
 

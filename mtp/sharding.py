@@ -3,7 +3,9 @@
 Parameters carry logical axis names (``vocab, embed, mlp, q_heads, kv_heads, head_dim, layers,
 mtp_heads``); activations use ``batch`` and friends. A rule list in the config maps each logical
 name to zero or more mesh axes (``data, fsdp, tensor``). A dimension whose size is not divisible by
-its mesh axes is replicated instead, so odd shapes (e.g. 3 kv heads on tensor=2) still run.
+its mesh axes is replicated instead, so odd shapes (e.g. 3 kv heads on tensor=2) still run. The
+axes, the default rules and their parsing (``rules_from_config``) are part of the schema in
+``mtp.config``.
 """
 
 from __future__ import annotations
@@ -16,51 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("embed_out", "tensor"),
-    ("mlp", "tensor"),
-    ("q_heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("norm", None),
-    ("layers", None),
-    ("mtp_heads", None),
-    ("seq", None),
-)
-
-
-def resolve_mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
-    """Sizes of (data, fsdp, tensor); at most one may be -1 (= fill with remaining devices)."""
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
-    fill = [i for i, s in enumerate(sizes) if s == -1]
-    if len(fill) > 1:
-        raise ValueError(
-            f"mesh: at most one of mesh.data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}."
-            " Set all but one to explicit sizes."
-        )
-    for axis, s in zip(MESH_AXES, sizes):
-        if s == 0 or s < -1:
-            raise ValueError(f"mesh.{axis}={s} is invalid: use a positive size or -1 to fill.")
-    known = math.prod(s for s in sizes if s != -1)
-    if fill:
-        if n_devices % known:
-            raise ValueError(
-                f"mesh: the fixed axes {dict(zip(MESH_AXES, sizes))} multiply to {known}, which does not"
-                f" divide the {n_devices} available devices. Pick sizes whose product divides {n_devices}."
-            )
-        sizes[fill[0]] = n_devices // known
-    if math.prod(sizes) != n_devices:
-        raise ValueError(
-            f"mesh: data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but"
-            f" {n_devices} devices are available. Make the product equal {n_devices}"
-            " (or set one axis to -1 to fill)."
-        )
-    return tuple(sizes)  # type: ignore[return-value]
+from mtp.config import MESH_AXES, resolve_mesh_shape
 
 
 def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
@@ -72,7 +30,7 @@ def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
     """
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
-    dcn = int(mesh_cfg.get("dcn_data", 1))
+    dcn = int(mesh_cfg.get("dcn_data", 1))  # mtp plan passes a plain {axis: size} dict
     if dcn == 1:
         device_array = np.asarray(devices).reshape(shape)
     else:
@@ -92,24 +50,6 @@ def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
                              f" tensor={shape[2]} ({e}). Set mesh.dcn_data to the number of"
                              f" {granule}{'es' if by_process else 's'}, or 1.") from None
     return Mesh(device_array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
-
-
-def rules_from_config(rules_cfg) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """Normalize a rule list to ``((logical, (mesh axes...)), ...)``."""
-    out = []
-    for logical, axes in rules_cfg:
-        if axes is None:
-            axes = ()
-        elif isinstance(axes, str):
-            axes = (axes,)
-        for a in axes:
-            if a not in MESH_AXES:
-                raise ValueError(
-                    f"sharding.rules: logical axis {logical!r} maps to unknown mesh axis {a!r};"
-                    f" mesh axes are {MESH_AXES}."
-                )
-        out.append((logical, tuple(axes)))
-    return tuple(out)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,

@@ -10,13 +10,12 @@ import hashlib
 import json
 import pathlib
 
-import ml_collections
 import numpy as np
 import pytest
 
+from mtp.config import base_config, check_data_config
 from mtp.data import corpus, make_dataset, prepare_data
 from mtp.data.pipeline import DocumentPieces
-from mtp.data.prepare import check_data_config
 from mtp.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
 
 VOCAB = 400
@@ -32,17 +31,9 @@ TRICKY = [
 
 
 def make_config(source: str | pathlib.Path, cache_dir: pathlib.Path, **overrides):
-    cfg = ml_collections.ConfigDict(
-        {
-            "source": str(source),
-            "glob": "**/*.py",
-            "val_fraction": 0.2,
-            "vocab_size": VOCAB,
-            "cache_dir": str(cache_dir),
-            "tokenizer_max_chars": 200_000,
-            "max_files": 0,
-        }
-    )
+    cfg = base_config().data
+    cfg.update(dict(source=str(source), glob="**/*.py", val_fraction=0.2, vocab_size=VOCAB,
+                    cache_dir=str(cache_dir), tokenizer_max_chars=200_000, max_files=0))
     cfg.update(overrides)
     return cfg
 

@@ -16,8 +16,9 @@ import pytest
 from helpers import tiny_config
 
 from mtp.bench.faults import _data_log, run_faults_bench
+from mtp.config import rules_from_config
 from mtp.model.spec import ModelSpec
-from mtp.sharding import batch_sharding, make_mesh, rules_from_config
+from mtp.sharding import batch_sharding, make_mesh
 from mtp.train.checkpoint import Checkpointer
 from mtp.train.optim import make_optimizer
 from mtp.train.state import make_layout

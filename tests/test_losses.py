@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 from helpers import random_tokens, tiny_model
 
-from mtp.losses import compute_loss, head_targets, head_weights, on_policy_mask, self_tokens
+from mtp.config import head_weights
+from mtp.losses import compute_loss, head_targets, on_policy_mask, self_tokens
 
 
 def test_targets_and_masks_on_a_packed_sequence():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 
-from mtp.losses import head_weights
+from mtp.config import head_weights, rules_from_config
 from mtp.model.spec import ModelSpec
-from mtp.sharding import batch_sharding, logical_to_spec, make_mesh, rules_from_config
+from mtp.sharding import batch_sharding, logical_to_spec, make_mesh
 from mtp.train.optim import lr_schedule, make_optimizer
 from mtp.train.state import make_layout
 from mtp.train.step import make_train_step

@@ -18,11 +18,10 @@ import time
 import jax
 import numpy as np
 
-from mtp.config import validate
-from mtp.losses import head_weights
+from mtp.config import head_weights, rules_from_config, validate
 from mtp.model.spec import ModelSpec
 from mtp.perf import peak_flops
-from mtp.sharding import batch_sharding, make_mesh, rules_from_config
+from mtp.sharding import batch_sharding, make_mesh
 from mtp.train.optim import lr_schedule, make_optimizer
 from mtp.train.state import make_layout
 from mtp.train.step import make_train_step

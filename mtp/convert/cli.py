@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from mtp.convert.llama_map import DTYPES
+from mtp.config import DTYPES
 
 
 def add_parser(subparsers):

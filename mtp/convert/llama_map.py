@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-DTYPES = ("float32", "bfloat16", "float16")
+from mtp.config import DTYPES
 
 
 class ConvertError(ValueError):

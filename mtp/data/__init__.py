@@ -1,11 +1,11 @@
 """Data: text-file corpus (TFDS/ArrayRecord) -> SentencePiece tokenizer -> Grain packed batches."""
 
+from mtp.config import check_data_config
 from mtp.data.corpus import build_corpus, list_files, split_of
 from mtp.data.pipeline import batch_iterator, make_dataset
 from mtp.data.prepare import (
     PreparedData,
     TokenizedDocuments,
-    check_data_config,
     prepare_data,
     tokenized_documents,
 )

@@ -20,22 +20,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from mtp.config import check_data_config
 from mtp.data.corpus import SPLITS, build_corpus, resolve_cache_dir
-from mtp.data.synthetic import check_synthetic_config, is_synthetic, synthetic_corpus
+from mtp.data.synthetic import is_synthetic, synthetic_corpus
 from mtp.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from mtp.log import log
 
-REQUIRED_KEYS = (
-    "source",
-    "glob",
-    "val_fraction",
-    "vocab_size",
-    "cache_dir",
-    "tokenizer_max_chars",
-    "max_files",
-)
 _ENCODE_BATCH = 256  # documents per `encode_batch` call while tokenizing a split
-TOKENIZER_KINDS = ("sentencepiece", "bytes", "pretrained")
 
 
 class TokenizedDocuments(Sequence[np.ndarray]):
@@ -82,31 +73,6 @@ class PreparedData:
     corpus_name: str
 
 
-def check_data_config(data_cfg: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the `data.*` key that is missing or out of range."""
-    missing = [key for key in REQUIRED_KEYS if key not in data_cfg]
-    if missing:
-        raise ValueError(
-            f"data config lacks {', '.join('data.' + k for k in missing)}. "
-            f"Fix: define all of {', '.join(REQUIRED_KEYS)} in the config's `data` block."
-        )
-    kind = data_cfg.get("tokenizer", "sentencepiece")
-    if kind not in TOKENIZER_KINDS:
-        raise ValueError(f"data.tokenizer={kind!r} is invalid. Fix: set it to one of {TOKENIZER_KINDS}.")
-    checks = [
-        ("val_fraction", 0 < data_cfg.val_fraction < 1, "a fraction in (0, 1), e.g. 0.05"),
-        ("vocab_size", kind == "bytes" or int(data_cfg.vocab_size) >= 300,
-         "an int >= 300 (bytes + specials)"),
-        ("tokenizer_max_chars", int(data_cfg.tokenizer_max_chars) > 0, "a positive int"),
-        ("max_files", int(data_cfg.max_files) >= 0, "0 (all files) or a positive int"),
-        ("source", bool(str(data_cfg.source)), "'stdlib', a directory or a glob"),
-    ]
-    for key, ok, expected in checks:
-        if not ok:
-            raise ValueError(f"data.{key}={data_cfg[key]!r} is invalid. Fix: set it to {expected}.")
-    check_synthetic_config(data_cfg)
-
-
 def _corpus(data_cfg: ml_collections.ConfigDict):
     """(corpus name, split -> documents, skipped): a synthetic task, else the TFDS text corpus."""
     if is_synthetic(data_cfg.source):
@@ -122,7 +88,7 @@ def pretrained_tokenizer(data_cfg: ml_collections.ConfigDict):
     ``tokenizer.json`` or a workdir holding one (``mtp convert`` writes it)."""
     from mtp.data.hf_tokenizer import HFTokenizer
 
-    path = pathlib.Path(str(data_cfg.get("tokenizer_path", "")))
+    path = pathlib.Path(data_cfg.tokenizer_path)
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
@@ -246,11 +212,11 @@ def prepare_data(data_cfg: ml_collections.ConfigDict) -> PreparedData:
 def _prepare_data(data_cfg: ml_collections.ConfigDict) -> PreparedData:
     corpus_name, sources, skipped = _corpus(data_cfg)
     cache_dir = resolve_cache_dir(data_cfg)
-    if data_cfg.get("tokenizer", "sentencepiece") == "bytes":
+    if data_cfg.tokenizer == "bytes":
         from mtp.data.byte_tokenizer import ByteTokenizer
 
         tokenizer = ByteTokenizer()
-    elif data_cfg.get("tokenizer") == "pretrained":
+    elif data_cfg.tokenizer == "pretrained":
         tokenizer = pretrained_tokenizer(data_cfg)
     else:
         tokenizer = load_or_train_tokenizer(

@@ -27,19 +27,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-INDUCTION, POLYNOMIAL = "induction", "polynomial"
-SYNTHETIC_SOURCES = (INDUCTION, POLYNOMIAL)
-ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits  # induction symbols
+from mtp.config import INDUCTION_ALPHABET, POLY_MAX_OPS, SYNTHETIC_SOURCES, check_data_config
+
+INDUCTION, POLYNOMIAL = SYNTHETIC_SOURCES
+ALPHABET = INDUCTION_ALPHABET  # induction symbols
 SEPARATOR = "|"
 MODULUS, DEGREE = 7, 5  # F7[X]/(X^5)
-MAX_OPS = 5
+MAX_OPS = POLY_MAX_OPS
 OPERATORS = ("+", "-", "*")
 _FORMAT_VERSION = 1  # bump when the text of any example changes, so caches are not reused
 _SPLIT_STREAMS = {"train": 0, "validation": 1}
@@ -257,40 +257,9 @@ def score_polynomial(example: Example, predicted_answer_text: str) -> float:
 
 
 # --- configs, splits, corpus ----------------------------------------------------------------------
-def check_synthetic_config(data_cfg: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the `data.*` key of a synthetic source that cannot work."""
-    source = str(data_cfg.source)
-    if source not in SYNTHETIC_SOURCES:
-        return
-    missing = [k for k in SYNTHETIC_KEYS[source] if k not in data_cfg]
-    if missing:
-        raise ValueError(f"data.source={source!r} needs {', '.join('data.' + k for k in missing)}."
-                         " Fix: build the config on mtp.config.base_config(), which defines them.")
-    checks = [("synthetic_examples", int(data_cfg.synthetic_examples) >= 1, "a positive int, e.g. 20000"),
-              ("synthetic_val_examples", int(data_cfg.synthetic_val_examples) >= 1,
-               "a positive int, e.g. 1000")]
-    if source == INDUCTION:
-        checks += [("induction_pattern_len", int(data_cfg.induction_pattern_len) >= 1,
-                    "a positive int (characters per pattern), e.g. 16"),
-                   ("induction_vocab", 2 <= int(data_cfg.induction_vocab) <= len(ALPHABET),
-                    f"an int in [2, {len(ALPHABET)}] (symbols drawn from {ALPHABET!r})")]
-    else:
-        checks.append(("tokenizer", data_cfg.get("tokenizer", "sentencepiece") == "bytes",
-                       "'bytes' (and model.vocab_size=data.vocab_size=260): the task's ~17 characters"
-                       " give SentencePiece too few merges for a vocabulary >= 300"))
-        for key in ("poly_train_ops", "poly_test_ops"):
-            ops = tuple(data_cfg[key])
-            checks.append((key, bool(ops) and all(isinstance(k, int) and 1 <= k <= MAX_OPS for k in ops),
-                           f"a non-empty tuple of operation counts in 1..{MAX_OPS}, e.g. (1, 2, 3)"))
-    for key, ok, expected in checks:
-        if not ok:
-            raise ValueError(f"data.{key}={data_cfg[key]!r} is invalid for data.source={source!r}."
-                             f" Fix: set it to {expected}.")
-
-
 def task_examples(data_cfg: ml_collections.ConfigDict, split: str) -> list[Example]:
     """The examples of `split` ('train' or 'validation') for a synthetic `data.source`."""
-    check_synthetic_config(data_cfg)
+    check_data_config(data_cfg)
     source = str(data_cfg.source)
     if source not in SYNTHETIC_SOURCES:
         raise ValueError(f"data.source={source!r} is not a synthetic task. Fix: use one of"
@@ -317,7 +286,7 @@ def corpus_name(data_cfg: ml_collections.ConfigDict) -> str:
 
 def synthetic_corpus(data_cfg: ml_collections.ConfigDict) -> tuple[str, dict[str, list[dict[str, Any]]]]:
     """(corpus name, split -> documents `{'path': bytes, 'text': bytes}`), like the TFDS corpus."""
-    check_synthetic_config(data_cfg)
+    check_data_config(data_cfg)
     sources = {}
     for split in _SPLIT_STREAMS:
         sources[split] = [{"path": f"{split}/{i:07d}".encode(), "text": example.text.encode("utf-8")}

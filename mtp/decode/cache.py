@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp.config import LAYER_HEADS
 from mtp.decode.packed import MATRICES, PackedMatrix
 from mtp.decode.weights import decode_weights, linear, project, simple_head
-from mtp.model.heads import LAYER_HEADS, causal_combine
+from mtp.model.heads import causal_combine
 from mtp.model.lm import MTPLM
 from mtp.model.transformer import rms_norm, rope, rope_angles
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtp.config import DECODE_MODES
 from mtp.decode.cache import (
     causal_drafts_layered,
     compact_cache,
@@ -39,8 +40,6 @@ from mtp.decode.cache import (
 from mtp.decode.tree import DraftTree, build_tree, build_tree_nodes, is_node_list
 from mtp.decode.weights import cached_decode_weights, draft_unembed, linear, prefill_weights, project
 from mtp.model.transformer import rms_norm
-
-MODES = ("greedy", "sample", "speculative", "speculative_sample")
 
 PAD_TO = 64  # prompts are padded to a multiple of this: one compilation per length bucket
 
@@ -78,8 +77,8 @@ class DecodeConfig:
 
 
 def check_decode_config(dc: DecodeConfig, spec) -> None:
-    if dc.mode not in MODES:
-        raise ValueError(f"mode={dc.mode!r} is unknown; use one of {MODES}.")
+    if dc.mode not in DECODE_MODES:
+        raise ValueError(f"mode={dc.mode!r} is unknown; use one of {DECODE_MODES}.")
     if dc.speculative:
         if not 2 <= dc.heads <= spec.n_future:
             raise ValueError(f"Speculative decoding uses heads 2..k to draft: --heads must be in"

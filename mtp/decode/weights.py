@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtp.config import LAYER_HEADS
 from mtp.decode.packed import PackedMatrix, activations_int8, may_pack, pack_decode_weights, packing_enabled
-from mtp.model.heads import LAYER_HEADS
 from mtp.model.transformer import rms_norm
 
 CACHE_RESIDENT_BYTES = 1 << 20  # an MLP matrix below this stays in cache from token to token

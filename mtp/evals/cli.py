@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-MODES = ("greedy", "sample", "speculative", "speculative_sample")
+from mtp.config import DECODE_MODES
 
 
 def _no_overrides(name: str, overrides) -> None:
@@ -191,7 +191,7 @@ def add_parsers(subparsers) -> None:
     h.add_argument("--limit", type=int, default=None, help="first N problems only")
     h.add_argument("--n-samples", type=int, default=1, help="completions per problem")
     h.add_argument("--k", default="1,10", help="comma-separated k of pass@k (k <= n-samples kept)")
-    h.add_argument("--mode", choices=MODES, default="greedy", help="decoding mode")
+    h.add_argument("--mode", choices=DECODE_MODES, default="greedy", help="decoding mode")
     h.add_argument("--heads", type=int, default=None, help="heads used to draft (speculative modes)")
     h.add_argument("--max-new-tokens", type=int, default=256)
     h.add_argument("--temperature", type=float, default=0.8)

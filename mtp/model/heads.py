@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtp.config import HEAD_TYPES, LAYER_HEADS
 from mtp.model.transformer import Block, dense, param, rms_norm, stacked_blocks, zeros_param
 
 
@@ -57,8 +58,6 @@ def causal_combine(prev_xD, emb_xD, w_2DxD, h_norm_D, e_norm_D, eps: float) -> j
     return dense(x, w_2DxD.astype(prev_xD.dtype))
 
 
-HEAD_TYPES = ("transformer", "linear", "medusa", "causal")
-LAYER_HEADS = ("transformer", "causal")  # head types made of transformer layers (with a KV cache)
 _SIMPLE_HEADS = {"linear": LinearHead, "medusa": MedusaHead}
 
 

@@ -35,8 +35,6 @@ from mtp.model.transformer import (
 )
 from mtp.sharding import constrain
 
-HIDDEN_MIXES = ("none", "weighted")
-
 
 def mix_logits_init(spec: ModelSpec):
     L = spec.trunk_layers

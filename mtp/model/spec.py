@@ -5,35 +5,17 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from mtp.config import LAYER_HEADS, ModelConfig
+
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    vocab_size: int
-    d_model: int
-    n_layers: int  # trunk layers as configured (before parameter matching)
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int = 0  # 0 -> d_model // n_heads
-    d_ff: int = 0  # 0 -> SwiGLU's 8/3 * d_model rounded up to a multiple of 64
-    max_seq_len: int = 2048
-    rope_theta: float = 10_000.0
-    norm_eps: float = 1e-5
-    n_future: int = 4
-    head_type: str = "transformer"
-    tie_embeddings: bool = True
-    parameter_matched: bool = False
-    remat: str = "none"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    init_std: float = 0.0  # 0 -> 1/sqrt(fan_in) per matrix; > 0 -> this std everywhere
-    # Retrofitting (Mehra et al. 2025): where heads 2..n read from, and LoRA adapters.
-    branch_layer: int = 0  # 0: every head reads the final trunk output; l: heads 2..n read layer l's
-    hidden_mix: str = "none"  # 'weighted': heads 2..n read a learned softmax mix of all trunk states
-    lora_rank: int = 0  # > 0: LoRA of this rank on every transformer layer's projections
-    lora_alpha: float = 16.0  # LoRA scale alpha / rank
+class ModelSpec(ModelConfig):
+    """``config.model`` as an immutable value (the fields and defaults are ``ModelConfig``'s), with the
+    sizes derived from it."""
 
     @classmethod
     def from_config(cls, model_cfg) -> ModelSpec:
+        """Keys the schema lacks are dropped; keys an older run's config.json lacks take their defaults."""
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in dict(model_cfg).items() if k in fields})
 
@@ -73,7 +55,7 @@ class ModelSpec:
         return self.lora_rank * per_rank
 
     def head_params(self) -> int:
-        if self.head_type in ("transformer", "causal"):
+        if self.head_type in LAYER_HEADS:
             per = self.layer_params() + self.lora_layer_params()
         else:
             per = self.d_model ** 2 + (self.d_model if self.head_type == "medusa" else 0)
@@ -100,7 +82,7 @@ class ModelSpec:
         layer_mm = self.layer_params() - 2 * D + self.lora_layer_params()
         attn_scores = 2 * 2 * self.n_heads * H * seq_len / 2  # QK^T and AV, causal half
         layer = 2 * layer_mm + attn_scores
-        head = layer if self.head_type in ("transformer", "causal") else 2 * D * D
+        head = layer if self.head_type in LAYER_HEADS else 2 * D * D
         forward = self.trunk_layers * layer + self.n_future * (head + 2 * D * self.vocab_size)
         forward += (self.n_future - 1) * 2 * 2 * D * D if self.head_type == "causal" else 0
         return 3.0 * forward

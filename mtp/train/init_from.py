@@ -28,10 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp.config import ConfigError
+from mtp.config import TRAINABLE_MODES, ConfigError
 from mtp.log import log
 
-TRAINABLE = ("all", "heads", "new_heads", "lora")
 FRESH_OK = ("_lora_a']", "_lora_b']", "['mix_logits']")  # keys a source may lack (fresh init kept)
 
 
@@ -127,7 +126,7 @@ def init_params(src: Path, abstract_params, new_heads: str):
     if any("_lora_a']" in k and k not in wanted for k in flat):
         from mtp.workdir import load_config_json
 
-        flat = fold_lora(flat, float(load_config_json(src).model.get("lora_alpha", 16.0)), wanted)
+        flat = fold_lora(flat, float(load_config_json(src).model.lora_alpha), wanted)
         log(f"init: LoRA adapters of {src} folded into their base weights (model.lora_rank=0 here)")
     out = []
     for path, abstract in leaves:
@@ -175,8 +174,8 @@ def trainable_masks(abstract_params, trainable: str, n_source_heads: int, n_futu
     leaf gets no update at all (weight decay included), so it stays bitwise unchanged.
     ``backbone_scale`` (trainable='all' only): every non-head parameter's update is multiplied by
     it, i.e. the backbone learns at ``optim.lr * backbone_scale`` while the heads use ``optim.lr``."""
-    if trainable not in TRAINABLE:
-        raise ConfigError(f"train.trainable={trainable!r} is unknown; use one of {TRAINABLE}.")
+    if trainable not in TRAINABLE_MODES:
+        raise ConfigError(f"train.trainable={trainable!r} is unknown; use one of {TRAINABLE_MODES}.")
 
     def name(k):
         return str(getattr(k, "key", k))

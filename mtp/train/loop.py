@@ -15,11 +15,10 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from mtp.config import ConfigError, validate
-from mtp.losses import head_weights
+from mtp.config import ConfigError, head_weights, rules_from_config, validate
 from mtp.model.spec import ModelSpec
 from mtp.perf import peak_flops
-from mtp.sharding import batch_sharding, make_mesh, rules_from_config
+from mtp.sharding import batch_sharding, make_mesh
 from mtp.train.checkpoint import Checkpointer, save_json
 from mtp.train.init_from import (
     check_source_model,
@@ -144,7 +143,7 @@ def train(cfg) -> dict:
     from mtp.workdir import abstract_params
 
     trainable, update_scale = trainable_masks(abstract_params(spec)[1], t.trainable, n_source_heads,
-                                              spec.n_future, cfg.optim.get("backbone_lr_scale", 1.0))
+                                              spec.n_future, cfg.optim.backbone_lr_scale)
     tx = make_optimizer(cfg.optim, t.steps, trainable, update_scale)
     schedule = lr_schedule(cfg.optim, t.steps)
     layout, init = make_layout(spec, tx, mesh, rules, cfg.seed)

@@ -47,7 +47,7 @@ def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sha
     metrics are logged for them)."""
     graphdef, n_future = layout.graphdef, cfg.model.n_future
     impl, chunk, n_micro = cfg.loss.impl, cfg.loss.chunk_size, cfg.train.grad_accum
-    targets = cfg.loss.get("targets", "data")
+    targets = cfg.loss.targets
     active = tuple(int(i) for i in np.flatnonzero(np.asarray(weights_N) != 0)) or None  # None: all
     train_unembed = unembed_trains(trainable)
     weights_N = jnp.asarray(weights_N)
@@ -104,7 +104,7 @@ def make_eval_step(layout, mesh, rules, cfg, batch_sharding):
             model = nnx.merge(graphdef, params)
             _, aux = compute_loss(cfg.loss.impl, model, batch["tokens"], batch["segment_ids"],
                                   weights_N, jnp.ones((n_future,)), cfg.loss.chunk_size,
-                                  cfg.loss.get("targets", "data"))
+                                  cfg.loss.targets)
             return aux
 
     replicated = NamedSharding(mesh, PartitionSpec())
