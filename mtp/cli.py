@@ -49,14 +49,10 @@ def _load(args, overrides):
 
 
 def cmd_train(args, overrides) -> int:
-    from mtp.config import ConfigError
     from mtp.train.loop import train
 
     cfg = _load(args, overrides)
-    try:
-        train(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"mtp: config error: {e}") from None
+    train(cfg, restart=args.restart)  # finished or preempted (checkpoint saved): both exit 0
     return 0
 
 
@@ -167,11 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     from mtp.config import DECODE_MODES
 
     parser = argparse.ArgumentParser(prog="mtp", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="--debug (anywhere on the line): show tracebacks for every error.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train (or resume) a model; defaults to configs/default.py")
     p.add_argument("--config", default=None, help="config file or name in configs/")
     p.add_argument("--workdir", default=None, help="checkpoints, metrics and logs (default runs/NAME)")
+    p.add_argument("--restart", action="store_true",
+                   help="start from step 0 although the workdir held checkpoints (all now damaged or gone)")
     p.set_defaults(func=cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
@@ -258,11 +257,46 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, overrides = _split_overrides(argv)
+    debug = "--debug" in argv  # tracebacks for every error, user errors included
+    argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     from mtp.distributed import initialize
 
     initialize()  # join a multi-process run (MTP_* from launch/*) before any other JAX use
-    return args.func(args, overrides)
+    try:
+        return args.func(args, overrides)
+    except user_errors() as e:
+        if debug:
+            raise
+        raise UserError(f"mtp {args.command}: {e}") from None
+    except SystemExit as e:  # a command's own message for a user error
+        if debug or e.code is None or isinstance(e.code, int):
+            raise
+        raise UserError(str(e.code)) from None
+
+
+class UserError(SystemExit):
+    """Ends the process with exit code 2 after printing its message (no traceback); ``str()`` is
+    the message."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+        print(message, file=sys.stderr, flush=True)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's (a config, a workdir, a checkpoint, a file given): a message and
+    exit code 2, no traceback. Everything else is a bug and keeps its traceback."""
+    from mtp.config import ConfigError
+    from mtp.plan import PlanError
+    from mtp.train.checkpoint import CheckpointError
+    from mtp.workdir import WorkdirError
+
+    return ConfigError, WorkdirError, CheckpointError, PlanError
 
 
 if __name__ == "__main__":

@@ -173,24 +173,12 @@ def _aot_in_process(cfg, mesh_sizes: dict, n_devices: int) -> dict:
     """Lower + compile the real train step with abstract inputs on ``n_devices`` local devices."""
     import jax
 
-    from mtp.config import head_weights, rules_from_config
-    from mtp.model.spec import ModelSpec
-    from mtp.sharding import batch_sharding, make_mesh
-    from mtp.train.optim import lr_schedule, make_optimizer
-    from mtp.train.state import make_layout
-    from mtp.train.step import make_train_step
+    from mtp.sharding import make_mesh
+    from mtp.train.program import build_program
 
     t0 = time.perf_counter()
-    spec = ModelSpec.from_config(cfg.model)
-    mesh = make_mesh(mesh_sizes, jax.devices()[:n_devices])
-    rules = rules_from_config(cfg.sharding.rules)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps), lr_schedule(cfg.optim, cfg.train.steps)
-    layout, _ = make_layout(spec, tx, mesh, rules, cfg.seed)
-    batch_sh = batch_sharding(mesh, rules)
-    step_fn = make_train_step(layout, tx, schedule, mesh, rules, cfg, head_weights(cfg.loss, spec.n_future),
-                              batch_sh)
-    tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len), np.int32)
-    compiled = step_fn.lower(layout.abstract, {"tokens": tokens, "segment_ids": tokens}).compile()
+    program = build_program(cfg, make_mesh(mesh_sizes, jax.devices()[:n_devices]))
+    compiled = program.lower().compile()
     mem = compiled.memory_analysis()
     out = {"argument": int(mem.argument_size_in_bytes), "output": int(mem.output_size_in_bytes),
            "alias": int(mem.alias_size_in_bytes), "temp": int(mem.temp_size_in_bytes)}
@@ -239,10 +227,8 @@ def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | N
     import jax
     from jax.sharding import AbstractMesh, AxisType
 
-    from mtp.config import ConfigError, rules_from_config, validate
-    from mtp.model.spec import ModelSpec
-    from mtp.train.optim import make_optimizer
-    from mtp.train.state import make_layout
+    from mtp.config import ConfigError, validate
+    from mtp.train.program import build_program
 
     mesh_sizes, n_devices = resolve_mesh(mesh_sizes, n_devices)
     cfg = copy.deepcopy(cfg)
@@ -252,12 +238,10 @@ def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | N
         validate(cfg, n_devices)
     except ConfigError as e:
         raise PlanError(f"config error for mesh {mesh_sizes}: {e}") from None
-    spec = ModelSpec.from_config(cfg.model)
-    rules = rules_from_config(cfg.sharding.rules)
     mesh = AbstractMesh(tuple(mesh_sizes[a] for a in MESH_AXES), MESH_AXES,
                         axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    layout, _ = make_layout(spec, tx, mesh, rules, cfg.seed)
+    program = build_program(cfg, mesh)
+    spec, rules, layout = program.spec, program.rules, program.layout
     params = _shard_bytes(layout.abstract["params"], layout.shardings["params"])
     opt_state = _shard_bytes(layout.abstract["opt_state"], layout.shardings["opt_state"])
     acts = activation_bytes(spec, cfg, mesh_sizes, rules)

@@ -96,8 +96,10 @@ def _train_row(cfg) -> Path:
     done = workdir / "eval.json"
     if done.exists() and json.loads(done.read_text()).get("step") == cfg.train.steps:
         log(f"{cfg.name}: already trained, reusing {workdir}", prefix="study")
-    else:
-        train(cfg)
+    elif train(cfg).preempted:
+        log(f"{cfg.name} was preempted; its checkpoint is saved. Rerun the same command to resume the study.",
+            prefix="study")
+        raise SystemExit(0)
     return workdir
 
 

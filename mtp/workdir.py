@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import jax
 import ml_collections
 from flax import nnx
 
-from mtp.model import MTPLM
+from mtp.model import MTPLM, abstract_params
 from mtp.model.spec import ModelSpec
+from mtp.train.checkpoint import Checkpointer, save_json
 
 PARAMS_PREFIX = "['params']"
 
@@ -83,20 +85,88 @@ def checkpoint_steps(workdir: str | Path) -> list[int]:
 
 
 def restore_flat(workdir: str | Path, step: int | None = None) -> tuple[dict, int]:
-    """The saved flat state dict of ``step`` (default: newest) as host arrays."""
-    import orbax.checkpoint as ocp
-
+    """The saved flat state dict of ``step`` (default: the newest readable one) as host arrays,
+    through the one checkpoint reader (damaged checkpoints are skipped with a warning, left in place)."""
     steps = checkpoint_steps(workdir)
     if not steps:
         raise WorkdirError(f"{workdir}/checkpoints holds no checkpoint: train first"
                            f" (`mtp train --workdir {workdir}`) or convert a model into it.")
-    step = steps[-1] if step is None else step
-    if step not in steps:
+    if step is not None and step not in steps:
         raise WorkdirError(f"{workdir} has no checkpoint at step {step}; it has {steps}.")
-    mgr = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", item_names=("state",))
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    mgr.close()
-    return dict(out["state"]), step
+    ckpt = Checkpointer(Path(workdir).absolute() / "checkpoints", async_save=False, create=False)
+    try:
+        return ckpt.read_newest_flat(step)
+    finally:
+        ckpt.close()
+
+
+# --- a training run's files -------------------------------------------------------------------
+# Keys that may differ when a run resumes: where and how often it reports, how long it runs, and
+# the mesh it runs on (checkpoints restore onto any mesh). Everything else shapes the state, the
+# data order or the optimization, and must match the run that wrote the checkpoints.
+RESUMABLE_KEYS = ("name", "workdir", "train.steps", "train.log_every", "train.eval_every",
+                  "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+                  "train.tensorboard", "train.log_data_hashes", "data.cache_dir", "mesh.", "sharding.", "perf.")
+
+
+def resolve_workdir(cfg) -> Path:
+    return Path(cfg.workdir or f"runs/{cfg.name}").absolute()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resumable(workdir: Path, cfg) -> None:
+    """Refuse (naming the keys) to continue a workdir's run with a config that differs where it
+    matters; nothing is read or written beyond ``config.json``."""
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        return
+    try:
+        saved = _flat(json.loads(path.read_text()))
+    except (OSError, ValueError) as e:
+        raise WorkdirError(f"{path} cannot be read ({e}); restore it from the run's first config or use a new"
+                           " --workdir.") from None
+    now = _flat(json.loads(json.dumps(cfg.to_dict(), default=str)))
+    # keys the saved run did not have yet (added to the schema later) keep their defaults
+    diff = {k: (saved[k], v) for k, v in now.items()
+            if k in saved and saved[k] != v and not any(k == r or (r.endswith(".") and k.startswith(r))
+                                                        for r in RESUMABLE_KEYS)}
+    if diff:
+        keys = ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in sorted(diff.items()))
+        raise WorkdirError(
+            f"{workdir} holds a run with a different config: {keys}. Nothing was changed. Resume with the"
+            f" saved values (see {path}), or pass a new --workdir for a run with these settings.")
+
+
+def ever_checkpointed(workdir: Path) -> bool:
+    """Whether the workdir's run got as far as a checkpoint (readable or moved aside as damaged)."""
+    d = Path(workdir) / "checkpoints"
+    return d.exists() and any(p.name.isdigit() or ".damaged-" in p.name or ".unreadable-" in p.name
+                              for p in d.iterdir())
+
+
+def write_run_files(workdir: Path, cfg, tokenizer) -> None:
+    """``config.json`` and the tokenizer, written by process 0 once a run has started."""
+    if jax.process_index() != 0:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_json(workdir / "config.json", cfg.to_dict())
+    if tokenizer.path is None:  # the byte tokenizer: an empty marker file names it
+        (workdir / "tokenizer.bytes").touch()
+    elif tokenizer.path.name == "tokenizer.json":  # an imported model's tokenizer + sidecar
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (tokenizer.path.parent / name).exists():
+                shutil.copy(tokenizer.path.parent / name, workdir / name)
+    else:
+        shutil.copy(tokenizer.path, workdir / "tokenizer.model")
 
 
 def params_from_flat(flat: dict, abstract_params) -> nnx.State:
@@ -117,12 +187,6 @@ def params_from_flat(flat: dict, abstract_params) -> nnx.State:
     return jax.tree_util.tree_unflatten(treedef, out)["params"]
 
 
-def abstract_params(spec: ModelSpec):
-    abstract_model = nnx.eval_shape(lambda: MTPLM(spec, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(abstract_model, nnx.Param)
-    return graphdef, params
-
-
 def load_model(workdir: str | Path, step: int | None = None) -> LoadedModel:
     """Config, model (parameters from the newest or given checkpoint) and tokenizer of a workdir."""
     cfg = load_config_json(workdir)
@@ -136,8 +200,6 @@ def load_model(workdir: str | Path, step: int | None = None) -> LoadedModel:
 
 def save_params(workdir: str | Path, params: nnx.State, step: int = 0, meta: dict | None = None) -> None:
     """Write ``params`` as checkpoint ``step`` in the layout ``load_model`` reads (``mtp convert``)."""
-    from mtp.train.checkpoint import Checkpointer
-
     ckpt = Checkpointer(Path(workdir) / "checkpoints", keep=1, async_save=False)
     ckpt.save(step, {"params": params, "step": jax.numpy.asarray(step, jax.numpy.int32)},
               meta=meta or {}, force=True)

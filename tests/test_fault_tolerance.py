@@ -47,8 +47,8 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys
     ckpt = Checkpointer(tmp_path / "ckpt", keep=3)
     step, state, data_state, _ = ckpt.restore_latest(*_abstract(_toy_state(0)))
     assert step == 1 and float(state["params"]["w"][0, 0]) == 1.0 and data_state == {"pos": 1}
-    assert "could not be restored" in capsys.readouterr().err
-    assert list((tmp_path / "ckpt").glob("2.unreadable-*"))  # moved aside, not deleted
+    assert "is damaged" in capsys.readouterr().err
+    assert list((tmp_path / "ckpt").glob("2.damaged-*"))  # moved aside, not deleted
 
 
 def test_partial_checkpoint_is_never_restored(tmp_path):
@@ -69,7 +69,7 @@ def test_all_checkpoints_unreadable_is_an_error_not_a_fresh_start(tmp_path):
     for f in (tmp_path / "ckpt" / "1" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="No checkpoint .* could be restored"):
+    with pytest.raises(RuntimeError, match="No checkpoint .* could be read"):
         Checkpointer(tmp_path / "ckpt", keep=3).restore_latest(*_abstract(_toy_state(0)))
 
 

@@ -232,7 +232,7 @@ def test_short_training_run_on_induction(tmp_path, monkeypatch):
     cfg.train.update(steps=2, batch_size=8, seq_len=32, log_every=1, checkpoint_every=2,
                      eval_batches=1, tensorboard=False)
     cfg.loss.chunk_size = 16
-    result = train(cfg)
+    result = train(cfg).evaluation
     w = tmp_path / "w"
     assert (w / "tokenizer.bytes").exists() and not (w / "tokenizer.model").exists()
     assert json.loads((w / "config.json").read_text())["data"]["tokenizer"] == "bytes"

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from mtp.config import load_config
+from mtp.model.spec import ModelSpec
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -46,7 +49,13 @@ def test_training_lowers_every_heads_loss(tiny_run):
         assert final[f"loss/head_{i}"] < 5.6
     for key in ("loss/total", "grad_norm", "lr", "perf/tokens_per_s", "perf/mfu"):
         assert key in train[-1]
-    assert train[-1]["perf/tokens_per_s"] > 0 and 0 < train[-1]["perf/mfu"] < 1
+    # throughput of the logged window: 8 x 64 tokens per step, FLOPs from ModelSpec's count
+    perf = {k.removeprefix("perf/"): v for k, v in train[-1].items() if k.startswith("perf/")}
+    cfg = load_config(REPO / "configs" / "tiny.py")
+    assert perf["tokens_per_s"] * perf["step_time_s"] == pytest.approx(8 * 64, rel=1e-6)
+    flops_per_token = ModelSpec.from_config(cfg.model).flops_per_token(64)
+    assert perf["flops_per_s"] == pytest.approx(perf["tokens_per_s"] * flops_per_token, rel=1e-6)
+    assert 0 < perf["mfu"] < 1
 
 
 def test_outputs_and_held_out_table(tiny_run):
@@ -75,12 +84,12 @@ def test_resuming_with_another_model_is_refused(tiny_run):
     root, _ = tiny_run
     proc = _mtp("train", "--config", "configs/tiny.py", "--workdir", str(root / "w"),
                 "--config.model.d_model=96", cache=root / "cache")
-    assert proc.returncode != 0
-    assert "different model config" in proc.stderr and "d_model" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "different config: model.d_model (saved 64, now 96)" in proc.stderr
 
 
 def test_bad_override_is_a_clean_error(tmp_path):
     proc = _mtp("train", "--config", "tiny", "--config.model.n_future=0", "--workdir",
                 str(tmp_path / "w"), cache=tmp_path / "cache")
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "model.n_future=0 is invalid" in proc.stderr and "Traceback" not in proc.stderr

@@ -18,30 +18,21 @@ import time
 import jax
 import numpy as np
 
-from mtp.config import head_weights, rules_from_config, validate
-from mtp.model.spec import ModelSpec
+from mtp.config import validate
 from mtp.perf import peak_flops
-from mtp.sharding import batch_sharding, make_mesh
-from mtp.train.optim import lr_schedule, make_optimizer
-from mtp.train.state import make_layout
-from mtp.train.step import make_train_step
+from mtp.train.program import build_program
 
 
 def bench_one(cfg, steps: int) -> dict:
     validate(cfg, jax.device_count(), jax.process_count())
-    spec = ModelSpec.from_config(cfg.model)
-    mesh, rules = make_mesh(cfg.mesh), rules_from_config(cfg.sharding.rules)
-    t = cfg.train
-    tx, schedule = make_optimizer(cfg.optim, 1000), lr_schedule(cfg.optim, 1000)
-    layout, init = make_layout(spec, tx, mesh, rules, cfg.seed)
-    batch_sh = batch_sharding(mesh, rules)
-    step_fn = make_train_step(layout, tx, schedule, mesh, rules, cfg, head_weights(cfg.loss, spec.n_future),
-                              batch_sh)
+    program = build_program(cfg)
+    spec, t = program.spec, cfg.train
+    step_fn, batch_sh = program.train_step, program.batch_sharding
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, spec.vocab_size, (t.batch_size, t.seq_len), dtype=np.int32)
     batch = {"tokens": jax.device_put(tokens, batch_sh),
              "segment_ids": jax.device_put(np.ones_like(tokens), batch_sh)}
-    state = init()
+    state = program.init()
     compiled = step_fn.lower(state, batch).compile()
     mem = compiled.memory_analysis()
     state, metrics = compiled(state, batch)  # warm-up

@@ -216,7 +216,7 @@ def build_params(hp: LlamaHParams, spec, load: Callable[[str, int | None], np.nd
     (HF orientation, float32). Returns ``(graphdef, params)``."""
     import jax
 
-    from mtp.workdir import abstract_params
+    from mtp.model import abstract_params
 
     graphdef, abstract = abstract_params(spec)
     leaves, treedef = jax.tree_util.tree_flatten_with_path({"params": abstract})

@@ -6,6 +6,6 @@ from flax import nnx
 # (mtp.train.state); eager sharding would need a mesh in context at every construction.
 nnx.use_eager_sharding(False)
 
-from mtp.model.lm import MTPLM  # noqa: E402
+from mtp.model.lm import MTPLM, abstract_params  # noqa: E402
 
-__all__ = ["MTPLM"]
+__all__ = ["MTPLM", "abstract_params"]

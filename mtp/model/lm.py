@@ -187,3 +187,9 @@ class MTPLM(nnx.Module):
     def __call__(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None):
         """Logits of every head: ``[n_future, B, T, V]``; head i predicts token t+i."""
         return self.project(self.all_head_hidden(tokens_BxT, segment_ids_BxT))
+
+
+def abstract_params(spec: ModelSpec, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph definition and its parameters as ShapeDtypeStructs (nothing allocated)."""
+    abstract_model = nnx.eval_shape(lambda: MTPLM(spec, rngs=nnx.Rngs(seed)))
+    return nnx.split(abstract_model, nnx.Param)

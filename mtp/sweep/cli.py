@@ -25,6 +25,7 @@ from mtp.sweep.run import (
     SWEEP_FILE,
     InProcessRunner,
     SubprocessRunner,
+    SweepPreempted,
     TokensPerForward,
     TPFOptions,
     collect,
@@ -113,7 +114,11 @@ def run(args, overrides: list[str] | None = None) -> int:
     if not args.report_only:
         write_sweep_file(root, meta)
         runner = InProcessRunner() if args.in_process else SubprocessRunner(config_path, args.launcher)
-        outcome = run_points(config_path, points, root, runner)
+        try:
+            outcome = run_points(config_path, points, root, runner)
+        except SweepPreempted as e:
+            log(f"[sweep] {e}")
+            return 0
     tpf = TokensPerForward(TPFOptions(enabled=not args.no_tpf, prompts_file=args.prompts,
                                       n_prompts=args.tpf_prompts, max_new_tokens=args.tpf_max_new_tokens))
     rows = collect(config_path, points, root, outcome, tpf)

@@ -41,6 +41,10 @@ TPF_FILE = "sweep_tokens_per_forward.json"
 TAIL_CHARS = 3000
 
 
+class SweepPreempted(Exception):
+    """A preemption notice (SIGTERM) stopped an in-process point after its checkpoint was saved."""
+
+
 class PointFailed(RuntimeError):
     """A point's training did not finish; ``tail`` is the end of its output or traceback."""
 
@@ -110,15 +114,14 @@ class InProcessRunner:
         from mtp.train.loop import train
 
         try:
-            train(cfg)
+            result = train(cfg)
         except KeyboardInterrupt:
             raise
-        except SystemExit as e:
-            if e.code in (0, None):  # train() saved a checkpoint after SIGTERM: stop the sweep too
-                raise
-            raise PointFailed(f"train() exited: {e.code}", str(e.code)) from None
         except Exception as e:
             raise PointFailed(f"{type(e).__name__}: {e}", traceback.format_exc()[-TAIL_CHARS:]) from None
+        if result.preempted:  # train() saved a checkpoint after SIGTERM: stop the sweep too
+            raise SweepPreempted(f"{point.name} was preempted at step {result.step}; rerun the same"
+                                 " command to resume the sweep.")
 
 
 # --- the sweep ------------------------------------------------------------------------------

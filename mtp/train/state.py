@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtp.model import MTPLM
+from mtp.model import abstract_params as model_abstract_params
 from mtp.model.spec import ModelSpec
 from mtp.sharding import param_shardings
 
@@ -38,8 +39,7 @@ def _opt_state_shardings(abstract_opt, params_treedef, params_shardings, replica
 
 def make_layout(spec: ModelSpec, tx, mesh: Mesh, rules, seed: int) -> tuple[StateLayout, Callable[[], dict]]:
     """Abstract state + shardings, and an ``init()`` that materializes it already sharded."""
-    abstract_model = nnx.eval_shape(lambda: MTPLM(spec, rngs=nnx.Rngs(seed)))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    graphdef, abstract_params = model_abstract_params(spec, seed)
     params_sh = param_shardings(abstract_params, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
