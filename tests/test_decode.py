@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import heads_like_head1, tiny_model, with_params
+from helpers import constant_input_model, heads_like_head1, tiny_model, with_params
 from scipy import stats
 
 from mtp.decode.cache import forward_cached, init_cache
@@ -33,16 +33,6 @@ def prompts_of(seed, n, vocab=97, lo=1, hi=12):
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(seed=1, n_future=4)
-
-
-def constant_input_model(model, same_heads: bool):
-    """Every token embeds to the same vector, so every position's hidden state is the same and the
-    greedy output repeats one token: with heads = copies of head 1 every draft is right, with
-    independent heads every draft is wrong."""
-    m = heads_like_head1(model) if same_heads else model
-    pure = nnx.to_pure_dict(nnx.state(m))
-    pure["embed"] = jnp.broadcast_to(pure["embed"][7:8], pure["embed"].shape)
-    return with_params(m, pure)
 
 
 def test_cached_greedy_equals_full_forward(model):

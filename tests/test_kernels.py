@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import heads_like_head1, tiny_model
-from test_decode import constant_input_model
+from helpers import constant_input_model, heads_like_head1, tiny_model
 
 from mtp.decode.generate import DecodeConfig, generate
 from mtp.kernels import cpu, kernel_status, rows_matmul

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_convert import LAYERS, D, F, H, K, N, THETA, EPS, VOCAB, tiny_bpe, write_gguf  # noqa: E402,I001
+from helpers import EPS, LAYERS, THETA, VOCAB, D, F, H, K, N, tiny_bpe, write_gguf  # noqa: E402
 
 from mtp.convert import convert_gguf, convert_hf  # noqa: E402
 from mtp.workdir import load_model  # noqa: E402
