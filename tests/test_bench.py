@@ -1,4 +1,5 @@
-"""``mtp bench train`` prints one JSON row per (n_future, loss_impl) with every field."""
+"""``mtp bench train`` prints one JSON row per (n_future, loss_impl) whose numbers agree with each
+other and with ModelSpec, and the memory-flat loss keeps peak memory flat as heads are added."""
 
 import json
 import os
@@ -6,23 +7,45 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from mtp.config import load_config
+from mtp.model.spec import ModelSpec
+
 REPO = Path(__file__).resolve().parent.parent
 FIELDS = {"n_future", "loss_impl", "step_time_s", "tokens_per_s", "flops_per_s", "mfu", "peak_bytes"}
+PEAK = 1e12  # FLOP/s per device, set so the MFU is checkable (and the CPU peak is not measured)
 
 
 def test_bench_train_json_rows():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
     proc = subprocess.run([sys.executable, "-m", "mtp.cli", "bench", "train", "--config", "tiny",
-                           "--heads", "2", "--impls", "vmap,scan", "--steps", "1", "--json"],
+                           "--heads", "1,4", "--impls", "vmap,scan", "--steps", "1", "--json",
+                           f"--config.perf.peak_flops_per_device={PEAK}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout)
-    assert [(r["n_future"], r["loss_impl"]) for r in rows] == [(2, "vmap"), (2, "scan")]
+    assert [(r["n_future"], r["loss_impl"]) for r in rows] == [(1, "vmap"), (1, "scan"), (4, "vmap"), (4, "scan")]
+    cfg = load_config(REPO / "configs" / "tiny.py")
+    tokens = cfg.train.batch_size * cfg.train.seq_len
     for r in rows:
         assert FIELDS <= set(r)
-        assert r["step_time_s"] > 0 and r["peak_bytes"] > 0 and 0 < r["mfu"] < 1
-    # the memory-flat loss never needs more temporary memory than materializing all heads' logits
-    assert rows[1]["peak_bytes"] <= rows[0]["peak_bytes"]
+        cfg.model.n_future = r["n_future"]
+        spec = ModelSpec.from_config(cfg.model)
+        assert r["param_count"] == spec.param_count()
+        assert r["tokens_per_s"] == pytest.approx(tokens / r["step_time_s"], rel=1e-9)
+        assert r["flops_per_s"] == pytest.approx(r["tokens_per_s"] * spec.flops_per_token(cfg.train.seq_len),
+                                                 rel=1e-9)
+        assert r["peak_flops"] == PEAK and r["mfu"] == pytest.approx(r["flops_per_s"] / PEAK, rel=1e-9)
+        # train state = float32 params + AdamW's two moments (+ a few scalar step counters)
+        assert 12 * spec.param_count() <= r["state_bytes"] < 12 * spec.param_count() + 64, r
+    vmap = {r["n_future"]: r["peak_bytes"] for r in rows if r["loss_impl"] == "vmap"}
+    scan = {r["n_future"]: r["peak_bytes"] for r in rows if r["loss_impl"] == "scan"}
+    # memory-flat: the scan loss never needs more temporary memory than materializing every head's
+    # logits at once, and adding heads grows it by a small fraction of what vmap's grows
+    assert all(scan[n] <= vmap[n] for n in (1, 4)), (scan, vmap)
+    assert vmap[4] > vmap[1]
+    assert scan[4] - scan[1] < 0.25 * (vmap[4] - vmap[1]), (scan, vmap)
 
 
 def test_peers_rounds_keep_each_engines_best_round_and_every_rounds_identity():
@@ -40,20 +63,31 @@ def test_peers_rounds_keep_each_engines_best_round_and_every_rounds_identity():
     assert _faster(None, {"tokens_per_s": 5.0}, 1) == {"tokens_per_s": 5.0}
 
 
-def test_peers_rows_time_the_decode_steps_apart_from_the_prefill():
+def test_peers_rows_time_the_decode_steps_apart_from_the_prefill(monkeypatch):
     """The greedy rows also report the decode loop's own rate (a 1-token generation of each prompt
     timed as its prefill), and the table shows it against the roofline beside the whole rate."""
     import types
 
     from helpers import tiny_model
 
+    from mtp.bench import peers_bench
     from mtp.bench.peers_bench import _run_ours, format_table
-    from mtp.decode.generate import DecodeConfig
+    from mtp.decode.api import PAD_TO
+    from mtp.decode.generate import DecodeConfig, generate
 
-    loaded = types.SimpleNamespace(model=tiny_model(seed=1))
-    row, outs = _run_ours(loaded, [[5, 6, 7], [8, 9]], DecodeConfig("greedy", max_new_tokens=6), 1, decode_rate=True)
+    real_best_time = peers_bench._best_time
+
+    def fixed_time(loaded, ids, dc, repeats):  # real generations, fixed clock: 0.5 s prefill, 2 s in all
+        return (0.5 if dc.max_new_tokens == 1 else 2.0), real_best_time(loaded, ids, dc, repeats)[1]
+
+    monkeypatch.setattr(peers_bench, "_best_time", fixed_time)
+    model = tiny_model(seed=1)
+    prompts, dc = [[5, 6, 7], [8, 9]], DecodeConfig("greedy", max_new_tokens=6)
+    row, outs = _run_ours(types.SimpleNamespace(model=model), prompts, dc, 1, decode_rate=True)
+    assert outs == [generate(model, [p], dc, pad_to=PAD_TO).tokens[0] for p in prompts]
     assert [len(o) for o in outs] == [6, 6] and row["tokens_per_forward"] == 1.0
-    assert row["decode_tokens_per_s"] > 0 and row["tokens_per_s"] > 0
+    assert row["tokens_per_s"] == pytest.approx(12 / (2 * 2.0))  # 12 tokens in 2 generations of 2 s
+    assert row["decode_tokens_per_s"] == pytest.approx((12 - 2) / (2 * 2.0 - 2 * 0.5))  # minus prefills
     row.update(roofline_tokens_per_s=1e6, fraction_of_roofline=row["tokens_per_s"] / 1e6, step_bytes=1000,
                decode_fraction_of_roofline=row["decode_tokens_per_s"] / 1e6)
     text = format_table({"rows": {"mtp greedy": row}, "read_bandwidth_gb_s": 1.0})

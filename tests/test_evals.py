@@ -20,7 +20,7 @@ from flax import nnx
 from helpers import random_tokens, tiny_config, tiny_model
 
 from mtp.evals.cli import add_parsers
-from mtp.evals.heads_eval import batch_sums_jit, evaluate_batches, greedy_continuations_jit
+from mtp.evals.heads_eval import batch_sums_jit, evaluate_batches, greedy_continuations_jit, validation_batches
 from mtp.evals.humaneval import (
     ChatTemplateError,
     ProblemsError,
@@ -394,6 +394,26 @@ def _batch(B=3, T=12, seed=1):
     return tokens, seg
 
 
+def _direct_metrics(model, batches) -> dict:
+    """Per-head loss, top-1, top-5 and token counts computed here, position by position, from the
+    logits: head k at t scores token t+k when both lie in the same (non-padding) document."""
+    n = model.spec.n_future
+    ce, top1, top5, count = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n, int)
+    for batch in batches:
+        tokens, seg = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
+        logits = np.asarray(model(jnp.asarray(tokens), jnp.asarray(seg)), np.float32)  # [N, B, T, V]
+        for i in range(n):
+            k = i + 1
+            for b, t in np.ndindex(tokens.shape[0], tokens.shape[1] - k):
+                if seg[b, t] == 0 or seg[b, t + k] != seg[b, t]:
+                    continue
+                row, target = logits[i, b, t], tokens[b, t + k]
+                ce[i] += np.log(np.exp(row.astype(np.float64) - row.max()).sum()) + row.max() - row[target]
+                above = int((row > row[target]).sum())
+                top1[i], top5[i], count[i] = top1[i] + (above == 0), top5[i] + (above < 5), count[i] + 1
+    return {"loss": ce / count, "top1": top1 / count, "top5": top5 / count, "tokens": count.tolist()}
+
+
 def test_greedy_continuations_equal_step_by_step_generation():
     model = tiny_model(0, n_future=4)
     tokens, seg = _batch()
@@ -435,6 +455,11 @@ def test_head_metrics_agree_with_the_training_loss_and_are_rates():
     np.testing.assert_allclose(sliced["loss"], result["loss"], rtol=1e-5)
     assert sliced["top5"] == result["top5"] and sliced["chain"] == result["chain"]
     np.testing.assert_allclose(result["loss"], sums["ce"] / sums["count"], rtol=1e-6)
+    direct = _direct_metrics(model, [{"tokens": tokens, "segment_ids": seg}])
+    np.testing.assert_allclose(result["loss"], direct["loss"], rtol=1e-5)
+    np.testing.assert_allclose(result["top1"], direct["top1"])
+    np.testing.assert_allclose(result["top5"], direct["top5"])
+    assert result["tokens"] == [2 * c for c in direct["tokens"]]  # the same batch twice
     for h in result["heads"]:
         assert 0 <= h["top1"] <= h["top5"] <= 1
         assert h["acceptance"] is None or 0 <= h["chain"] <= h["acceptance"] <= 1
@@ -469,7 +494,7 @@ def test_acceptance_detects_a_head_that_disagrees():
 def test_eval_cli_on_a_tiny_workdir(tmp_path, capsys):
     from mtp.data import prepare_data
     from mtp.train.checkpoint import save_json
-    from mtp.workdir import save_params
+    from mtp.workdir import load_model, save_params
 
     corpus = tmp_path / "corpus"
     rng = np.random.default_rng(0)
@@ -497,7 +522,13 @@ def test_eval_cli_on_a_tiny_workdir(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["step"] == 7 and result["batches"] == 2 and len(result["heads"]) == 3
     assert result["seq_len"] == 16 and result["batch_size"] == 8
-    assert result["tokens"][0] > 0
+    # the numbers are those of the first two held-out batches, computed here from the logits
+    loaded = load_model(workdir)
+    direct = _direct_metrics(loaded.model, validation_batches(loaded, batches=2, seq_len=16, batch_size=8))
+    assert result["tokens"] == direct["tokens"] and min(direct["tokens"]) > 0
+    np.testing.assert_allclose(result["loss"], direct["loss"], rtol=1e-5)
+    np.testing.assert_allclose(result["top1"], direct["top1"])
+    np.testing.assert_allclose(result["top5"], direct["top5"])
     assert json.loads((workdir / "eval_heads.json").read_text())["loss"] == result["loss"]
     args = _parser().parse_args(["eval", "--workdir", str(workdir), "--batches", "1"])
     assert args.func(args, []) == 0
