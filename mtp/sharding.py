@@ -110,6 +110,3 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
     first = axes[0] if len(axes) == 1 else (axes or None)
     return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
 
-
-def batch_shards(mesh: Mesh, rules) -> int:
-    return math.prod(mesh.shape[a] for a in dict(rules).get("batch", ()))

@@ -117,8 +117,8 @@ def test_induction_scores():
     answers = {x.prompt: x.answer for x in examples}
     perfect = syn.evaluate_task("induction", lambda ps: [answers[p] for p in ps], examples)
     assert perfect == {"accuracy": 1.0, "n": 10}
-    wrong = syn.induction_accuracy(lambda ps: [_wrong_induction(answers[p]) for p in ps], examples)
-    assert wrong == 0.0
+    wrong = syn.evaluate_task("induction", lambda ps: [_wrong_induction(answers[p]) for p in ps], examples)
+    assert wrong == {"accuracy": 0.0, "n": 10}
 
 
 def test_polynomial_scores():

@@ -2,7 +2,7 @@
 
 from mtp.config import check_data_config
 from mtp.data.corpus import build_corpus, list_files, split_of
-from mtp.data.pipeline import batch_iterator, make_dataset
+from mtp.data.pipeline import make_dataset
 from mtp.data.prepare import (
     PreparedData,
     TokenizedDocuments,
@@ -15,7 +15,6 @@ __all__ = [
     "PreparedData",
     "TokenizedDocuments",
     "Tokenizer",
-    "batch_iterator",
     "build_corpus",
     "check_data_config",
     "list_files",

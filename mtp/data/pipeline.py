@@ -11,7 +11,7 @@ exactly; the packer records where its current row started and replays from there
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -181,7 +181,3 @@ def make_dataset(
         lambda batch: {key: value[first: first + batch_size] for key, value in batch.items()})
     return _JsonStateIterDataset(batches)
 
-
-def batch_iterator(*args, **kwargs) -> Iterator[dict[str, np.ndarray]]:
-    """`iter(make_dataset(...))`: a checkpointable iterator over host-local batches."""
-    return iter(make_dataset(*args, **kwargs))

@@ -321,12 +321,3 @@ def evaluate_task(task: str, generate_fn: Callable[[list[str]], list[str]],
     scores = [SCORERS[task](e, c) for e, c in zip(examples, completions)]
     return {"accuracy": float(np.mean(scores)), "n": len(scores)}
 
-
-def induction_accuracy(predict_fn: Callable[[list[str]], list[str]], examples: Sequence[Example]) -> float:
-    """Mean `score_induction` of `predict_fn`'s completions (see `evaluate_task`)."""
-    return float(evaluate_task(INDUCTION, predict_fn, examples)["accuracy"])
-
-
-def polynomial_accuracy(predict_fn: Callable[[list[str]], list[str]], examples: Sequence[Example]) -> float:
-    """Exact-match rate of `predict_fn`'s answers (see `evaluate_task`)."""
-    return float(evaluate_task(POLYNOMIAL, predict_fn, examples)["accuracy"])

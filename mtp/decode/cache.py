@@ -199,7 +199,10 @@ def forward_layered(model: MTPLM, weights: dict, cache: dict, tokens_BxT, length
     mask = cache_mask(lengths_B, block_mask_TxT, S)
     x_BxTxD = weights["embed"][tokens_BxT]
     states = not model.shared_head_input  # heads 2..n read an earlier layer or a mix of all
-    tables = fused_tables(spec, positions_BxT, mask) if tokens_BxT.shape[0] == 1 else None  # unused: dropped
+    B, T = tokens_BxT.shape
+    layers = [*zip(weights["trunk"], cache["trunk_k"]), *zip(weights["heads"], cache["head_k"])]
+    fused = any(use_fused_layer(lw, B, T, spec.resolved_head_dim, k_c.dtype) for lw, k_c in layers)
+    tables = fused_tables(spec, positions_BxT, mask) if fused else None  # shared by every fused layer
 
     h_BxTxD, trunk_k, trunk_v, outs = x_BxTxD, [], [], []
     for lw, k_c, v_c in zip(weights["trunk"], cache["trunk_k"], cache["trunk_v"]):
