@@ -5,7 +5,10 @@ setup(
     version="0.1.0",
     description="Multi-token prediction language models in JAX/Flax: train, retrofit, decode faster.",
     python_requires=">=3.10",
-    packages=find_packages(include=["mtp", "mtp.*", "configs"]),
+    # configs/ (kept at the top of a checkout, where the docs name configs/NAME.py) installs as the
+    # package mtp.configs, so --config NAME finds it in a regular install too
+    packages=[*find_packages(include=["mtp", "mtp.*"]), "mtp.configs"],
+    package_dir={"mtp.configs": "configs"},
     package_data={"mtp.kernels": ["*.cc"]},  # CPU decode kernels, compiled on first use
     install_requires=[
         "jax>=0.7",

@@ -9,7 +9,7 @@ Expect:  13.33B parameters; per device (TPU v5p-128): params 0.39 GiB, opt_state
          activations 8.65 (analytic), total 10.21; AOT-compiled step 10.69 GiB; fits in 95 GiB.
 """
 
-from configs.llama_base import llama_config
+from mtp.configs.llama_base import llama_config
 
 
 def get_config():

@@ -10,7 +10,7 @@ Expect:  1.14B parameters; per device (8xH100 node): params 0.53 GiB, opt_state 
          activations 8.80 (analytic); AOT-compiled step 12.00 GiB total (temp 10.40); fits in 80 GiB.
 """
 
-from configs.llama_base import llama_config
+from mtp.configs.llama_base import llama_config
 
 
 def get_config():

@@ -9,7 +9,7 @@ Expect:  34.44B parameters; per device (TPU v5p-128): params 1.01 GiB, opt_state
          activations 14.76 (analytic), total 18.78; AOT-compiled step 21.20 GiB; fits in 95 GiB.
 """
 
-from configs.llama_base import llama_config
+from mtp.configs.llama_base import llama_config
 
 
 def get_config():

@@ -11,7 +11,7 @@ Expect:  69.83B parameters; per device (TPU v5p-128): params 2.04 GiB, opt_state
          (--mesh data=1,fsdp=32,tensor=1 --config.train.grad_accum=32) need 69.65 GiB: fits in 80.
 """
 
-from configs.llama_base import llama_config
+from mtp.configs.llama_base import llama_config
 
 
 def get_config():

@@ -11,7 +11,7 @@ Expect:  6,940,798,976 parameters; per device (TPU v5p-128): params 0.20 GiB, op
          -> 24.56 GiB analytic / 27.54 GiB AOT, fits in 80 GiB.
 """
 
-from configs.llama_base import llama_config
+from mtp.configs.llama_base import llama_config
 
 
 def get_config():

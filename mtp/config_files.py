@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """The installed package ``mtp.configs`` (setup.py maps it to the checkout's configs/, so an
+    editable install reads the checkout's files); configs/ beside mtp/ when mtp is not installed."""
+    try:
+        import mtp.configs
+    except ImportError:
+        return Path(__file__).resolve().parent.parent / "configs"
+    return Path(mtp.configs.__file__).resolve().parent
+
+
+CONFIG_DIR = _config_dir()
 
 
 def resolve_config_path(value: str | None) -> Path:
