@@ -95,6 +95,20 @@ def cmd_plan(args, overrides) -> int:
     return 0
 
 
+def check_generate_flags(args) -> None:
+    """Refuse flags the chosen --mode would ignore (a silently ignored flag looks like it worked)."""
+    speculative = args.mode.startswith("speculative")
+    sampling = args.mode.endswith("sample")
+    wrong = [f"--{name.replace('_', '-')}" for name, applies in (
+        ("heads", speculative), ("draft_vocab", speculative), ("tree", args.mode == "speculative"),
+        ("temperature", sampling), ("top_k", sampling), ("top_p", sampling)) if getattr(args, name) is not None
+        and not applies]
+    if wrong:
+        raise SystemExit(f"mtp generate: {', '.join(wrong)} do(es) not apply to --mode {args.mode}"
+                         " (--heads/--draft-vocab: speculative modes; --tree: speculative; --temperature/--top-k/"
+                         "--top-p: sample modes). Drop them or pick the mode they belong to.")
+
+
 def cmd_generate(args, overrides) -> int:
     import time
 
@@ -104,6 +118,7 @@ def cmd_generate(args, overrides) -> int:
 
     if overrides:
         raise SystemExit("mtp generate takes no --config.* overrides.")
+    check_generate_flags(args)
     try:
         loaded = load_model(args.workdir, args.step)
     except WorkdirError as e:
@@ -114,10 +129,11 @@ def cmd_generate(args, overrides) -> int:
             raise SystemExit("mtp generate --chat: this workdir's tokenizer has no chat template.")
         text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}])
     try:
+        sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p),
+                                      ("top_k", args.top_k)) if v is not None}
         dc = decode_config(loaded, mode=args.mode, heads=args.heads, tree=args.tree,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, top_k=args.top_k, stop_at_eos=not args.ignore_eos,
-                           draft_vocab=args.draft_vocab)
+                           max_new_tokens=args.max_new_tokens, stop_at_eos=not args.ignore_eos,
+                           draft_vocab=args.draft_vocab, **sampling)
         ids = encode_prompt(loaded, text)
         import dataclasses
 
@@ -234,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tree", default=None, help="speculative greedy: " + TREE_HELP)
     g.add_argument("--draft-vocab", type=int, default=None, help=DRAFT_VOCAB_HELP)
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=None, help="sample modes (default 0.8)")
+    g.add_argument("--top-k", type=int, default=None, help="sample modes: keep the K likeliest tokens (default 0: all)")
+    g.add_argument("--top-p", type=float, default=None, help="sample modes: nucleus mass (default 1.0)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
@@ -292,11 +308,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's (a config, a workdir, a checkpoint, a file given): a message and
     exit code 2, no traceback. Everything else is a bug and keeps its traceback."""
     from mtp.config import ConfigError
+    from mtp.convert.llama_map import ConvertError
+    from mtp.data.errors import DataError
     from mtp.plan import PlanError
+    from mtp.sweep.grid import SweepError
     from mtp.train.checkpoint import CheckpointError
     from mtp.workdir import WorkdirError
 
-    return ConfigError, WorkdirError, CheckpointError, PlanError
+    return ConfigError, WorkdirError, CheckpointError, DataError, PlanError, ConvertError, SweepError
 
 
 if __name__ == "__main__":

@@ -202,10 +202,19 @@ def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
         raise ConfigError(f"Config file {str(path)!r} does not exist. Pass --config configs/<name>.py.")
     spec = importlib.util.spec_from_file_location(f"mtp_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except SyntaxError as e:
+        raise ConfigError(f"Config file {str(path)!r} has a syntax error at line {e.lineno}: {e.msg}"
+                          f" ({(e.text or '').strip()!r}). Fix the file and run again.") from None
+    except Exception as e:  # noqa: BLE001 -- the file's own code failed: name the file
+        raise ConfigError(f"Config file {str(path)!r} failed to load: {type(e).__name__}: {e}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"Config file {str(path)!r} defines no get_config() function.")
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config()
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"get_config() in {str(path)!r} failed: {type(e).__name__}: {e}") from None
     known = _flat_keys(base_config())
     for key in _flat_keys(cfg):
         if key not in known:

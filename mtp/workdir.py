@@ -146,6 +146,19 @@ def check_resumable(workdir: Path, cfg) -> None:
             f" saved values (see {path}), or pass a new --workdir for a run with these settings.")
 
 
+def check_writable(workdir: Path) -> None:
+    """Create the workdir (an empty directory blocks nothing) and prove a file can be written there,
+    before any data is prepared."""
+    probe = Path(workdir) / ".mtp-write-test"
+    try:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise WorkdirError(f"Cannot write to the workdir {workdir} ({e.strerror or e}). Fix: pass a --workdir"
+                           " on a writable file system, or fix its permissions.") from None
+
+
 def ever_checkpointed(workdir: Path) -> bool:
     """Whether the workdir's run got as far as a checkpoint (readable or moved aside as damaged)."""
     d = Path(workdir) / "checkpoints"

@@ -27,6 +27,7 @@ from typing import ClassVar
 import ml_collections
 import tensorflow_datasets as tfds
 
+from mtp.data.errors import DataError
 from mtp.log import log
 
 STDLIB = "stdlib"
@@ -148,7 +149,7 @@ def list_files(data_cfg: ml_collections.ConfigDict) -> CorpusFiles:
             if _GLOB_CHARS.search(source)
             else f"{pattern!r} under {str(root)!r}"
         )
-        raise ValueError(
+        raise DataError(
             f"data.source={source!r} with data.glob={pattern!r} matched no files ({where}). "
             "Fix: point data.source at a directory of text files (or 'stdlib', or a glob such as "
             "'/path/**/*.txt') and set data.glob to a pattern that matches files inside it."
@@ -220,7 +221,7 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.info.metadata["skipped"] = skipped
         splits = assign_splits(readable, self._corpus.val_fraction)
         if not splits["train"]:
-            raise ValueError(
+            raise DataError(
                 f"Only {len(readable)} readable (non-empty UTF-8) file(s) under "
                 f"{self._corpus.root}: need at least 2, one for train and one for validation. "
                 "Fix: add files, raise data.max_files, or widen data.glob."

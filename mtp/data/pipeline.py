@@ -18,6 +18,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from mtp.data.errors import DataError
 from mtp.data.prepare import tokenized_documents
 from mtp.data.tokenizer import Tokenizer
 
@@ -157,7 +158,7 @@ def make_dataset(
         source = tokenized_documents(data_cfg, split, tokenizer)
     by_rows = shard_by == "rows"
     if not by_rows and len(source) < process_count:
-        raise ValueError(
+        raise DataError(
             f"The {split!r} split has {len(source)} documents, fewer than "
             f"process_count={process_count}, so some process would get none. Fix: use a larger "
             "corpus (data.max_files=0, data.val_fraction) or fewer processes."

@@ -22,6 +22,7 @@ import numpy as np
 
 from mtp.config import check_data_config
 from mtp.data.corpus import SPLITS, build_corpus, resolve_cache_dir
+from mtp.data.errors import DataError
 from mtp.data.synthetic import is_synthetic, synthetic_corpus
 from mtp.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from mtp.log import log
@@ -92,13 +93,13 @@ def pretrained_tokenizer(data_cfg: ml_collections.ConfigDict):
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise ValueError(f"data.tokenizer='pretrained' needs data.tokenizer_path = a tokenizer.json or a workdir"
+        raise DataError(f"data.tokenizer='pretrained' needs data.tokenizer_path = a tokenizer.json or a workdir"
                          f" with one; {str(path)!r} does not exist. Convert the model first (mtp convert).")
     tokenizer = HFTokenizer(path)
     if tokenizer.eos_id < 0:
-        raise ValueError(f"{path} defines no eos token; documents need one to end with.")
+        raise DataError(f"{path} defines no eos token; documents need one to end with.")
     if tokenizer.vocab_size != int(data_cfg.vocab_size):
-        raise ValueError(f"{path} has {tokenizer.vocab_size} tokens but data.vocab_size={data_cfg.vocab_size};"
+        raise DataError(f"{path} has {tokenizer.vocab_size} tokens but data.vocab_size={data_cfg.vocab_size};"
                          f" set data.vocab_size and model.vocab_size to {tokenizer.vocab_size}.")
     return tokenizer
 

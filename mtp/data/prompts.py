@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from mtp.data.corpus import list_files, read_text, split_of
+from mtp.data.errors import DataError
 from mtp.data.synthetic import is_synthetic, task_examples
 
 DEFINITION_STARTS = ("def ", "class ")  # a code snippet starts at one of these lines
@@ -38,7 +39,7 @@ def heldout_prompts(data_cfg, n: int = 8, *, lines: int = 6, seed: int = 0, spli
     if not prompts:  # no code in this split
         prompts = _snippets(files.root, paths, n, lines, seed, None)
     if not prompts:
-        raise ValueError(f"No {split} prompts found in data.source={data_cfg.source!r} (no file of that split"
+        raise DataError(f"No {split} prompts found in data.source={data_cfg.source!r} (no file of that split"
                          f" holds {MIN_CHARS}..{MAX_CHARS} characters in {lines} lines); pass --prompts FILE.jsonl.")
     return prompts
 
@@ -72,7 +73,7 @@ def read_prompts(path: str | Path) -> list[str]:
     skipped). Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file; a prompts file holds {JSONL_FORMAT}.")
+        raise DataError(f"{path}: no such file; a prompts file holds {JSONL_FORMAT}.")
     prompts = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -80,12 +81,12 @@ def read_prompts(path: str | Path) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not JSON ({e.msg}); expected {JSONL_FORMAT}.") from None
+            raise DataError(f"{path}:{i}: not JSON ({e.msg}); expected {JSONL_FORMAT}.") from None
         if not isinstance(row, dict) or "prompt" not in row:
-            raise ValueError(f"{path}:{i}: no \"prompt\" field in {line.strip()[:80]}; expected {JSONL_FORMAT}.")
+            raise DataError(f"{path}:{i}: no \"prompt\" field in {line.strip()[:80]}; expected {JSONL_FORMAT}.")
         if not isinstance(row["prompt"], str) or not row["prompt"]:
-            raise ValueError(f"{path}:{i}: \"prompt\" is {row['prompt']!r:.80}; it must be a non-empty string.")
+            raise DataError(f"{path}:{i}: \"prompt\" is {row['prompt']!r:.80}; it must be a non-empty string.")
         prompts.append(row["prompt"])
     if not prompts:
-        raise ValueError(f"{path} holds no prompts; write {JSONL_FORMAT}.")
+        raise DataError(f"{path} holds no prompts; write {JSONL_FORMAT}.")
     return prompts

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from mtp.data.errors import DataError
 from mtp.log import log
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -119,7 +120,7 @@ def train_tokenizer(texts: Iterable[str], path: pathlib.Path, vocab_size: int) -
             )
         os.replace(partial, path)  # Atomic: a concurrent reader never sees half a model.
     except RuntimeError as error:
-        raise ValueError(
+        raise DataError(
             f"SentencePiece could not train a vocab of data.vocab_size={vocab_size} on this "
             f"corpus: {error}. Fix: lower data.vocab_size (it must exceed ~260 + the number of "
             "distinct characters) or use a larger corpus / data.tokenizer_max_chars."

@@ -88,6 +88,8 @@ def classify(exc: BaseException) -> str:
             return "permission"
         if "Input/output error" in text or "No space left" in text:
             return "io"
+        if "is not compatible with the stored shape" in text:
+            return "incompatible"
     return "damaged"
 
 
@@ -163,20 +165,28 @@ class Checkpointer:
         return state, dict(out["data"] or {}), dict(out["meta"] or {})
 
     def restore_flat(self, step: int) -> dict:
-        """The saved flat state dict of ``step`` as host arrays (no target structure)."""
+        """The saved flat state dict of ``step`` on one device, whatever mesh wrote it (a run
+        trained on 8 devices decodes on one)."""
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         with _quiet_orbax():
-            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+            saved = self._saved_tree(step)
+            target = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=one) for k, v in saved.items()}
+            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         return dict(out["state"])
+
+    def _saved_tree(self, step: int) -> dict:
+        """``{key: ArrayMetadata}`` of a checkpoint's state item (shapes and dtypes; no array read)."""
+        return dict(ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state"))
 
     def _check_structure(self, step: int, flat_abstract: dict) -> None:
         """Compare the saved tree's keys and shapes with what this config needs, before reading
         any array: a mismatch is another config's checkpoint, not damage."""
         try:
             with _quiet_orbax():
-                saved = self.manager.item_metadata(step)["state"]
+                saved = self._saved_tree(step)
         except Exception:  # noqa: BLE001 -- unreadable metadata: the restore itself will classify it
             return
-        if not isinstance(saved, dict) or not saved:
+        if not saved:
             return
         missing = sorted(set(flat_abstract) - set(saved))
         shapes = {k: (tuple(saved[k].shape), tuple(v.shape)) for k, v in flat_abstract.items()

@@ -42,7 +42,7 @@ from mtp.train.init_from import (
 from mtp.train.metrics import MetricWriter
 from mtp.train.program import TrainProgram, build_program
 from mtp.train.state import fresh_params
-from mtp.workdir import check_resumable, ever_checkpointed, resolve_workdir, write_run_files
+from mtp.workdir import check_resumable, check_writable, ever_checkpointed, resolve_workdir, write_run_files
 
 
 @dataclasses.dataclass
@@ -126,6 +126,8 @@ def prepare(cfg) -> Run:
     validate(cfg, jax.device_count(), jax.process_count())
     workdir = resolve_workdir(cfg)
     check_resumable(workdir, cfg)
+    if jax.process_index() == 0:
+        check_writable(workdir)
     source = ensure_source(cfg.init)  # init.workdir (converted first when init.gguf/init.hf say so)
     n_source_heads = check_source_model(source, cfg.model) if source else 0
     with process_zero_first("prepare_data"):  # process 0 builds the shared cache; the rest reuse it
