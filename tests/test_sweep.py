@@ -114,7 +114,9 @@ class FakeTrain:
         (d / "eval.json").write_text(json.dumps({
             "loss": [5.0 + 0.1 * i for i in range(n)], "acc": [0.3 - 0.05 * i for i in range(n)],
             "tokens": [100] * n, "step": steps}))
-        return {}
+        from mtp.train.loop import TrainResult
+
+        return TrainResult(step=steps, preempted=False, workdir=d, evaluation=json.loads((d / "eval.json").read_text()))
 
 
 @pytest.fixture
