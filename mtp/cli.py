@@ -310,12 +310,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mtp.config import ConfigError
     from mtp.convert.llama_map import ConvertError
     from mtp.data.errors import DataError
+    from mtp.extras import MissingExtra
     from mtp.plan import PlanError
     from mtp.sweep.grid import SweepError
     from mtp.train.checkpoint import CheckpointError
     from mtp.workdir import WorkdirError
 
-    return ConfigError, WorkdirError, CheckpointError, DataError, PlanError, ConvertError, SweepError
+    return (ConfigError, WorkdirError, CheckpointError, DataError, PlanError, ConvertError, SweepError,
+            MissingExtra)
 
 
 if __name__ == "__main__":

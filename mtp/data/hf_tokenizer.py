@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
 
+from mtp.extras import MissingExtra
+
 CONFIG_NAME = "tokenizer_config.json"
 _SPECIALS = ("bos", "eos", "pad", "unk")
 
@@ -73,8 +75,7 @@ class HFTokenizer:
             try:
                 from jinja2.sandbox import ImmutableSandboxedEnvironment
             except ImportError:  # a silent ChatML fallback would give a model of another format wrong prompts
-                raise ImportError("This tokenizer's chat template needs jinja2, an optional dependency of mtp:"
-                                  ' pip install "mtp[chat]"') from None
+                raise MissingExtra("This tokenizer's chat template", "jinja2", "chat") from None
 
             def raise_exception(message):
                 raise ValueError(f"chat template: {message}")
