@@ -30,6 +30,8 @@ LAYER_HEADS = ("transformer", "causal")  # head types made of transformer layers
 HIDDEN_MIXES = ("none", "weighted")  # model.hidden_mix (mtp/model/lm.py)
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype, model.param_dtype
 REMATS = ("none", "full", "dots", "dots_no_batch")  # model.remat
+ATTENTIONS = ("auto", "xla", "splash", "cudnn", "pallas_gpu")  # model.attention (mtp/model/attention.py)
+KERNEL_BLOCK = 128  # sequence tile of the attention kernels: train.seq_len must be a multiple of it
 LOSS_IMPLS = ("vmap", "scan")  # loss.impl (mtp/losses.py)
 WEIGHTINGS = ("uniform", "geometric")  # loss.weighting
 LOSS_TARGETS = ("data", "self", "self_onpolicy")  # loss.targets
@@ -86,6 +88,8 @@ class ModelConfig:
     remat: str = "none"  # one of REMATS
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    attention: str = "auto"  # one of ATTENTIONS: 'auto' = cudnn on GPU, splash on TPU, xla on CPU
+    attention_interpret: bool = False  # run Pallas attention kernels in interpret mode (CPU tests)
     init_std: float = 0.0  # 0 -> 1/sqrt(fan_in) per matrix; > 0 -> this std everywhere
     # retrofitting heads onto a pretrained model (Mehra et al. 2025; mtp/model/lm.py)
     branch_layer: int = 0  # 0: heads read the final trunk output; l: heads 2..n read trunk layer l's output
@@ -429,6 +433,7 @@ def _check_model(m) -> int:
     _check(m.remat in REMATS, "model.remat", m.remat, f"use one of {REMATS}.")
     _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"use one of {DTYPES}.")
     _check(m.param_dtype in DTYPES, "model.param_dtype", m.param_dtype, f"use one of {DTYPES}.")
+    _check(m.attention in ATTENTIONS, "model.attention", m.attention, f"use one of {ATTENTIONS}.")
     return trunk
 
 
@@ -540,6 +545,13 @@ def _check_train(t, max_seq_len: int, init) -> None:
            f"init.gguf={init.gguf!r} is set too: convert from one of them, and set the other to ''.")
 
 
+def check_kernel_seq_len(attention: str, seq_len: int) -> None:
+    """The attention kernels tile the sequence in blocks of KERNEL_BLOCK tokens."""
+    _check(attention in ("auto", "xla") or seq_len % KERNEL_BLOCK == 0, "train.seq_len", seq_len,
+           f"model.attention={attention!r} tiles the sequence in blocks of {KERNEL_BLOCK}: use a multiple of"
+           f" {KERNEL_BLOCK}, or model.attention='xla'.")
+
+
 def _check_optim(o, trainable: str) -> None:
     _check(o.lr > 0, "optim.lr", o.lr, "use a positive peak learning rate, e.g. 3e-3.")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "use 0 (no warmup) or a positive count.")
@@ -590,6 +602,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 
     _check_retrofit(m, trunk, t.trainable)
     _check_loss(cfg.loss, m.n_future, cfg.init.workdir)
     _check_train(t, m.max_seq_len, cfg.init)
+    check_kernel_seq_len(m.attention, t.seq_len)
     _check_optim(cfg.optim, t.trainable)
     _check(cfg.perf.peak_flops_per_device >= 0, "perf.peak_flops_per_device", cfg.perf.peak_flops_per_device,
            "use 0 (measure this host's matmul peak) or the accelerator's peak FLOP/s per device.")

@@ -96,6 +96,11 @@ def activation_rules(mesh: Mesh, rules) -> Iterator[None]:
         _CONTEXT.pop()
 
 
+def current_activation_rules() -> tuple[Mesh, tuple] | None:
+    """The innermost ``activation_rules`` context's ``(mesh, rules)``, or None outside one."""
+    return _CONTEXT[-1] if _CONTEXT else None
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if not _CONTEXT:
         return x

@@ -27,6 +27,7 @@ from mtp.model.transformer import (
     RMSNorm,
     attention_mask,
     dense,
+    model_attention,
     param,
     positions_from_segments,
     scan_blocks,
@@ -73,11 +74,13 @@ class MTPLM(nnx.Module):
 
     # --- pieces, used separately by the memory-flat loss and the cached decoder --------------------
     def embed_tokens(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None):
-        """Embedding output ``x_BxTxD`` plus the positions and mask every layer reuses."""
+        """Embedding output ``x_BxTxD`` plus the positions and mask every layer reuses. With an attention
+        kernel (model.attention) the "mask" is the segment ids ``[B, T]``: no ``[B, 1, T, T]`` tensor."""
         if segment_ids_BxT is None:
             segment_ids_BxT = jnp.ones_like(tokens_BxT)
         positions_BxT = positions_from_segments(segment_ids_BxT)
-        mask_Bx1xTxT = attention_mask(segment_ids_BxT)
+        kernel = model_attention(self.spec) != "xla"
+        mask_Bx1xTxT = segment_ids_BxT if kernel else attention_mask(segment_ids_BxT)
         x_BxTxD = self.embed[...].astype(self.spec.dtype)[tokens_BxT]
         return constrain(x_BxTxD, ("batch", "seq", None)), positions_BxT, mask_Bx1xTxT
 

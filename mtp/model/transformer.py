@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtp.model.attention import attention, attention_mask, model_attention  # noqa: F401 (attention_mask: re-export)
 from mtp.sharding import constrain
 
 
@@ -55,14 +56,6 @@ def positions_from_segments(segment_ids_BxT: jax.Array) -> jax.Array:
     prev = jnp.pad(segment_ids_BxT[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
     start_BxT = jnp.where(segment_ids_BxT != prev, t_BxT, 0)
     return t_BxT - jax.lax.cummax(start_BxT, axis=1)
-
-
-def attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
-    """Causal mask that also blocks attention across documents: bool [B, 1, T, T]."""
-    T = segment_ids_BxT.shape[1]
-    causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
-    same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-    return (causal_TxT[None] & same_BxTxT)[:, None]
 
 
 def rope_angles(positions_xT: jax.Array, H: int, theta: float) -> jax.Array:
@@ -111,6 +104,7 @@ class Attention(nnx.Module, LoRA):
         pd = jnp.dtype(cfg.param_dtype)
         self.n_heads, self.n_kv_heads, self.theta = N, K, cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
+        self.attention, self.interpret = model_attention(cfg), bool(cfg.attention_interpret)
         self.wq = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), cfg.std(D), pd)
         self.wk = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.std(D), pd)
         self.wv = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg.std(D), pd)
@@ -138,9 +132,11 @@ class Attention(nnx.Module, LoRA):
         return self.proj(out_BxTxNxH.reshape(B, T, -1), "wo")
 
     def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+        """``mask_Bx1xTxT``: the bool mask (model.attention='xla'), or segment ids ``[B, T]`` (a kernel;
+        see mtp/model/attention.py)."""
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.qkv(x_BxTxD, positions_BxT)
-        out_BxTxNxH = jax.nn.dot_product_attention(
-            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, implementation="xla")
+        out_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, impl=self.attention,
+                                interpret=self.interpret)
         return self.out(out_BxTxNxH)
 
 

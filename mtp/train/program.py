@@ -16,8 +16,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from mtp.config import head_weights, rules_from_config
+from mtp.config import check_kernel_seq_len, head_weights, rules_from_config
 from mtp.model import abstract_params
+from mtp.model.attention import resolve_attention
 from mtp.model.spec import ModelSpec
 from mtp.sharding import batch_sharding, make_mesh
 from mtp.train.init_from import trainable_masks
@@ -56,11 +57,18 @@ class TrainProgram:
         return self.train_step.trace(self.layout.abstract, self.abstract_batch()).lower(**kwargs)
 
 
-def build_program(cfg, mesh: Mesh | None = None, *, n_source_heads: int = 0) -> TrainProgram:
+def build_program(cfg, mesh: Mesh | None = None, *, n_source_heads: int = 0,
+                  lower_for: str | None = None) -> TrainProgram:
     """The train program of ``cfg`` (already validated) on ``mesh`` (default: ``cfg.mesh`` over
     this process's devices). ``n_source_heads``: heads the init.workdir model already has, which
-    ``train.trainable='new_heads'`` keeps frozen."""
+    ``train.trainable='new_heads'`` keeps frozen. ``lower_for``: a platform ('tpu', 'cuda') the
+    program is only lowered for: ``model.attention`` is resolved for it instead of this backend
+    (a choice the platform cannot run is refused here, before anything compiles)."""
     spec = ModelSpec.from_config(cfg.model)
+    attention = resolve_attention(spec.attention, lower_for, interpret=spec.attention_interpret,
+                                  lowering=lower_for is not None)
+    check_kernel_seq_len(attention, cfg.train.seq_len)
+    spec = dataclasses.replace(spec, attention=attention)
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     rules = rules_from_config(cfg.sharding.rules)
     t = cfg.train
