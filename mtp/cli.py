@@ -4,6 +4,7 @@
     mtp bench train [--config PATH|NAME] [--heads 1,2,4,8] [--impls vmap,scan] [--steps N] [--json]
     mtp bench faults [--kills K] [--config PATH|NAME] [--steps N]
     mtp plan --config PATH|NAME --mesh data=1,fsdp=8,tensor=1 [--devices N] [--hbm-gib G] [--json]
+             [--lower-for tpu,cuda --lower-dir DIR]
     mtp convert (--gguf FILE | --hf DIR) --workdir DIR [--force]
     mtp eval --workdir DIR [--batches N] [--json]
     mtp study --workdir DIR --data code|text|PATH --steps N --out OUT [--layers 10,20,29]
@@ -83,12 +84,14 @@ def cmd_bench_faults(args, overrides) -> int:
 def cmd_plan(args, overrides) -> int:
     import json
 
-    from mtp.plan import PlanError, format_plan, parse_mesh, plan
+    from mtp.plan import PlanError, format_plan, parse_mesh, parse_platforms, plan
 
     cfg = _load(args, overrides)
     compile_ = {"auto": "auto", "yes": True, "no": False}[args.compile]
     try:
-        result = plan(cfg, parse_mesh(args.mesh), args.devices, args.hbm_gib, compile_, args.timeout)
+        lower_for = parse_platforms(args.lower_for) if args.lower_for else ()
+        result = plan(cfg, parse_mesh(args.mesh), args.devices, args.hbm_gib, compile_, args.timeout,
+                      lower_for, args.lower_dir)
     except PlanError as e:
         raise SystemExit(f"mtp plan: {e}") from None
     print(json.dumps(result, indent=1) if args.json else format_plan(result))
@@ -240,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                     help="AOT-compile the train step on simulated CPU devices (auto: fall back on failure)")
     pl.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for the AOT compile")
+    pl.add_argument("--lower-for", default="", help="lower (not run) the train step for these platforms,"
+                    " e.g. tpu,cuda, with model.attention resolved per platform")
+    pl.add_argument("--lower-dir", default="lowered", help="where --lower-for writes train_step.<platform>.mlir")
     pl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     pl.set_defaults(func=cmd_plan)
     g = sub.add_parser("generate", help="continue a prompt with a workdir's model, streaming the text")

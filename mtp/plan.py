@@ -137,6 +137,10 @@ def activation_bytes(spec, cfg, mesh_sizes: dict, rules) -> dict:
       gradient are alive, ``2*P_layer/tp*p`` (p = param dtype bytes), plus the compute-dtype
       unembedding the loss uses, ``D*V/tp*c``.
 
+    With an attention kernel (``model.attention`` resolved to splash / cudnn / pallas_gpu) there
+    are no ``T*T`` terms: the kernel keeps the f32 log-sum-exp ``B*Nq/tp*T*4`` instead of the
+    probabilities, and the int32 segment ids ``B*T*4`` replace the mask.
+
     Under loss.impl 'vmap' all heads run at once: ``heads`` is multiplied by n_future and the
     logits term uses the full ``B*T*V`` per head.
     """
@@ -150,8 +154,12 @@ def activation_bytes(spec, cfg, mesh_sizes: dict, rules) -> dict:
     Nq, Nk, F, V = _div(spec.n_heads, tp), _div(spec.n_kv_heads, tp), _div(spec.resolved_d_ff, tp), \
         _div(spec.vocab_size, tp)
     dense_per_token = c * (4 * D + (2 * Nq + 2 * Nk) * H + 3 * F)
-    layer_saved = B * T * dense_per_token + B * Nq * T * T * c
-    layer_ws = B * T * dense_per_token + B * Nq * T * T * (4 + c) + B * T * T
+    if spec.attention == "xla":
+        layer_saved = B * T * dense_per_token + B * Nq * T * T * c
+        layer_ws = B * T * dense_per_token + B * Nq * T * T * (4 + c) + B * T * T
+    else:  # a fused kernel keeps only its f32 log-sum-exp per query row; the segment ids replace the mask
+        layer_saved = B * T * dense_per_token + B * Nq * T * 4
+        layer_ws = B * T * dense_per_token + B * Nq * T * 4 + B * T * 4
     saved = spec.trunk_layers * (B * T * D * c if spec.remat != "none" else layer_saved)
     if cfg.loss.impl == "scan":
         chunk = cfg.loss.chunk_size if 0 < cfg.loss.chunk_size < T and T % cfg.loss.chunk_size == 0 else T
@@ -194,19 +202,85 @@ def _aot_in_process(cfg, mesh_sizes: dict, n_devices: int) -> dict:
     return out
 
 
-def _aot_subprocess(cfg, mesh_sizes: dict, n_devices: int, timeout_s: float) -> dict:
+def _aot_subprocess(cfg, mesh_sizes: dict, n_devices: int, timeout_s: float, lower: dict | None = None) -> dict:
+    """``_aot_in_process`` (or, with ``lower``, ``lower_in_process(**lower)``) in a fresh Python
+    whose JAX sees ``n_devices`` simulated CPU devices."""
     env = dict(os.environ)
     flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                      if not f.startswith("--xla_force_host_platform_device_count"))
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n_devices}".strip()
     env["JAX_PLATFORMS"] = "cpu"
-    payload = pickle.dumps((cfg.to_dict(), mesh_sizes, n_devices))
+    payload = pickle.dumps((cfg.to_dict(), mesh_sizes, n_devices, lower))
     proc = subprocess.run([sys.executable, "-m", "mtp.plan"], input=payload, env=env,
                           capture_output=True, timeout=timeout_s)
     if proc.returncode != 0:
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"AOT compile subprocess failed (exit {proc.returncode}): {' | '.join(tail)}")
+        what = "lowering" if lower else "AOT compile"
+        raise RuntimeError(f"{what} subprocess failed (exit {proc.returncode}): {' | '.join(tail)}")
     return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+
+
+# --- lowering for platforms that are not here -----------------------------------------------------
+LOWER_PLATFORMS = ("tpu", "cuda")
+# custom-call targets that prove an attention kernel is in the module
+KERNEL_TARGETS = {"tpu": ("tpu_custom_call",), "cuda": ("__gpu$xla.gpu.triton", "__cudnn$fmha")}
+_ITEMSIZE = {"f64": 8, "i64": 8, "ui64": 8, "f32": 4, "i32": 4, "ui32": 4, "bf16": 2, "f16": 2, "i16": 2,
+             "i8": 1, "ui8": 1, "i1": 1}
+
+
+def parse_platforms(text: str) -> tuple[str, ...]:
+    platforms = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in platforms if p not in LOWER_PLATFORMS]
+    if bad or not platforms:
+        raise PlanError(f"--lower-for {text!r}: use a comma-separated subset of {LOWER_PLATFORMS}, e.g. 'tpu,cuda'.")
+    return platforms
+
+
+def module_facts(text: str, seq_len: int, platform: str) -> dict:
+    """What a lowered StableHLO module proves: how often each kernel custom-call target occurs, the
+    largest tensor type (by bytes), and every tensor shape with two axes of ``seq_len`` (a T x T
+    score or mask tensor)."""
+    import re
+
+    calls = {t: text.count(f"@{t}") + text.count(f'"{t}"') for t in KERNEL_TARGETS[platform]}
+    largest, seq_sq = None, set()
+    for dims, dtype in set(re.findall(r"tensor<((?:\d+x)+)([a-z]+\d*)>", text)):
+        shape = [int(d) for d in dims.rstrip("x").split("x")]
+        size = math.prod(shape) * _ITEMSIZE.get(dtype, 4)
+        if largest is None or size > largest["bytes"]:
+            largest = {"shape": shape, "dtype": dtype, "bytes": size}
+        if shape.count(seq_len) >= 2:
+            seq_sq.add(f"{'x'.join(map(str, shape))}x{dtype}")
+    return {"kernel_calls": calls, "kernel_found": any(calls.values()), "largest_tensor": largest,
+            "seq_len_squared_tensors": sorted(seq_sq)}
+
+
+def lower_in_process(cfg, mesh_sizes: dict, n_devices: int, platforms, lower_dir: str) -> dict:
+    """Lower (not run) the real jitted, sharded train step for each platform on ``n_devices`` local
+    CPU devices, ``model.attention`` resolved for that platform; write ``lower_dir/train_step.<p>.mlir``
+    and report per platform what the module holds (``module_facts``)."""
+    import jax
+
+    from mtp.sharding import make_mesh
+    from mtp.train.program import build_program
+
+    os.makedirs(lower_dir, exist_ok=True)
+    out = {}
+    for platform in platforms:
+        t0 = time.perf_counter()
+        try:
+            program = build_program(cfg, make_mesh(mesh_sizes, jax.devices()[:n_devices]), lower_for=platform)
+            text = program.lower(lowering_platforms=(platform,)).as_text()
+        except Exception as e:  # reported per platform: the other one may still lower
+            out[platform] = {"lowered": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+            continue
+        path = os.path.join(lower_dir, f"train_step.{platform}.mlir")
+        with open(path, "w") as f:
+            f.write(text)
+        out[platform] = {"lowered": True, "attention": program.spec.attention, "path": path,
+                         "module_bytes": len(text), **module_facts(text, cfg.train.seq_len, platform),
+                         "lower_s": round(time.perf_counter() - t0, 1)}
+    return out
 
 
 def _in_process_ok(n_devices: int) -> bool:
@@ -220,10 +294,14 @@ def _in_process_ok(n_devices: int) -> bool:
 
 # --- plan ---------------------------------------------------------------------------------------
 def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | None = None,
-         compile: bool | str = "auto", timeout_s: float = 600.0) -> dict:
+         compile: bool | str = "auto", timeout_s: float = 600.0, lower_for: tuple[str, ...] = (),
+         lower_dir: str | None = None) -> dict:
     """Per-device bytes of params / opt_state / grads / activations, FLOPs per token and whether
     it fits in ``hbm_gib`` (None if not given). ``compile``: True, False or 'auto' (try, and fall
-    back to the analytic numbers with a note if compiling fails or times out)."""
+    back to the analytic numbers with a note if compiling fails or times out). ``lower_for``:
+    platforms ('tpu', 'cuda') to lower the train step for (``lower_in_process``; written to
+    ``lower_dir``); the estimate then follows the attention resolved for the first of them, and
+    the CPU AOT compile (another program: XLA attention) is skipped."""
     import jax
     from jax.sharding import AbstractMesh, AxisType
 
@@ -240,7 +318,11 @@ def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | N
         raise PlanError(f"config error for mesh {mesh_sizes}: {e}") from None
     mesh = AbstractMesh(tuple(mesh_sizes[a] for a in MESH_AXES), MESH_AXES,
                         axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    program = build_program(cfg, mesh)
+    try:
+        program = build_program(cfg, mesh, lower_for=lower_for[0] if lower_for else None)
+    except ConfigError as e:
+        hint = "" if lower_for else " (plan for the platform it runs on with --lower-for tpu|cuda)"
+        raise PlanError(f"config error: {e}{hint}") from None
     spec, rules, layout = program.spec, program.rules, program.layout
     params = _shard_bytes(layout.abstract["params"], layout.shardings["params"])
     opt_state = _shard_bytes(layout.abstract["opt_state"], layout.shardings["opt_state"])
@@ -255,7 +337,7 @@ def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | N
         "mesh": mesh_sizes, "n_devices": n_devices,
         "batch": {"global": t.batch_size, "grad_accum": t.grad_accum, "seq_len": t.seq_len,
                   "micro_batch_per_device": acts["micro_batch_per_device"]},
-        "remat": spec.remat, "loss_impl": cfg.loss.impl, "scan_layers": True,
+        "remat": spec.remat, "loss_impl": cfg.loss.impl, "scan_layers": True, "attention": spec.attention,
         "dtype": spec.dtype, "param_dtype": spec.param_dtype,
         "bytes_per_device": bytes_per_device, "total_bytes_per_device": total,
         "activation_parts": {k: v for k, v in acts.items() if k != "micro_batch_per_device"},
@@ -263,6 +345,15 @@ def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | N
         "hbm_gib": hbm_gib, "fits": None, "aot": None, "notes": [],
     }
     _set_fits(result)
+    if lower_for:
+        lower = {"platforms": tuple(lower_for), "lower_dir": os.path.abspath(lower_dir or "lowered")}
+        if _in_process_ok(n_devices):
+            result["lowered"] = lower_in_process(cfg, mesh_sizes, n_devices, **lower)
+        else:
+            result["lowered"] = _aot_subprocess(cfg, mesh_sizes, n_devices, timeout_s, lower)
+        result["notes"].append("AOT compile skipped: --lower-for plans the accelerator program, which"
+                               " this CPU cannot compile.")
+        return result
     if compile is False or compile == "no":
         result["notes"].append("AOT compile skipped (compile=False).")
         return result
@@ -330,18 +421,30 @@ def format_plan(r: dict) -> str:
         basis = "max of analytic and AOT" if r["aot"] else "analytic"
         lines.append(f"  fits in {r['hbm_gib']:g} GiB HBM: {verdict}"
                      f" (needs {r['fits_bytes'] / GIB:.2f} GiB, {basis})")
+    for platform, low in r.get("lowered", {}).items():
+        if not low["lowered"]:
+            lines.append(f"  lowered for {platform}: FAILED ({low['error'][:300]})")
+            continue
+        big = low["largest_tensor"]
+        lines.append(f"  lowered for {platform}: attention {low['attention']}, kernel calls {low['kernel_calls']},"
+                     f" largest tensor {'x'.join(map(str, big['shape']))}x{big['dtype']},"
+                     f" T x T tensors {low['seq_len_squared_tensors'] or 'none'} -> {low['path']}")
     for note in r["notes"]:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
 
 
 def _main() -> None:
-    """Subprocess entry: read (config dict, mesh, n_devices) from stdin, print the AOT JSON."""
+    """Subprocess entry: read (config dict, mesh, n_devices, lower) from stdin, print the AOT (or, with
+    ``lower``, the lowering) JSON."""
     import ml_collections
 
-    cfg_dict, mesh_sizes, n_devices = pickle.loads(sys.stdin.buffer.read())
+    cfg_dict, mesh_sizes, n_devices, lower = pickle.loads(sys.stdin.buffer.read())
     cfg = ml_collections.ConfigDict(cfg_dict)
-    print(json.dumps(_aot_in_process(cfg, mesh_sizes, n_devices)))
+    if lower:
+        print(json.dumps(lower_in_process(cfg, mesh_sizes, n_devices, **lower)))
+    else:
+        print(json.dumps(_aot_in_process(cfg, mesh_sizes, n_devices)))
 
 
 if __name__ == "__main__":

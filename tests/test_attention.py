@@ -117,3 +117,29 @@ def test_training_on_the_tpu_kernel_follows_xla(loss_impl, head_type):
     got = losses("splash", loss_impl, head_type)
     assert want[-1] < want[0]  # it trains
     np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_train_step_lowers_for_tpu_and_cuda_with_kernels_and_no_seq_squared_tensor(tmp_path):
+    """`mtp plan --lower-for tpu,cuda` on 8 simulated devices (data 2 x fsdp 2 x tensor 2): 'auto'
+    resolves to splash (Mosaic tpu_custom_call) and pallas_gpu (Triton), written as StableHLO, and no
+    tensor in either module has two axes of T=1024; the XLA path's module does (the check can fail)."""
+    from mtp.plan import plan
+
+    cfg = tiny_config(max_seq_len=1024)
+    cfg.train.seq_len = 1024
+    mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+    r = plan(cfg, mesh, lower_for=("tpu", "cuda"), lower_dir=str(tmp_path))
+    tpu, cuda = r["lowered"]["tpu"], r["lowered"]["cuda"]
+    assert (tpu["attention"], cuda["attention"]) == ("splash", "pallas_gpu")
+    assert tpu["kernel_calls"]["tpu_custom_call"] > 0 and cuda["kernel_calls"]["__gpu$xla.gpu.triton"] > 0
+    assert tpu["seq_len_squared_tensors"] == cuda["seq_len_squared_tensors"] == []
+    assert "tpu_custom_call" in (tmp_path / "train_step.tpu.mlir").read_text()
+    cfg.model.attention = "xla"
+    xla = plan(cfg, mesh, lower_for=("tpu",), lower_dir=str(tmp_path / "xla"))
+    assert any(t.endswith("x1024x1024xf32") for t in xla["lowered"]["tpu"]["seq_len_squared_tensors"])  # scores
+    assert not xla["lowered"]["tpu"]["kernel_found"]
+    # the estimate follows: XLA's layer holds f32 scores + probabilities and the bool mask, the kernel
+    # an f32 log-sum-exp row and int32 segment ids (B = 8 / (data*fsdp) = 2, Nq = 4 / tensor = 2, T = 1024)
+    B, Nq, T = 2, 2, 1024
+    assert xla["activation_parts"]["layer"] - r["activation_parts"]["layer"] == \
+        B * Nq * T * T * (4 + 4) + B * T * T - (B * Nq * T * 4 + B * T * 4)

@@ -68,10 +68,13 @@ def resolve_attention(choice: str, platform: str | None = None, *, interpret: bo
         raise ConfigError(f"model.attention={choice!r} cannot run on the {platform!r} backend: use one of"
                           f" {tuple(runnable)} there (or model.attention_interpret=True to run a Pallas kernel"
                           " in interpret mode, for tests).")
-    if choice == "cudnn" and jax.default_backend() != "gpu":
+    if choice == "cudnn" and lowering and jax.default_backend() != "gpu":
         raise ConfigError(f"model.attention='cudnn' needs a GPU at trace time and this process has"
                           f" {jax.default_backend()!r}: lower for CUDA with model.attention='pallas_gpu' (or 'auto').")
     return choice
+
+
+KERNEL_PLATFORM = {"splash": "tpu", "cudnn": "cuda", "pallas_gpu": "cuda"}  # where each kernel runs
 
 
 def model_attention(spec) -> str:
