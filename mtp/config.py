@@ -165,6 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
     o.b2 = 0.95
     o.eps = 1e-8
     o.clip_norm = 1.0
+    o.mu_dtype = ""  # AdamW's first moment: '' = the parameter dtype, or e.g. 'bfloat16' (half its bytes)
     o.backbone_lr_scale = 1.0  # train.trainable='all': non-head parameters learn at lr * this (< 1 keeps a
     #  pretrained backbone close to its NTP solution while new heads learn at lr)
 
@@ -553,6 +554,8 @@ def check_kernel_seq_len(attention: str, seq_len: int) -> None:
 
 
 def _check_optim(o, trainable: str) -> None:
+    _check(o.mu_dtype in ("", *DTYPES), "optim.mu_dtype", o.mu_dtype,
+           f"use '' (the parameter dtype) or one of {DTYPES}.")
     _check(o.lr > 0, "optim.lr", o.lr, "use a positive peak learning rate, e.g. 3e-3.")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "use 0 (no warmup) or a positive count.")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio,

@@ -114,3 +114,14 @@ def test_aot_in_a_subprocess_when_this_process_has_too_few_devices():
     state = r["bytes_per_device"]["params"] + r["bytes_per_device"]["opt_state"]
     assert r["aot"]["temp"] > 0 and state <= r["aot"]["argument"] < state + 4096, r
     assert r["fits"] is None
+
+
+def test_bfloat16_first_moment_halves_its_bytes():
+    """optim.mu_dtype='bfloat16': AdamW's mu takes 2 bytes a parameter, nu stays float32."""
+    cfg = tiny_config(vocab_size=96, tie_embeddings=False)
+    mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+    full = plan(cfg, mesh, 8, compile=False)["bytes_per_device"]
+    cfg.optim.mu_dtype = "bfloat16"
+    half = plan(cfg, mesh, 8, compile=False)["bytes_per_device"]
+    assert half["params"] == full["params"]
+    assert full["opt_state"] - half["opt_state"] == full["params"] // 2  # mu: 4 -> 2 bytes a parameter

@@ -29,7 +29,8 @@ def make_optimizer(optim_cfg, total_steps: int, trainable=None, update_scale=Non
     tx = optax.chain(
         optax.clip_by_global_norm(optim_cfg.clip_norm),
         optax.adamw(lr_schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
-                    eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=_decay_mask),
+                    eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=_decay_mask,
+                    mu_dtype=optim_cfg.get("mu_dtype") or None),
     )
     if trainable is not None:
         labels = jax.tree.map(lambda t: "train" if t else "freeze", trainable)
