@@ -74,9 +74,6 @@ def resolve_attention(choice: str, platform: str | None = None, *, interpret: bo
     return choice
 
 
-KERNEL_PLATFORM = {"splash": "tpu", "cudnn": "cuda", "pallas_gpu": "cuda"}  # where each kernel runs
-
-
 def model_attention(spec) -> str:
     """The implementation a model built from ``spec`` runs: ``spec.attention`` when concrete (the
     train program resolves it per target platform), 'auto' resolved for this process's backend."""
