@@ -19,6 +19,10 @@ import itertools
 import os
 from collections.abc import Iterator
 
+import jax
+from jax._src import distributed as jax_distributed  # its coordination client has a timeout
+from jax.experimental import multihost_utils
+
 _BARRIER_TIMEOUT_S = 3600  # process 0 may be building a corpus + tokenizer cache meanwhile
 _barrier_ids = itertools.count()
 _initialized = False
@@ -60,8 +64,6 @@ def initialize() -> None:
         raise SystemExit(f"mtp: MTP_PROCESS_ID={process_id} is outside"
                          f" [0, MTP_NUM_PROCESSES={num_processes}).")
 
-    import jax
-
     # Only the CPU client reads this (GPU/TPU collectives are unaffected). gloo is this jax's default
     # but older ones had none, and a user may have turned it off; MPI stays if chosen.
     if jax.config.jax_cpu_collectives_implementation not in ("gloo", "mpi"):
@@ -73,19 +75,13 @@ def initialize() -> None:
 
 def barrier(name: str, timeout_s: int = _BARRIER_TIMEOUT_S) -> None:
     """Block until every process reaches the barrier ``name``; a no-op for one process."""
-    import jax
-
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as jax_distributed  # the coordination client has a timeout
-
     client = jax_distributed.global_state.client
     unique = f"mtp:{name}:{next(_barrier_ids)}"  # every process numbers its barriers in the same order
     if client is not None and hasattr(client, "wait_at_barrier"):
         client.wait_at_barrier(unique, timeout_s * 1000)
     else:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(unique)
 
 
@@ -95,8 +91,6 @@ def process_zero_first(name: str) -> Iterator[None]:
 
     Every process enters the barrier exactly once: process 0 after its body, the others before.
     """
-    import jax
-
     if jax.process_index() != 0:
         barrier(name)
     yield

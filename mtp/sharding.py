@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mtp.config import MESH_AXES, resolve_mesh_shape
@@ -34,8 +36,6 @@ def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
     if dcn == 1:
         device_array = np.asarray(devices).reshape(shape)
     else:
-        from jax.experimental import mesh_utils
-
         if shape[0] % dcn:
             raise ValueError(f"mesh.dcn_data={dcn} must divide mesh.data={shape[0]}.")
         # Devices of one slice (CPU, GPU clusters) all report slice 0: processes are the granules.
@@ -73,8 +73,6 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
 
 def param_shardings(abstract_state, mesh: Mesh, rules):
     """NamedShardings for an ``nnx.State`` whose Variables carry ``out_sharding`` logical names."""
-    from flax import nnx
-
     def one(v):
         names = v.get_metadata().get("out_sharding") or (None,) * len(v.shape)
         return v.replace(NamedSharding(mesh, logical_to_spec(names, v.shape, mesh, rules)))

@@ -31,7 +31,12 @@ import json
 import time
 from pathlib import Path
 
+from mtp.config import ConfigError
+from mtp.decode.marginal import marginal_eval
+from mtp.evals.heads_eval import _data_cfg, evaluate_heads, validation_batches
 from mtp.log import log
+from mtp.train.loop import train
+from mtp.workdir import WorkdirError, load_config_json, load_model
 
 DATA_SOURCES = {
     "code": {"source": "stdlib", "glob": "**/*.py"},
@@ -53,8 +58,6 @@ def data_overrides(data: str) -> dict:
 
 def _row_config(src: Path, out: Path, name: str, data: dict, steps: int, batch_size: int, seq_len: int,
                 model: dict, trainable: str, head_weights: tuple, lr: float, backbone_lr_scale: float = 1.0):
-    from mtp.workdir import load_config_json
-
     cfg = load_config_json(src)
     cfg.name = f"study-{name}"
     cfg.workdir = str(out / "runs" / name)
@@ -90,8 +93,6 @@ def _check_row_dirs(out: Path, names: list[str], steps: int) -> None:
 
 
 def _train_row(cfg) -> Path:
-    from mtp.train.loop import train
-
     workdir = Path(cfg.workdir)
     done = workdir / "eval.json"
     if done.exists() and json.loads(done.read_text()).get("step") == cfg.train.steps:
@@ -105,9 +106,6 @@ def _train_row(cfg) -> Path:
 
 def _eval_rows(method: str, workdir: Path, data: dict, batches: int, seq_len: int, batch_size: int,
                extra: dict | None = None) -> list[dict]:
-    from mtp.evals.heads_eval import evaluate_heads
-    from mtp.workdir import load_model
-
     loaded = load_model(workdir)
     result = evaluate_heads(loaded, data, batches=batches, seq_len=seq_len, batch_size=batch_size)
     rows = []
@@ -122,8 +120,6 @@ def _eval_rows(method: str, workdir: Path, data: dict, batches: int, seq_len: in
 
 def heldout_sequences(loaded, data: dict, n: int, seq_len: int) -> list[list[int]]:
     """Single-document stretches of held-out rows (the marginal must not cross documents)."""
-    from mtp.evals.heads_eval import _data_cfg, validation_batches
-
     batches = validation_batches(loaded, _data_cfg(loaded, data), batches=max(1, n // 4 + 1), seq_len=seq_len,
                                  batch_size=4)
     seqs = []
@@ -163,9 +159,6 @@ def run_study(workdir: str | Path, data: str, steps: int, out: str | Path, *, la
               positions: int = 64, max_paths: int = 4096, batch_size: int = 4, seq_len: int = 256,
               eval_batches: int = 4, lr: float = 1e-3, ntp_weight: float = 1.0, lora_rank: int = 8,
               joint_lr_scale: float = 0.05, methods=None) -> dict:
-    from mtp.decode.marginal import marginal_eval
-    from mtp.workdir import load_model
-
     src, out = Path(workdir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dover = data_overrides(data)
@@ -341,9 +334,6 @@ def add_parser(sub) -> None:
 
 
 def _cmd(args, overrides) -> int:
-    from mtp.config import ConfigError
-    from mtp.workdir import WorkdirError
-
     try:
         result = run_study(args.workdir, args.data, args.steps, args.out,
                            layers=[int(x) for x in args.layers.split(",")] if args.layers else None,

@@ -8,9 +8,7 @@ import gzip
 import json
 import math
 import shutil
-import sys
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -369,7 +367,7 @@ def test_humaneval_cli_canonical_and_decoder_wiring(tmp_path, monkeypatch, capsy
         seen.append((loaded, len(prompts), kw))
         return [p + "    return None\n" for p in prompts]  # echoes the prompt: stripped
 
-    monkeypatch.setitem(sys.modules, "mtp.decode.api", types.SimpleNamespace(generate_texts=generate_texts))
+    monkeypatch.setattr(cli, "generate_texts", generate_texts)
     fn = cli.make_generate_fn("LOADED", mode="sample", heads=2, max_new_tokens=7, temperature=0.5,
                               top_p=0.9, top_k=3, seed=10, batch_size=2)
     out = fn(["a", "b", "c"], 2)

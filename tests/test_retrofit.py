@@ -152,14 +152,12 @@ def test_trainable_lora_freezes_the_base_weights():
 
 
 def test_init_from_a_source_without_lora_or_mix_and_folding_lora_back(monkeypatch, tokens):
-    import mtp.workdir
-
     def flat_of(model):
         return {jax.tree_util.keystr(p): np.asarray(x) for p, x in
                 jax.tree_util.tree_leaves_with_path({"params": nnx.state(model, nnx.Param)})}
 
     src = tiny_model(n_future=2)
-    monkeypatch.setattr(mtp.workdir, "restore_flat", lambda path: (flat_of(src), 7))
+    monkeypatch.setattr(init_from, "restore_flat", lambda path: (flat_of(src), 7))
     target = tiny_model(seed=1, lora_rank=2, hidden_mix="weighted")
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: target), nnx.Param)
     loaded = init_from.init_params(Path("src"), abstract, "copy_last")
@@ -184,8 +182,8 @@ def test_init_from_a_source_without_lora_or_mix_and_folding_lora_back(monkeypatc
             b = p["trunk"][mod][f"{n}_lora_b"]
             p["trunk"][mod][f"{n}_lora_b"] = 0.05 * jax.random.normal(jax.random.key(len(n)), b.shape)
     lora_src = with_params(lora_src, p)
-    monkeypatch.setattr(mtp.workdir, "restore_flat", lambda path: (flat_of(lora_src), 7))
-    monkeypatch.setattr(mtp.workdir, "load_config_json",
+    monkeypatch.setattr(init_from, "restore_flat", lambda path: (flat_of(lora_src), 7))
+    monkeypatch.setattr(init_from, "load_config_json",
                         lambda path: ml_collections.ConfigDict({"model": {"lora_alpha": 8.0}}))
     plain = tiny_model(n_future=2)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: plain), nnx.Param)

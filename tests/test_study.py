@@ -61,7 +61,7 @@ def test_rerunning_resumes_from_study_json(study, monkeypatch):
         raise AssertionError("a finished row was recomputed")
 
     monkeypatch.setattr(study_mod, "_train_row", boom)
-    monkeypatch.setattr("mtp.decode.marginal.marginal_eval", boom)
+    monkeypatch.setattr(study_mod, "marginal_eval", boom)
     again = run_study(result["workdir"], "code", steps=2, out=out, layers=[1], ms=(1, 8), positions=4,
                       batch_size=8, seq_len=16, eval_batches=1, lora_rank=2)
     assert again["rows"] == result["rows"] and again["complete"]

@@ -7,12 +7,12 @@ Most tests replace ``mtp.train.loop.train`` with a fake that writes what ``train
 """
 
 import json
-import sys
 import types
 from pathlib import Path
 
 import pytest
 
+import mtp.sweep.run
 from mtp.sweep import SIZES, SweepError, make_grid, parse_spec
 from mtp.sweep.cli import main as sweep_main
 from mtp.sweep.grid import safe_name, split_values
@@ -121,10 +121,8 @@ class FakeTrain:
 
 @pytest.fixture
 def fake_train(monkeypatch):
-    import mtp.train.loop
-
     fake = FakeTrain()
-    monkeypatch.setattr(mtp.train.loop, "train", fake)
+    monkeypatch.setattr(mtp.sweep.run, "train", fake)
     return fake
 
 
@@ -157,10 +155,8 @@ def test_resume_skips_finished_points_and_reruns_only_unfinished(tmp_path, fake_
 
 
 def test_cli_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
-    import mtp.train.loop
-
     fake = FakeTrain(fail_when=lambda cfg: cfg.model.n_future == 2)
-    monkeypatch.setattr(mtp.train.loop, "train", fake)
+    monkeypatch.setattr(mtp.sweep.run, "train", fake)
     args = ["--config", TINY, "--sweep", "model.n_future=1,2,4", "--workdir", str(tmp_path),
             "--in-process", "--config.train.steps=3", "--no-tpf"]
     assert sweep_main(args) == 1  # one point failed -> nonzero
@@ -199,23 +195,20 @@ def test_cli_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatc
 
 
 def test_tokens_per_forward_through_the_decode_api(tmp_path, fake_train, monkeypatch):
-    import mtp.workdir
-
     calls = []
 
     def tokens_per_forward(loaded, prompts, heads, max_new_tokens=64):
         calls.append((loaded, list(prompts), heads, max_new_tokens))
         return 1.0 + 0.5 * (heads - 1)
 
-    api = types.ModuleType("mtp.decode.api")
-    api.tokens_per_forward = tokens_per_forward
-    monkeypatch.setitem(sys.modules, "mtp.decode.api", api)
+    monkeypatch.setattr(mtp.sweep.run, "tokens_per_forward", tokens_per_forward)
+    monkeypatch.setattr(mtp.sweep.run, "PAD_TO", 1)
     def load_model(d):  # a 16-token context and one token per character
         tokenizer = types.SimpleNamespace(encode=lambda text: [ord(c) for c in text])
         return types.SimpleNamespace(name=Path(d).name, spec=types.SimpleNamespace(max_seq_len=16),
                                      tokenizer=tokenizer)
 
-    monkeypatch.setattr(mtp.workdir, "load_model", load_model)
+    monkeypatch.setattr(mtp.sweep.run, "load_model", load_model)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "def f(x):"}\n{"prompt": "import os"}\n{"prompt": "x"}\n')
     args = ["--config", TINY, "--sweep", "model.n_future=1,3", "--workdir", str(tmp_path / "w"),
@@ -228,13 +221,6 @@ def test_tokens_per_forward_through_the_decode_api(tmp_path, fake_train, monkeyp
     rows = json.loads((tmp_path / "w" / "results.json").read_text())["rows"]
     assert [r["tokens_per_forward"] for r in rows] == [1.0, 2.0]
     assert sweep_main(args) == 0 and len(calls) == 1  # cached per point: not measured again
-
-    monkeypatch.setitem(sys.modules, "mtp.decode.api", None)  # -> ImportError
-    (tmp_path / "w" / "n_future=3" / "sweep_tokens_per_forward.json").unlink()
-    assert sweep_main(args) == 0
-    rows = json.loads((tmp_path / "w" / "results.json").read_text())["rows"]
-    assert [r["tokens_per_forward"] for r in rows] == [1.0, None]
-    assert "mtp.decode.api is not importable" in (tmp_path / "w" / "results.md").read_text()
 
 
 def test_emit_jobs_prints_one_command_per_unfinished_point(tmp_path, fake_train, capsys):

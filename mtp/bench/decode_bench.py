@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp.data.prompts import heldout_prompts, read_prompts
+from mtp.decode import weights as dw
 from mtp.decode.api import PAD_TO, decode_config, encode_prompt
 from mtp.decode.generate import generate
 from mtp.decode.tree import format_nodes, is_node_list
-from mtp.kernels import rows_matmul, rows_matmul_available
+from mtp.kernels import kernel_status, rows_matmul, rows_matmul_available
+from mtp.workdir import load_model
 
 
 def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -49,8 +51,6 @@ def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
 def decode_weights_used(loaded) -> dict:
     """What our decoding reads: the packing report (``mtp.decode.packed``; 'exact' = 0 when the
     weights stay float32) and the decode-weight bytes of a plain greedy step."""
-    from mtp.decode import weights as dw
-
     weights = dw.cached_decode_weights(loaded.model)
     return {"packing": dict(dw.LAST_PACKING), "step_bytes": dw.step_bytes(weights)}
 
@@ -132,15 +132,11 @@ def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_t
 
 def block_products() -> str:
     """Which code multiplies decode blocks by the weight matrices (mtp/kernels)."""
-    from mtp.kernels import kernel_status
-
     status = kernel_status()
     return "mtp rows_matmul kernel" if status["available"] else f"XLA ({status['reason']})"
 
 
 def main(args) -> int:
-    from mtp.workdir import load_model
-
     log = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if args.json else print
     loaded = load_model(args.workdir)
     if args.prompts:

@@ -17,10 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from mtp.bench.decode_bench import block_products, decode_weights_used, measure_read_bandwidth, tree_text
 from mtp.data.prompts import heldout_prompts, read_prompts
+from mtp.decode.api import PAD_TO, decode_config
+from mtp.decode.generate import generate
+from mtp.train.init_from import resolve_gguf
+from mtp.workdir import load_model
 
 
 def _threads() -> int:
@@ -28,9 +33,6 @@ def _threads() -> int:
 
 
 def _best_time(loaded, ids, dc, repeats: int):
-    from mtp.decode.api import PAD_TO
-    from mtp.decode.generate import generate
-
     r = generate(loaded.model, [ids], dc, pad_to=PAD_TO)  # compile / warm up
     best = float("inf")
     for _ in range(repeats):
@@ -65,8 +67,6 @@ def bench_ours(loaded, prompt_ids, max_new: int, heads: int, tree, repeats: int,
     """Our greedy and speculative rows with the default decode weights (GGUF blocks when the model
     is exactly packable, ``mtp.decode.packed``), and then greedy from float32 weights as well when
     they were packed. Returns the rows, our greedy output and the step bytes of each greedy row."""
-    from mtp.decode.api import decode_config
-
     rows, step_bytes = {}, {}
     used = decode_weights_used(loaded)
     packed = bool(used["packing"].get("exact"))
@@ -113,8 +113,6 @@ def bench_transformers(gguf: Path, prompt_ids, max_new: int, log) -> tuple[dict,
         from transformers import AutoModelForCausalLM
     except ImportError as e:
         return {"skipped": f"transformers/torch not installed ({e.name}); pip install -e '.[dev]'"}, None
-    import jax
-
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     torch.set_num_threads(_threads())
     try:
@@ -195,9 +193,6 @@ def _faster(old: dict | None, new: dict, rounds: int) -> dict:
 
 
 def run_peers(args) -> dict:
-    from mtp.train.init_from import resolve_gguf
-    from mtp.workdir import load_model
-
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     gguf = Path(resolve_gguf(args.gguf))
     if not gguf.is_file():

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import sys
 
-from mtp.config import DTYPES
+from mtp.config import DTYPES, ConfigError
+from mtp.convert import ConvertError, convert_gguf, convert_hf
+from mtp.train.init_from import resolve_gguf
 
 
 def add_parser(subparsers):
@@ -35,10 +37,6 @@ def _cmd(args, overrides=()) -> int:
 
 
 def run(args) -> int:
-    from mtp.config import ConfigError
-    from mtp.convert import ConvertError, convert_gguf, convert_hf
-    from mtp.train.init_from import resolve_gguf
-
     try:
         if args.gguf:
             try:

@@ -19,9 +19,15 @@ import importlib.metadata
 import struct
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
+from tokenizers.pre_tokenizers import ByteLevel
 
 from mtp.convert.llama_map import (
     GGUF_NAMES,
@@ -38,6 +44,7 @@ from mtp.convert.llama_map import (
     unpermute_rope_rows,
     write_workdir,
 )
+from mtp.data.hf_tokenizer import write_tokenizer
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHS = ("llama",)
@@ -58,9 +65,6 @@ def gguf_version() -> str:
 @functools.lru_cache(maxsize=1)
 def supported_types() -> dict[int, str]:
     """Tensor types the installed ``gguf`` package can dequantize: ``{type id: name}``."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    from gguf.quants import dequantize
-
     out = {}
     for qtype in GGMLQuantizationType:
         if qtype not in GGML_QUANT_SIZES:
@@ -77,8 +81,6 @@ def supported_types() -> dict[int, str]:
 
 
 def _type_name(type_id: int) -> str:
-    from gguf import GGMLQuantizationType
-
     try:
         return GGMLQuantizationType(type_id).name
     except ValueError:
@@ -202,8 +204,6 @@ def read_gguf(path: str | Path) -> GGUFFile:
 def check_tensors(g: GGUFFile, expected: dict) -> None:
     """Every expected tensor present, no unexpected one, each of a supported type, of the expected
     shape, and wholly inside the file; raises ConvertError naming the first offending tensor."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     for name in expected:
         if name not in g.tensors:
             raise ConvertError(f"missing tensor {name} (shape {expected[name].shape} [out, in]) in {g.path}")
@@ -232,9 +232,6 @@ def check_tensors(g: GGUFFile, expected: dict) -> None:
 
 def dequantize_tensor(g: GGUFFile, t: GGUFTensor) -> np.ndarray:
     """One tensor as float32 in numpy order (after :func:`check_tensors`)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    from gguf.quants import dequantize
-
     qtype = GGMLQuantizationType(t.type_id)
     block, type_size = GGML_QUANT_SIZES[qtype]
     raw = np.asarray(g.data[t.start:t.end]).reshape(*t.shape[:-1], t.shape[-1] // block * type_size)
@@ -303,8 +300,6 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 
 
 def _pre_tokenizer(pre: str | None):
-    from tokenizers import Regex, pre_tokenizers
-
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in ("smollm", "starcoder", "refact"):
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]), True
@@ -316,9 +311,6 @@ def _pre_tokenizer(pre: str | None):
 
 def tokenizer_from_metadata(md: dict):
     """``(tokenizers.Tokenizer, sidecar config dict)`` from the GGUF tokenizer metadata."""
-    from tokenizers import AddedToken, Tokenizer, decoders, processors
-    from tokenizers.models import BPE
-
     model = md.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise ConvertError(f"metadata tokenizer.ggml.model={model!r}: only byte-level BPE ('gpt2', as in"
@@ -333,8 +325,6 @@ def tokenizer_from_metadata(md: dict):
     if len(types) != len(tokens):
         raise ConvertError(f"metadata tokenizer.ggml.token_type has {len(types)} entries, expected"
                            f" {len(tokens)} (one per token)")
-    from tokenizers.pre_tokenizers import ByteLevel
-
     alphabet = set(ByteLevel.alphabet())
     byte_spelling = _bytes_to_unicode()
     vocab = {}
@@ -436,10 +426,6 @@ def convert_gguf(path: str | Path, workdir: str | Path, *, dtype: str = "float32
         _, params = build_params(hp, spec, load)
     finally:
         bar.close()
-    from collections import Counter
-
-    from mtp.data.hf_tokenizer import write_tokenizer
-
     cfg = config_for(hp, name or default_name(Path(path).stem), dtype, workdir)
     provenance = {
         "source": str(Path(path).absolute()), "format": "gguf", "gguf_version": g.version,

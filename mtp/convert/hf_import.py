@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from mtp.convert.llama_map import (
     HF_NAMES,
@@ -30,6 +31,7 @@ from mtp.convert.llama_map import (
     spec_for,
     write_workdir,
 )
+from mtp.data.hf_tokenizer import write_tokenizer
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F64": np.dtype("<f8")}
@@ -162,8 +164,6 @@ def _token_id(tokenizer, value) -> int | None:
 
 def tokenizer_from_dir(src: Path, model_cfg: dict):
     """``(tokenizers.Tokenizer, sidecar config)`` from DIR/tokenizer.json (+ tokenizer_config.json)."""
-    from tokenizers import Tokenizer
-
     path = src / "tokenizer.json"
     if not path.exists():
         raise ConvertError(f"--hf {src} has no tokenizer.json (a Hugging Face 'fast' tokenizer file);"
@@ -220,8 +220,6 @@ def convert_hf(src: str | Path, workdir: str | Path, *, dtype: str = "float32", 
         _, params = build_params(hp, spec, load)
     finally:
         bar.close()
-    from mtp.data.hf_tokenizer import write_tokenizer
-
     cfg = config_for(hp, name or default_name(src.absolute().name), dtype, workdir)
     provenance = {"source": str(src.absolute()), "format": "hf-safetensors",
                   "files": sorted({t.path.name for t in table.values()}),

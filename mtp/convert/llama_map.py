@@ -21,9 +21,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
-from mtp.config import DTYPES
+from mtp.config import DTYPES, base_config
+from mtp.model import abstract_params
+from mtp.model.spec import ModelSpec
+from mtp.workdir import checkpoint_steps, save_params
 
 
 class ConvertError(ValueError):
@@ -173,8 +178,6 @@ def to_ours(role: str, w: np.ndarray, hp: LlamaHParams) -> np.ndarray:
 
 
 def spec_for(hp: LlamaHParams, dtype: str = "float32"):
-    from mtp.model.spec import ModelSpec
-
     return ModelSpec(**model_section(hp, dtype))
 
 
@@ -191,8 +194,6 @@ def model_section(hp: LlamaHParams, dtype: str) -> dict:
 
 def config_for(hp: LlamaHParams, name: str, dtype: str, workdir: str | Path):
     """A full config (``base_config()`` schema) whose model section is this Llama."""
-    from mtp.config import base_config
-
     cfg = base_config()
     cfg.name = name
     cfg.workdir = str(workdir)
@@ -214,10 +215,6 @@ def _path_names(path) -> list[str]:
 def build_params(hp: LlamaHParams, spec, load: Callable[[str, int | None], np.ndarray]):
     """Fill the model's abstract parameter State: ``load(role, layer)`` returns one source tensor
     (HF orientation, float32). Returns ``(graphdef, params)``."""
-    import jax
-
-    from mtp.model import abstract_params
-
     graphdef, abstract = abstract_params(spec)
     leaves, treedef = jax.tree_util.tree_flatten_with_path({"params": abstract})
     L = hp.n_layers
@@ -241,8 +238,6 @@ def build_params(hp: LlamaHParams, spec, load: Callable[[str, int | None], np.nd
 # --- the workdir --------------------------------------------------------------------------------
 def check_target(workdir: str | Path, force: bool) -> None:
     """Refuse to replace an existing workdir's checkpoints unless ``force``; called before any work."""
-    from mtp.workdir import checkpoint_steps
-
     d = Path(workdir)
     if d.exists() and not d.is_dir():
         raise ConvertError(f"--workdir {d} exists and is not a directory.")
@@ -256,8 +251,6 @@ def write_workdir(workdir: str | Path, cfg, params, write_tokenizer: Callable[[P
                   provenance: dict, force: bool) -> Path:
     """Write config.json, the tokenizer, convert.json and checkpoints/0 into a staging directory
     next to ``workdir``, then move them in: a failure leaves ``workdir`` as it was."""
-    from mtp.workdir import save_params
-
     d = Path(workdir).absolute()
     check_target(d, force)
     d.parent.mkdir(parents=True, exist_ok=True)
@@ -289,8 +282,6 @@ def write_workdir(workdir: str | Path, cfg, params, write_tokenizer: Callable[[P
 
 def progress(total: int, desc: str):
     """A tqdm bar on stderr (disabled when stderr is not a terminal and MTP_PROGRESS is unset)."""
-    from tqdm import tqdm
-
     enabled = sys.stderr.isatty() or bool(os.environ.get("MTP_PROGRESS"))
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -21,8 +22,10 @@ import ml_collections
 import numpy as np
 
 from mtp.config import check_data_config
-from mtp.data.corpus import SPLITS, build_corpus, resolve_cache_dir
+from mtp.data.byte_tokenizer import ByteTokenizer
+from mtp.data.corpus import SPLITS, build_corpus, list_files, resolve_cache_dir
 from mtp.data.errors import DataError
+from mtp.data.hf_tokenizer import HFTokenizer
 from mtp.data.synthetic import is_synthetic, synthetic_corpus
 from mtp.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from mtp.log import log
@@ -87,8 +90,6 @@ def _corpus(data_cfg: ml_collections.ConfigDict):
 def pretrained_tokenizer(data_cfg: ml_collections.ConfigDict):
     """The Hugging Face tokenizer of an imported model: ``data.tokenizer_path`` is its
     ``tokenizer.json`` or a workdir holding one (``mtp convert`` writes it)."""
-    from mtp.data.hf_tokenizer import HFTokenizer
-
     path = pathlib.Path(data_cfg.tokenizer_path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -188,8 +189,6 @@ def tokenized_documents(
 def _cache_lock(cache_dir: pathlib.Path):
     """One builder at a time per cache directory, across independent processes (parallel test
     workers, two jobs started together): the second waits, then reuses what the first built."""
-    import fcntl
-
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / ".prepare.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -203,8 +202,6 @@ def prepare_data(data_cfg: ml_collections.ConfigDict) -> PreparedData:
     """Builds (or reuses) the corpus, its tokenizer (trained on train), token arrays and stats."""
     check_data_config(data_cfg)
     if not is_synthetic(data_cfg.source):
-        from mtp.data.corpus import list_files
-
         list_files(data_cfg)  # an empty or missing corpus fails here, before anything is written
     with _cache_lock(resolve_cache_dir(data_cfg)):
         return _prepare_data(data_cfg)
@@ -214,8 +211,6 @@ def _prepare_data(data_cfg: ml_collections.ConfigDict) -> PreparedData:
     corpus_name, sources, skipped = _corpus(data_cfg)
     cache_dir = resolve_cache_dir(data_cfg)
     if data_cfg.tokenizer == "bytes":
-        from mtp.data.byte_tokenizer import ByteTokenizer
-
         tokenizer = ByteTokenizer()
     elif data_cfg.tokenizer == "pretrained":
         tokenizer = pretrained_tokenizer(data_cfg)

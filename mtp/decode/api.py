@@ -9,6 +9,7 @@ import numpy as np
 from mtp.decode.calibrate import calibrated_tree, parse_auto
 from mtp.decode.draft_vocab import draft_ids
 from mtp.decode.generate import PAD_TO, DecodeConfig, GenerateResult, generate
+from mtp.decode.tree import parse_tree
 
 
 def decode_config(loaded, *, mode: str = "greedy", heads: int | None = None, tree=None,
@@ -28,8 +29,6 @@ def decode_config(loaded, *, mode: str = "greedy", heads: int | None = None, tre
             raise ValueError("--tree auto needs a model loaded from a workdir (it keeps the tree there).")
         tree = calibrated_tree(loaded, loaded.workdir, heads, n_auto)
     elif isinstance(tree, str):
-        from mtp.decode.tree import parse_tree
-
         parsed = parse_tree(tree, heads)
         tree = parsed.nodes if ";" in tree or "." in tree else parsed.widths
     eos = loaded.tokenizer.eos_id if stop_at_eos else -1

@@ -24,6 +24,8 @@ import numpy as np
 from mtp.config import LAYER_HEADS
 from mtp.decode.packed import MATRICES, PackedMatrix
 from mtp.decode.weights import decode_weights, linear, project, simple_head
+from mtp.kernels import rows_matmul_available
+from mtp.kernels.cpu import decode_attention, layer_qkv, layer_rest
 from mtp.model.heads import causal_combine
 from mtp.model.lm import MTPLM
 from mtp.model.transformer import rms_norm, rope, rope_angles
@@ -102,8 +104,6 @@ def use_attention_kernel(B: int, T: int, H: int, dtype) -> bool:
     block size, which is what makes speculative decoding bitwise equal to plain greedy."""
     if B != 1 or T > ATTENTION_KERNEL_MAX_T or H % 8 or jnp.dtype(dtype) != jnp.float32:
         return False
-    from mtp.kernels import rows_matmul_available
-
     return rows_matmul_available()
 
 
@@ -115,8 +115,6 @@ def attend(q_BxTxNxH, k_CxSxH, v_CxSxH, mask_Bx1xTxS):
     K = k_CxSxH.shape[0] // B
     G = N // K
     if use_attention_kernel(B, T, H, k_CxSxH.dtype):
-        from mtp.kernels.cpu import decode_attention
-
         out_TxNxH = decode_attention(q_BxTxNxH[0], k_CxSxH, v_CxSxH, mask_Bx1xTxS[0, 0])
         return out_TxNxH.reshape(B, T, N * H).astype(q_BxTxNxH.dtype)
     q_CxQxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)  # row g*T + t
@@ -150,8 +148,6 @@ def fused_tables(spec, positions_BxT, mask_Bx1xTxS):
 def _fused_block_step(lw: dict, spec, x_BxTxD, tables, k_CxSxH, v_CxSxH, lengths_B):
     """``_block_step`` in two kernel calls (``use_fused_layer``); XLA writes the new keys and values
     into the cache in place between them."""
-    from mtp.kernels.cpu import layer_qkv, layer_rest
-
     cos_TxH2, sin_TxH2, mask_TxS = tables
     eps = spec.norm_eps
     q_TxNxH, k_KxTxH, v_KxTxH = layer_qkv(x_BxTxD[0], lw["attn_norm"], lw["wqkv"], cos_TxH2, sin_TxH2,

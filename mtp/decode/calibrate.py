@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from mtp.data.prompts import heldout_prompts
 from mtp.decode.generate import PAD_TO, DecodeConfig, generate
@@ -53,8 +54,6 @@ def parse_auto(spec) -> int | None:
 def _head_ranks(graphdef, state, seq_1xT, *, k: int):
     """``[k-1, T]``: rank of token ``t + d + 1`` under head ``d + 1`` at position t (d = 1..k-1);
     positions past the end get a large rank."""
-    from flax import nnx
-
     model = nnx.merge(graphdef, state)
     logits_NxTxV = model(seq_1xT)[:k, 0].astype(jnp.float32)
     T = seq_1xT.shape[1]
@@ -70,8 +69,6 @@ def _head_ranks(graphdef, state, seq_1xT, *, k: int):
 def rank_counts(loaded, heads: int, *, n_prompts: int = 16, max_new_tokens: int = 128,
                 log=None) -> tuple[collections.Counter, int]:
     """Counts of every rank-path prefix over greedy continuations of training-split prompts."""
-    from flax import nnx
-
     prompts = heldout_prompts(loaded.cfg.data, n=n_prompts, seed=1, split="train")
     max_new_tokens = min(max_new_tokens, loaded.spec.max_seq_len // 2)
     dc = DecodeConfig(mode="greedy", max_new_tokens=max_new_tokens)  # no EOS stop: every row runs to the end

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mtp.data.prepare import prepare_data
+
 FILE = "draft_vocab.npy"
 AUTO_SIZE = 8192  # the default draft vocabulary for models whose vocabulary is >= 4x larger
 AUTO_MIN_RATIO = 4
@@ -26,8 +28,6 @@ AUTO_MIN_RATIO = 4
 
 def frequency_order(data_cfg, vocab_size: int) -> np.ndarray:
     """Every token id, most frequent on the train split first (ties: lower id first)."""
-    from mtp.data.prepare import prepare_data
-
     data = prepare_data(data_cfg)
     tokens = np.asarray(data.tokens["train"].tokens)
     if tokens.size == 0:

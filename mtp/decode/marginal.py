@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from mtp.decode.cache import forward_cached, init_cache
 from mtp.decode.weights import cached_decode_weights
@@ -286,12 +287,7 @@ def marginal_eval(model, sequences, ks=(2, 3, 4), ms=(1, 8, 64), positions_per_s
     mass = {(k, m): 0.0 for k in ks for m in ms}
     greedy_hits = dict.fromkeys(ks, 0)
     prefilled = (None, None)
-    try:
-        from tqdm import tqdm
-
-        bar = tqdm(jobs, desc=f"marginal k<={kmax} m<={max(ms)}", file=sys.stderr, disable=not progress)
-    except ImportError:  # pragma: no cover
-        bar = jobs
+    bar = tqdm(jobs, desc=f"marginal k<={kmax} m<={max(ms)}", file=sys.stderr, disable=not progress)
     for s, t in bar:
         if prefilled[0] != s:
             seq = [int(x) for x in sequences[s]]

@@ -26,6 +26,8 @@ import os
 import jax
 import numpy as np
 
+from mtp.kernels import rows_matmul_available
+
 BLOCK = 32
 S8_LEVELS = (127, 8)  # the largest |q| of a block: Q8_0 (d = amax / 127), Q4_0 (d = max / -8)
 MATRICES = ("wqkv", "wo", "wgu", "wdown")
@@ -151,8 +153,6 @@ def activations_int8() -> bool:
 def packing_enabled() -> bool:
     if os.environ.get("MTP_PACKED_WEIGHTS", "1") == "0" or jax.default_backend() != "cpu":
         return False
-    from mtp.kernels import rows_matmul_available
-
     return rows_matmul_available()
 
 

@@ -33,6 +33,7 @@ from flax import nnx
 
 from mtp.config import LAYER_HEADS
 from mtp.decode.packed import PackedMatrix, activations_int8, may_pack, pack_decode_weights, packing_enabled
+from mtp.kernels import packed_matmul, rows_matmul, rows_matmul_available
 from mtp.model.transformer import rms_norm
 
 CACHE_RESIDENT_BYTES = 1 << 20  # an MLP matrix below this stays in cache from token to token
@@ -51,8 +52,6 @@ def use_kernel(x_MxI: jax.Array, w: jax.Array) -> bool:
     min_bytes = int(os.environ.get("MTP_KERNEL_MIN_BYTES", KERNEL_MIN_BYTES))
     if not 1 < x_MxI.shape[0] <= FUSED_ROWS_MAX or w.dtype != jnp.float32 or w.size * 4 < min_bytes:
         return False
-    from mtp.kernels import rows_matmul_available
-
     return rows_matmul_available()
 
 
@@ -72,15 +71,11 @@ def linear(x_xI: jax.Array, w: jax.Array) -> jax.Array:
     ``decode_weights`` stores those ``[in, out]`` in both layouts)."""
     n_in = x_xI.shape[-1]
     if isinstance(w, PackedMatrix):  # GGUF blocks, dequantized in registers (mtp.decode.packed)
-        from mtp.kernels import packed_matmul
-
         y_MxO = packed_matmul(x_xI.reshape(-1, n_in), w.q, w.d, w.m, q8x=w.q8x)
         return y_MxO.reshape(*x_xI.shape[:-1], y_MxO.shape[-1])
     x_MxI = x_xI.reshape(-1, n_in).astype(w.dtype)
     M = x_MxI.shape[0]
     if use_kernel(x_MxI, w):
-        from mtp.kernels import rows_matmul
-
         y_MxO = rows_matmul(x_MxI, w, w_out_in=w.shape[0] != n_in)
     elif w.shape[0] == n_in:
         y_MxO = x_MxI @ w

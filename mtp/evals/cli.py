@@ -18,6 +18,19 @@ import sys
 from pathlib import Path
 
 from mtp.config import DECODE_MODES
+from mtp.decode.api import generate_texts
+from mtp.evals.heads_eval import evaluate_heads, format_heads_table, write_result
+from mtp.evals.humaneval import (
+    ChatTemplateError,
+    ProblemsError,
+    canonical_generate_fn,
+    chat_formatter,
+    format_summary,
+    load_problems,
+    run_humaneval,
+)
+from mtp.evals.task_eval import evaluate_task_accuracy
+from mtp.workdir import WorkdirError, load_model, load_tokenizer
 
 
 def _no_overrides(name: str, overrides) -> None:
@@ -27,17 +40,12 @@ def _no_overrides(name: str, overrides) -> None:
 
 
 def cmd_eval(args, overrides=()) -> int:
-    from mtp.evals.heads_eval import evaluate_heads, format_heads_table, write_result
-    from mtp.workdir import WorkdirError, load_model
-
     _no_overrides("eval", overrides)
     try:
         loaded = load_model(args.workdir, args.step)
     except WorkdirError as e:
         raise SystemExit(f"mtp eval: {e}") from None
     if args.task:
-        from mtp.evals.task_eval import evaluate_task_accuracy
-
         try:
             result = evaluate_task_accuracy(loaded, args.examples, mode=args.mode, heads=args.heads)
         except ValueError as e:
@@ -65,8 +73,6 @@ def make_generate_fn(loaded, *, mode: str, heads: int | None, max_new_tokens: in
                      temperature: float, top_p: float, top_k: int, seed: int, batch_size: int):
     """``generate_fn(prompts, n)`` over ``mtp.decode.api.generate_texts``: sample ``i`` of every
     prompt uses seed ``seed + i``; prompts go ``batch_size`` at a time."""
-    from mtp.decode.api import generate_texts
-
     def generate_fn(prompts: list[str], n: int) -> list[list[str]]:
         out: list[list[str]] = [[] for _ in prompts]
         for i in range(n):
@@ -85,16 +91,6 @@ def make_generate_fn(loaded, *, mode: str, heads: int | None, max_new_tokens: in
 
 
 def cmd_humaneval(args, overrides=()) -> int:
-    from mtp.evals.humaneval import (
-        ChatTemplateError,
-        ProblemsError,
-        canonical_generate_fn,
-        chat_formatter,
-        format_summary,
-        load_problems,
-        run_humaneval,
-    )
-
     _no_overrides("humaneval", overrides)
     try:
         ks = sorted({int(k) for k in str(args.k).split(",") if k.strip()})
@@ -129,8 +125,6 @@ def cmd_humaneval(args, overrides=()) -> int:
         if not args.workdir:
             raise SystemExit("mtp humaneval: give --workdir DIR (or --canonical to check the"
                              " problems' own solutions).")
-        from mtp.workdir import WorkdirError, load_model, load_tokenizer
-
         try:
             if args.chat:  # checked before the model loads: no template, no work done
                 try:

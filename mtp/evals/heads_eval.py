@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtp.data.corpus import build_corpus
+from mtp.data.pipeline import make_dataset
 from mtp.losses import head_targets
 from mtp.model.transformer import attention_mask, positions_from_segments, scan_blocks
 
@@ -185,14 +187,10 @@ def validation_batches(loaded, data_cfg=None, *, batches: int, seq_len: int, bat
     """The first ``batches`` held-out batches, as ``mtp train``'s final evaluation reads them
     (validation split, shuffle seed 1234, row sharding of one process), tokenized with the
     workdir's own tokenizer. Returns a list of numpy batches."""
-    from mtp.data.pipeline import make_dataset
-
     data_cfg = data_cfg if data_cfg is not None else loaded.cfg.data
     tok = loaded.tokenizer
     source = None  # the split's token cache, keyed by the tokenizer file (built if missing)
     if not Path(str(getattr(tok, "path", ""))).is_file():
-        from mtp.data.corpus import build_corpus
-
         source = build_corpus(data_cfg).as_data_source("validation")  # text, tokenized here
     it = iter(make_dataset(data_cfg, "validation", tok, seq_len=seq_len, batch_size=batch_size,
                            seed=seed, process_index=0, process_count=1, shard_by="rows",

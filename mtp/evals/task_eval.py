@@ -12,13 +12,12 @@ from __future__ import annotations
 import time
 
 from mtp.data import synthetic as syn
+from mtp.decode.api import generate_texts
 
 
 def evaluate_task_accuracy(loaded, n_examples: int = 200, split: str = "validation", mode: str = "greedy",
                            heads: int | None = None, batch_size: int = 32) -> dict:
     """``{'task', 'accuracy', 'n', 'step', 'seconds'}`` of a loaded synthetic-task workdir."""
-    from mtp.decode.api import generate_texts
-
     task = str(loaded.cfg.data.source)
     if not syn.is_synthetic(task):
         raise ValueError(f"{task!r} is not a synthetic task (data.source is one of"

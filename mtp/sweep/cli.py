@@ -20,7 +20,8 @@ from pathlib import Path
 
 from mtp.config_files import resolve_config_path
 from mtp.log import log
-from mtp.sweep.grid import SIZES, SweepError, make_grid
+from mtp.sweep.grid import SIZES, SweepError, make_grid, point_config
+from mtp.sweep.report import write_report
 from mtp.sweep.run import (
     SWEEP_FILE,
     InProcessRunner,
@@ -81,8 +82,6 @@ def _stored(args, overrides: list[str]) -> tuple[str | None, list[str], list[str
 
 
 def run(args, overrides: list[str] | None = None) -> int:
-    from mtp.sweep.report import write_report
-
     if overrides is None:
         overrides = list(getattr(args, "overrides", None) or [])
     root = Path(args.workdir)
@@ -97,8 +96,6 @@ def run(args, overrides: list[str] | None = None) -> int:
             "parameter_matched": parameter_matched, "points": [p.name for p in points]}
 
     if args.emit_jobs:
-        from mtp.sweep.grid import point_config
-
         launcher = shlex.split(args.launcher)
         write_sweep_file(root, meta)
         for point in points:

@@ -10,6 +10,7 @@ unknown size is an error before anything runs, and the message names the offendi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import re
@@ -104,8 +105,6 @@ def parse_spec(text: str) -> SweepSpec:
     else:
         known = _flat_keys(base_config())
         if key not in known:
-            import difflib
-
             close = difflib.get_close_matches(key, list(known) + list(PSEUDO_KEYS), n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise SweepError(f"--sweep {text!r}: unknown config key {key!r}.{hint}"

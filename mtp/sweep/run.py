@@ -32,8 +32,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mtp.data.prompts import heldout_prompts, read_prompts
+from mtp.decode.api import PAD_TO, tokens_per_forward
 from mtp.log import log
+from mtp.model.spec import ModelSpec
 from mtp.sweep.grid import Point, point_config
+from mtp.train.loop import train
+from mtp.workdir import load_model
 
 POINT_FILE = "sweep_point.json"
 SWEEP_FILE = "sweep.json"
@@ -111,8 +115,6 @@ class InProcessRunner:
     """``train(cfg)`` in this process."""
 
     def __call__(self, point: Point, cfg, point_dir: Path) -> None:
-        from mtp.train.loop import train
-
         try:
             result = train(cfg)
         except KeyboardInterrupt:
@@ -246,29 +248,12 @@ def fit_prompts(loaded, prompts: list[str], max_new_tokens: int, pad_to: int = 1
 
 class TokensPerForward:
     """``mtp.decode.api.tokens_per_forward`` per finished point, cached in
-    ``DIR/sweep_tokens_per_forward.json``; ``note`` says why values are missing (e.g. the decode
-    module is not importable)."""
+    ``DIR/sweep_tokens_per_forward.json``; ``note`` says why values are missing (``--no-tpf``)."""
 
     def __init__(self, options: TPFOptions):
         self.options = options
         self.note: str | None = None if options.enabled else "tokens/forward not measured (--no-tpf)."
-        self._fn = None
-        self._pad_to = 1
         self._prompts: dict[str, list[str]] = {}
-
-    def _function(self):
-        if self._fn is None and self.note is None:
-            try:
-                import importlib
-
-                api = importlib.import_module("mtp.decode.api")
-            except ImportError as e:
-                self.note = (f"tokens/forward not measured: mtp.decode.api is not importable"
-                             f" ({type(e).__name__}: {e}).")
-                return None
-            self._fn = api.tokens_per_forward
-            self._pad_to = getattr(api, "PAD_TO", 1)  # prompts are padded to a multiple of this
-        return self._fn
 
     def _prompts_for(self, cfg) -> list[str]:
         if self.options.prompts_file:
@@ -288,9 +273,6 @@ class TokensPerForward:
         if not self.options.enabled:
             return None, None
         cache = read_json(point_dir / TPF_FILE)
-        fn = self._function()
-        if fn is None:
-            return None, None
         try:
             prompts = self._prompts_for(cfg)
         except Exception as e:
@@ -300,13 +282,11 @@ class TokensPerForward:
         if isinstance(cache, dict) and cache.get("key") == key:
             return cache["value"], None
         try:
-            from mtp.workdir import load_model
-
             loaded = load_model(point_dir)
-            fitted, max_new = fit_prompts(loaded, prompts, self.options.max_new_tokens, self._pad_to)
+            fitted, max_new = fit_prompts(loaded, prompts, self.options.max_new_tokens, PAD_TO)
             if not fitted:
                 return None, "no non-empty prompt fits the model's context"
-            value = float(fn(loaded, fitted, heads=n, max_new_tokens=max_new))
+            value = float(tokens_per_forward(loaded, fitted, heads=n, max_new_tokens=max_new))
         except Exception as e:
             return None, f"{type(e).__name__}: {e}"
         write_json(point_dir / TPF_FILE, {"key": key, "value": value, "prompts_used": fitted,
@@ -317,8 +297,6 @@ class TokensPerForward:
 def collect(config_path: str | Path, points: list[Point], root: str | Path,
             outcome: SweepOutcome | None = None, tpf: TokensPerForward | None = None) -> list[dict]:
     """One results row per point, from its config, eval.json, metrics.jsonl and sweep_point.json."""
-    from mtp.model.spec import ModelSpec
-
     root = Path(root)
     outcome = outcome or SweepOutcome()
     rows = []

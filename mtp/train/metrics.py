@@ -16,7 +16,7 @@ class MetricWriter:
         self.path = Path(workdir) / "metrics.jsonl"
         self.tb = None
         if self.enabled and tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # here, not at the top: it imports torch where installed (~2 s)
 
             self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
