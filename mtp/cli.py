@@ -1,7 +1,8 @@
 """The ``mtp`` command.
 
     mtp train [--config PATH|NAME] [--workdir DIR] [--config.KEY=VALUE ...]
-    mtp bench train [--config PATH|NAME] [--heads 1,2,4,8] [--impls vmap,scan] [--steps N] [--json]
+    mtp bench train [--config PATH|NAME] [--heads 1,2,4,8] [--impls vmap,scan] [--steps N] [--parameter-matched]
+                    [--json] [--config.KEY=VALUE ...]
     mtp bench faults [--kills K] [--config PATH|NAME] [--steps N]
     mtp plan --config PATH|NAME --mesh data=1,fsdp=8,tensor=1 [--devices N] [--hbm-gib G] [--json]
              [--lower-for tpu,cuda --lower-dir DIR]
@@ -22,9 +23,32 @@ without ``.py`` (e.g. ``tiny``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import time
 
+from mtp.bench.decode_bench import main as bench_main
+from mtp.bench.faults import run_faults_bench
+from mtp.bench.peers_bench import main as peers_main
+from mtp.bench.train_bench import run_parameter_matched_bench, run_train_bench
+from mtp.config import DECODE_MODES, ConfigError, load_config
 from mtp.config_files import resolve_config_path
+from mtp.convert.cli import add_parser as add_convert
+from mtp.convert.llama_map import ConvertError
+from mtp.data.errors import DataError
+from mtp.decode.api import TextStreamer, decode_config, encode_prompt
+from mtp.decode.generate import generate
+from mtp.distributed import initialize
+from mtp.evals.cli import add_parsers as add_evals
+from mtp.extras import MissingExtra
+from mtp.plan import PlanError, format_plan, parse_mesh, parse_platforms, plan
+from mtp.study import add_parser as add_study
+from mtp.sweep.cli import add_parser as add_sweep
+from mtp.sweep.grid import SweepError
+from mtp.train.checkpoint import CheckpointError
+from mtp.train.loop import train
+from mtp.workdir import WorkdirError, load_model
 
 DRAFT_VOCAB_HELP = ("speculative: heads 2..k draft among the N most frequent training tokens (0: the whole"
                      " vocabulary; default 8192 when the vocabulary is >= 4x larger); the output is the same")
@@ -38,8 +62,6 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _load(args, overrides):
-    from mtp.config import ConfigError, load_config
-
     try:
         cfg = load_config(resolve_config_path(args.config), overrides)
     except ConfigError as e:
@@ -50,28 +72,30 @@ def _load(args, overrides):
 
 
 def cmd_train(args, overrides) -> int:
-    from mtp.train.loop import train
-
     cfg = _load(args, overrides)
     train(cfg, restart=args.restart)  # finished or preempted (checkpoint saved): both exit 0
     return 0
 
 
 def cmd_bench_train(args, overrides) -> int:
-    from mtp.bench.train_bench import run_train_bench
-
     cfg = _load(args, overrides)
-    heads = [int(h) for h in args.heads.split(",")]
-    impls = args.impls.split(",")
-    run_train_bench(cfg, heads, impls, steps=args.steps, as_json=args.json)
+    heads = [int(h) for h in (args.heads or "1,2,4,8").split(",")]
+    impls = (args.impls or "vmap,scan").split(",")
+    if not args.parameter_matched:
+        run_train_bench(cfg, heads, impls, steps=args.steps, as_json=args.json)
+        return 0
+    if args.heads and (len(heads) != 1 or heads[0] < 2):
+        raise SystemExit(f"mtp bench train --parameter-matched compares n heads against one: give one --heads"
+                         f" N >= 2 (got --heads {args.heads}), or leave --heads out for n=4.")
+    if args.impls and len(impls) != 1:
+        raise SystemExit(f"mtp bench train --parameter-matched times one loss implementation: give one --impls"
+                         f" value (got --impls {args.impls}), or leave it out for the config's loss.impl.")
+    run_parameter_matched_bench(cfg, heads[0] if args.heads else 4, impls[0] if args.impls else cfg.loss.impl,
+                                steps=args.steps, as_json=args.json)
     return 0
 
 
 def cmd_bench_faults(args, overrides) -> int:
-    import json
-
-    from mtp.bench.faults import run_faults_bench
-
     if overrides:
         raise SystemExit("mtp bench faults takes no --config.* overrides; pass --config NAME|PATH.")
     result = run_faults_bench(args.kills, str(resolve_config_path(args.config)), args.steps,
@@ -82,10 +106,6 @@ def cmd_bench_faults(args, overrides) -> int:
 
 
 def cmd_plan(args, overrides) -> int:
-    import json
-
-    from mtp.plan import PlanError, format_plan, parse_mesh, parse_platforms, plan
-
     cfg = _load(args, overrides)
     compile_ = {"auto": "auto", "yes": True, "no": False}[args.compile]
     try:
@@ -113,12 +133,6 @@ def check_generate_flags(args) -> None:
 
 
 def cmd_generate(args, overrides) -> int:
-    import time
-
-    from mtp.decode.api import TextStreamer, decode_config, encode_prompt
-    from mtp.decode.generate import generate
-    from mtp.workdir import WorkdirError, load_model
-
     if overrides:
         raise SystemExit("mtp generate takes no --config.* overrides.")
     check_generate_flags(args)
@@ -138,8 +152,6 @@ def cmd_generate(args, overrides) -> int:
                            max_new_tokens=args.max_new_tokens, stop_at_eos=not args.ignore_eos,
                            draft_vocab=args.draft_vocab, **sampling)
         ids = encode_prompt(loaded, text)
-        import dataclasses
-
         dc = dataclasses.replace(dc, stream=True)
         if not args.chat:
             sys.stdout.write(text)
@@ -157,9 +169,6 @@ def cmd_generate(args, overrides) -> int:
 
 
 def cmd_bench_decode(args, overrides) -> int:
-    from mtp.bench.decode_bench import main as bench_main
-    from mtp.workdir import WorkdirError
-
     if overrides:
         raise SystemExit("mtp bench decode takes no --config.* overrides.")
     try:
@@ -169,9 +178,6 @@ def cmd_bench_decode(args, overrides) -> int:
 
 
 def cmd_bench_peers(args, overrides) -> int:
-    from mtp.bench.peers_bench import main as peers_main
-    from mtp.workdir import WorkdirError
-
     try:
         return peers_main(args)
     except (ValueError, WorkdirError) as e:
@@ -179,8 +185,6 @@ def cmd_bench_peers(args, overrides) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mtp.config import DECODE_MODES
-
     parser = argparse.ArgumentParser(prog="mtp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="--debug (anywhere on the line): show tracebacks for every error.")
@@ -195,10 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     b = bench.add_parser("train", help="step time, throughput, MFU and peak memory per n_future")
     b.add_argument("--config", default=None)
-    b.add_argument("--heads", default="1,2,4,8", help="comma-separated n_future values")
-    b.add_argument("--impls", default="vmap,scan", help="comma-separated loss implementations")
+    b.add_argument("--heads", default=None, help="comma-separated n_future values (default 1,2,4,8)")
+    b.add_argument("--impls", default=None, help="comma-separated loss implementations (default vmap,scan)")
     b.add_argument("--steps", type=int, default=5, help="timed steps per row (after one warm-up)")
-    b.add_argument("--json", action="store_true", help="print one JSON list on stdout")
+    b.add_argument("--parameter-matched", action="store_true",
+                   help="time n heads on n_layers-(n-1) trunk layers against n=1 on n_layers (n: one --heads"
+                   " value, default 4; one --impls value, default the config's loss.impl)")
+    b.add_argument("--json", action="store_true", help="print one JSON list on stdout (an object with"
+                   " --parameter-matched)")
     b.set_defaults(func=cmd_bench_train)
     d = bench.add_parser("decode", help="plain vs self-speculative greedy decoding, batch 1")
     d.add_argument("--workdir", required=True, help="a trained or converted workdir")
@@ -264,11 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
     g.set_defaults(func=cmd_generate)
-    from mtp.convert.cli import add_parser as add_convert
-    from mtp.evals.cli import add_parsers as add_evals
-    from mtp.study import add_parser as add_study
-    from mtp.sweep.cli import add_parser as add_sweep
-
     add_sweep(sub)
     add_convert(sub)
     add_evals(sub)
@@ -282,8 +285,6 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv  # tracebacks for every error, user errors included
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
-    from mtp.distributed import initialize
-
     initialize()  # join a multi-process run (MTP_* from launch/*) before any other JAX use
     try:
         return args.func(args, overrides)
@@ -313,15 +314,6 @@ class UserError(SystemExit):
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's (a config, a workdir, a checkpoint, a file given): a message and
     exit code 2, no traceback. Everything else is a bug and keeps its traceback."""
-    from mtp.config import ConfigError
-    from mtp.convert.llama_map import ConvertError
-    from mtp.data.errors import DataError
-    from mtp.extras import MissingExtra
-    from mtp.plan import PlanError
-    from mtp.sweep.grid import SweepError
-    from mtp.train.checkpoint import CheckpointError
-    from mtp.workdir import WorkdirError
-
     return (ConfigError, WorkdirError, CheckpointError, DataError, PlanError, ConvertError, SweepError,
             MissingExtra)
 

@@ -92,3 +92,53 @@ def test_peers_rows_time_the_decode_steps_apart_from_the_prefill(monkeypatch):
                decode_fraction_of_roofline=row["decode_tokens_per_s"] / 1e6)
     text = format_table({"rows": {"mtp greedy": row}, "read_bandwidth_gb_s": 1.0})
     assert "decode steps alone" in text and "mtp greedy" in text
+
+
+def test_bench_train_parameter_matched_json():
+    """--parameter-matched times n=4 on n_layers-3 trunk layers against n=1 on n_layers in one run; the
+    --config.* override (n_layers=4) reaches both rows."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
+    proc = subprocess.run([sys.executable, "-m", "mtp.cli", "bench", "train", "--config", "tiny",
+                           "--parameter-matched", "--steps", "1", "--json", "--config.model.n_layers=4",
+                           f"--config.perf.peak_flops_per_device={PEAK}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    one, four = out["rows"]
+    assert (one["n_future"], one["trunk_layers"]) == (1, 4) and (four["n_future"], four["trunk_layers"]) == (4, 1)
+    cfg = load_config(REPO / "configs" / "tiny.py", ["--config.model.n_layers=4"])
+    assert one["loss_impl"] == four["loss_impl"] == cfg.loss.impl
+    pm = out["parameter_matched"]
+    assert pm["n_future"] == [1, 4] and pm["trunk_layers"] == [4, 1]
+    assert pm["step_time_ratio"] == four["step_time_s"] / one["step_time_s"]
+    counts = []
+    for r, matched in ((one, False), (four, True)):
+        cfg.model.n_future, cfg.model.parameter_matched = r["n_future"], matched
+        counts.append(ModelSpec.from_config(cfg.model).param_count())
+        assert r["param_count"] == counts[-1]
+    assert pm["param_count"] == counts and counts[0] == counts[1]  # the matching's point: same size
+    assert "parameter-matched: n=4 on 1 trunk layer(s)" in proc.stderr
+
+
+def test_parameter_matched_n_follows_heads_and_nonsense_is_refused(capsys):
+    """--heads 2 compares n=2 on n_layers-1 trunk layers; several --heads, --heads 1, a trunk left
+    with no layer and heads that are not layers are refused with a message (exit 2), before timing."""
+    from mtp.bench.train_bench import parameter_matched_configs
+    from mtp.cli import main
+    from mtp.config import ConfigError
+
+    cfg = load_config(REPO / "configs" / "tiny.py")  # n_layers 2
+    one, two = (ModelSpec.from_config(c.model) for c in parameter_matched_configs(cfg, 2, "scan"))
+    assert (one.n_future, one.trunk_layers, two.n_future, two.trunk_layers) == (1, 2, 2, 1)
+    assert one.param_count() == two.param_count()
+    for argv, says in ((["--heads", "1,4"], "give one --heads N >= 2 (got --heads 1,4)"),
+                       (["--heads", "1"], "give one --heads N >= 2"),
+                       (["--impls", "vmap,scan"], "give one --impls value"),
+                       ([], "parameter_matched removes n_future-1=3 trunk layers, leaving -1"),
+                       (["--config.model.n_layers=4", "--config.model.head_type=linear"],
+                        "model.head_type='linear' is invalid for --parameter-matched")):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "train", "--config", "tiny", "--parameter-matched", *argv])
+        assert e.value.code == 2 and says in str(e.value), (argv, str(e.value))
+    with pytest.raises(ConfigError, match="n >= 2"):
+        parameter_matched_configs(cfg, 1, "scan")
