@@ -22,13 +22,20 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from jax.sharding import AbstractMesh, AxisType
 
-from mtp.config import MESH_AXES
+from mtp.config import MESH_AXES, ConfigError, resolve_mesh_shape, validate
+from mtp.sharding import make_mesh
+from mtp.train.program import build_program
 
 GIB = 2**30
 MESH_FORM = "data=1,fsdp=8,tensor=1"
@@ -72,8 +79,6 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def resolve_mesh(mesh_sizes: dict, n_devices: int | None) -> tuple[dict[str, int], int]:
     """Fill a -1 axis and check the product equals ``n_devices`` (default: the product)."""
-    from mtp.config import resolve_mesh_shape
-
     sizes = {a: int(mesh_sizes.get(a, 1)) for a in MESH_AXES}
     if n_devices is None:
         if -1 in sizes.values():
@@ -93,8 +98,6 @@ def resolve_mesh(mesh_sizes: dict, n_devices: int | None) -> tuple[dict[str, int
 def _shard_bytes(abstract_tree, sharding_tree) -> int:
     """Bytes one device holds of a tree of ShapeDtypeStructs under their NamedShardings (the
     largest shard, which is every shard for evenly divided dims)."""
-    import jax
-
     leaves = jax.tree.leaves(abstract_tree)
     shardings = jax.tree.leaves(sharding_tree)
     assert len(leaves) == len(shardings), (len(leaves), len(shardings))
@@ -144,8 +147,6 @@ def activation_bytes(spec, cfg, mesh_sizes: dict, rules) -> dict:
     Under loss.impl 'vmap' all heads run at once: ``heads`` is multiplied by n_future and the
     logits term uses the full ``B*T*V`` per head.
     """
-    import jax.numpy as jnp
-
     t = cfg.train
     c = jnp.dtype(spec.dtype).itemsize
     B = max(t.batch_size // t.grad_accum // _batch_shards(mesh_sizes, rules), 1)
@@ -179,11 +180,6 @@ def activation_bytes(spec, cfg, mesh_sizes: dict, rules) -> dict:
 # --- AOT ----------------------------------------------------------------------------------------
 def _aot_in_process(cfg, mesh_sizes: dict, n_devices: int) -> dict:
     """Lower + compile the real train step with abstract inputs on ``n_devices`` local devices."""
-    import jax
-
-    from mtp.sharding import make_mesh
-    from mtp.train.program import build_program
-
     t0 = time.perf_counter()
     program = build_program(cfg, make_mesh(mesh_sizes, jax.devices()[:n_devices]))
     compiled = program.lower().compile()
@@ -240,8 +236,6 @@ def module_facts(text: str, seq_len: int, platform: str) -> dict:
     """What a lowered StableHLO module proves: how often each kernel custom-call target occurs, the
     largest tensor type (by bytes), and every tensor shape with two axes of ``seq_len`` (a T x T
     score or mask tensor)."""
-    import re
-
     calls = {t: text.count(f"@{t}") + text.count(f'"{t}"') for t in KERNEL_TARGETS[platform]}
     largest, seq_sq = None, set()
     for dims, dtype in set(re.findall(r"tensor<((?:\d+x)+)([a-z]+\d*)>", text)):
@@ -259,11 +253,6 @@ def lower_in_process(cfg, mesh_sizes: dict, n_devices: int, platforms, lower_dir
     """Lower (not run) the real jitted, sharded train step for each platform on ``n_devices`` local
     CPU devices, ``model.attention`` resolved for that platform; write ``lower_dir/train_step.<p>.mlir``
     and report per platform what the module holds (``module_facts``)."""
-    import jax
-
-    from mtp.sharding import make_mesh
-    from mtp.train.program import build_program
-
     os.makedirs(lower_dir, exist_ok=True)
     out = {}
     for platform in platforms:
@@ -285,10 +274,6 @@ def lower_in_process(cfg, mesh_sizes: dict, n_devices: int, platforms, lower_dir
 
 def _in_process_ok(n_devices: int) -> bool:
     """Compile here when this process already runs JAX on enough CPU devices (e.g. the tests)."""
-    if "jax" not in sys.modules:
-        return False
-    import jax
-
     return jax.default_backend() == "cpu" and jax.device_count() >= n_devices
 
 
@@ -302,12 +287,6 @@ def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | N
     platforms ('tpu', 'cuda') to lower the train step for (``lower_in_process``; written to
     ``lower_dir``); the estimate then follows the attention resolved for the first of them, and
     the CPU AOT compile (another program: XLA attention) is skipped."""
-    import jax
-    from jax.sharding import AbstractMesh, AxisType
-
-    from mtp.config import ConfigError, validate
-    from mtp.train.program import build_program
-
     mesh_sizes, n_devices = resolve_mesh(mesh_sizes, n_devices)
     cfg = copy.deepcopy(cfg)
     for a in MESH_AXES:
@@ -437,8 +416,6 @@ def format_plan(r: dict) -> str:
 def _main() -> None:
     """Subprocess entry: read (config dict, mesh, n_devices, lower) from stdin, print the AOT (or, with
     ``lower``, the lowering) JSON."""
-    import ml_collections
-
     cfg_dict, mesh_sizes, n_devices, lower = pickle.loads(sys.stdin.buffer.read())
     cfg = ml_collections.ConfigDict(cfg_dict)
     if lower:

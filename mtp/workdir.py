@@ -21,6 +21,10 @@ import jax
 import ml_collections
 from flax import nnx
 
+from mtp.config import base_config
+from mtp.data.byte_tokenizer import ByteTokenizer
+from mtp.data.hf_tokenizer import HFTokenizer
+from mtp.data.tokenizer import Tokenizer
 from mtp.model import MTPLM, abstract_params
 from mtp.model.spec import ModelSpec
 from mtp.train.checkpoint import Checkpointer, save_json
@@ -47,8 +51,6 @@ def load_config_json(workdir: str | Path) -> ml_collections.ConfigDict:
     if not path.exists():
         raise WorkdirError(f"{workdir} has no config.json: it is not an mtp workdir. Create one with"
                            " `mtp train --workdir DIR` or `mtp convert --gguf FILE --workdir DIR`.")
-    from mtp.config import base_config
-
     cfg = base_config()
     saved = json.loads(path.read_text())
     cfg.unlock()
@@ -64,16 +66,10 @@ def load_config_json(workdir: str | Path) -> ml_collections.ConfigDict:
 def load_tokenizer(workdir: str | Path):
     d = Path(workdir)
     if (d / "tokenizer.json").exists():
-        from mtp.data.hf_tokenizer import HFTokenizer
-
         return HFTokenizer(d / "tokenizer.json")
     if (d / "tokenizer.model").exists():
-        from mtp.data.tokenizer import Tokenizer
-
         return Tokenizer(d / "tokenizer.model")
     if (d / "tokenizer.bytes").exists():
-        from mtp.data.byte_tokenizer import ByteTokenizer
-
         return ByteTokenizer()
     raise WorkdirError(f"{d} has no tokenizer (tokenizer.json, tokenizer.model or tokenizer.bytes);"
                        " it was not written by `mtp train` or `mtp convert`.")
