@@ -1,6 +1,8 @@
-"""The package's import graph has no cycles (top-level and function-level ``mtp.*`` imports alike).
+"""The package's import graph has no cycles (top-level and function-level ``mtp.*`` imports alike),
+and its arrows point down the layers: commands (cli, bench, plan, sweep, study) -> train, decode,
+evals, convert, workdir -> model, losses, data, sharding, kernels -> config, log, distributed.
 
-    python tests/test_import_graph.py      # prints every cycle (strongly connected component), if any
+    python tests/test_import_graph.py      # prints every cycle and every upward arrow, if any
 
 An edge A -> B means module A names module B in an ``import`` anywhere in its source (``from
 mtp.decode import weights`` names the submodule ``mtp.decode.weights``; ``from mtp.convert import
@@ -87,16 +89,42 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def layer(module: str) -> int:
+    """3: commands, 2: programs over a model, 1: the model and its data, 0: the bottom."""
+    if module in ("mtp.cli", "mtp.plan", "mtp.study") or module.startswith(("mtp.bench", "mtp.sweep")) \
+            or module.endswith(".cli"):
+        return 3
+    if module.startswith(("mtp.train", "mtp.decode", "mtp.evals", "mtp.convert")) or module == "mtp.workdir":
+        return 2
+    if module.startswith(("mtp.model", "mtp.data", "mtp.kernels")) or module in ("mtp.losses", "mtp.sharding",
+                                                                                  "mtp.perf"):
+        return 1
+    return 0
+
+
+def upward_arrows(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{a} (layer {layer(a)}) -> {b} (layer {layer(b)})"
+            for a in sorted(graph) for b in sorted(graph[a]) if layer(b) > layer(a)]
+
+
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert not found, "import cycles (each line one strongly connected component):\n" + "\n".join(
         " <-> ".join(c) for c in found)
 
 
+def test_imports_point_down_the_layers():
+    up = upward_arrows(import_graph())
+    assert not up, "imports of a higher layer (move the shared piece down):\n" + "\n".join(up)
+
+
 if __name__ == "__main__":
     sys.setrecursionlimit(10_000)
-    found = cycles(import_graph())
+    graph = import_graph()
+    found, up = cycles(graph), upward_arrows(graph)
     for component in found:
         print(" <-> ".join(component))
-    print(f"{len(found)} import cycle(s) in {PACKAGE}")
-    sys.exit(1 if found else 0)
+    for arrow in up:
+        print("up:", arrow)
+    print(f"{len(found)} import cycle(s), {len(up)} upward import(s) in {PACKAGE}")
+    sys.exit(1 if found or up else 0)
