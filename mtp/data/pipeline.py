@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from mtp.data.errors import DataError
-from mtp.data.prepare import tokenized_documents
+from mtp.data.prepare import Mixture, tokenized_documents
 from mtp.data.tokenizer import Tokenizer
 
 
@@ -37,7 +37,17 @@ def _tokenize(tokenizer: Tokenizer):
 def _rename_packed(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     # ConcatThenSplit emits `tokens_segment_ids` (1, 2, ... per piece of a document within the
     # row, 0 where the final row is padded) and `tokens_positions`, which the model recomputes.
-    return {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"]}
+    packed = {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"]}
+    if "source_ids" in row:  # a mixture: which source each token came from (tokens seen per source)
+        packed["source_ids"] = row["source_ids"]
+    return packed
+
+
+def _tag_source(index: int):
+    def tag(piece: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**piece, "source_ids": np.full(len(piece["tokens"]), index, np.int32)}
+
+    return tag
 
 
 def _lists_to_tuples(tree: Any) -> Any:
@@ -59,8 +69,11 @@ class DocumentPieces(Sequence[np.ndarray]):
     def __init__(self, documents: Sequence[np.ndarray], seq_len: int):
         self.documents, self.seq_len = documents, seq_len
         offsets = getattr(documents, "offsets", None)
-        lengths = (np.diff(offsets) if offsets is not None
-                   else np.asarray([len(d) for d in documents], np.int64))
+        lengths = getattr(documents, "lengths", None)  # token shards know their documents' lengths
+        if offsets is not None:
+            lengths = np.diff(offsets)
+        elif lengths is None:
+            lengths = np.asarray([len(d) for d in documents], np.int64)
         counts = -(-lengths // seq_len)  # ceil
         self.doc_index = np.repeat(np.arange(len(lengths)), counts)
         first_piece = np.repeat(np.cumsum(counts) - counts, counts)
@@ -157,7 +170,39 @@ def make_dataset(
     if source is None:
         source = tokenized_documents(data_cfg, split, tokenizer)
     by_rows = shard_by == "rows"
-    if not by_rows and len(source) < process_count:
+    parts = source.parts if isinstance(source, Mixture) else (source,)
+    if not by_rows:  # token shards: each process reads its own files
+        parts = tuple(p.share(process_index, process_count) if hasattr(p, "share") else p for p in parts)
+    pieces = [_pieces(part, split, tokenizer, seq_len, process_index, process_count, by_rows)
+              for part in parts]
+    if isinstance(source, Mixture):
+        # Each source shuffled (its own seed) and repeated on its own, then interleaved by weight:
+        # index-based all the way, so the iterator state stays tiny and resume is exact.
+        documents = grain.MapDataset.mix(
+            [p.shuffle(seed=seed + i).repeat(num_epochs).map(_tokenize(tokenizer)).map(_tag_source(i))
+             for i, p in enumerate(pieces)], weights=list(source.weights))
+        lengths = {"tokens": seq_len, "source_ids": seq_len}
+    else:
+        documents = pieces[0].shuffle(seed=seed).repeat(num_epochs).map(_tokenize(tokenizer))
+        lengths = {"tokens": seq_len}
+    threads = min(8, os.cpu_count() or 1)
+    rows = grain.experimental.ConcatThenSplitIterDataset(
+        documents.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=64)),
+        length_struct=lengths,
+    ).map(_rename_packed)
+    if not by_rows:
+        return _JsonStateIterDataset(rows.batch(batch_size, drop_remainder=True))
+    first = process_index * batch_size
+    batches = rows.batch(batch_size * process_count, drop_remainder=True).map(
+        lambda batch: {key: value[first: first + batch_size] for key, value in batch.items()})
+    return _JsonStateIterDataset(batches)
+
+
+def _pieces(source, split: str, tokenizer: Tokenizer, seq_len: int, process_index: int, process_count: int,
+            by_rows: bool) -> grain.MapDataset:
+    """This process's pieces of one source's documents (all of them when sharding by rows)."""
+    sharded = by_rows or hasattr(source, "share")
+    if not sharded and len(source) < process_count:
         raise DataError(
             f"The {split!r} split has {len(source)} documents, fewer than "
             f"process_count={process_count}, so some process would get none. Fix: use a larger "
@@ -167,18 +212,7 @@ def make_dataset(
         tokenize = _tokenize(tokenizer)
         source = [tokenize(document)["tokens"] for document in source]
     pieces = grain.MapDataset.source(DocumentPieces(source, seq_len))
-    if not by_rows:
+    if not sharded:
         pieces = pieces[process_index::process_count]
-    documents = pieces.shuffle(seed=seed).repeat(num_epochs).map(_tokenize(tokenizer))
-    threads = min(8, os.cpu_count() or 1)
-    rows = grain.experimental.ConcatThenSplitIterDataset(
-        documents.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=64)),
-        length_struct={"tokens": seq_len},
-    ).map(_rename_packed)
-    if not by_rows:
-        return _JsonStateIterDataset(rows.batch(batch_size, drop_remainder=True))
-    first = process_index * batch_size
-    batches = rows.batch(batch_size * process_count, drop_remainder=True).map(
-        lambda batch: {key: value[first: first + batch_size] for key, value in batch.items()})
-    return _JsonStateIterDataset(batches)
+    return pieces
 

@@ -8,9 +8,11 @@ that is ~10x more tokens/s, and the same pass yields the per-split token counts.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import hashlib
+import heapq
 import json
 import os
 import pathlib
@@ -26,8 +28,17 @@ from mtp.data.byte_tokenizer import ByteTokenizer
 from mtp.data.corpus import SPLITS, build_corpus, list_files, resolve_cache_dir
 from mtp.data.errors import DataError
 from mtp.data.hf_tokenizer import HFTokenizer
+from mtp.data.shards import (
+    check_tokenizer,
+    load_tokenizer,
+    open_tokens,
+    read_index,
+    tokenizer_fingerprint,
+    write_shards,
+)
+from mtp.data.sources import components, open_source, source_kind, source_target, split_for, uses_records
 from mtp.data.synthetic import is_synthetic, synthetic_corpus
-from mtp.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from mtp.data.tokenizer import Tokenizer, _sample_key, load_or_train_tokenizer
 from mtp.log import log
 
 _ENCODE_BATCH = 256  # documents per `encode_batch` call while tokenizing a split
@@ -152,11 +163,7 @@ def load_or_tokenize(
     split: str,
 ) -> tuple[TokenizedDocuments, dict[str, int]]:
     """The split's cached token arrays and stats, keyed by corpus + tokenizer file contents."""
-    if tokenizer.path is None:  # the byte tokenizer: nothing on disk, its name is its identity
-        digest = f"bytes-v{tokenizer.vocab_size}"
-    else:
-        digest = hashlib.sha1(pathlib.Path(tokenizer.path).read_bytes()).hexdigest()[:16]
-    directory = cache_dir / "tokens" / corpus_name / digest
+    directory = cache_dir / "tokens" / corpus_name / tokenizer_fingerprint(tokenizer)
     stats_path = directory / f"{split}.stats.json"
     if stats_path.exists():
         stats = json.loads(stats_path.read_text())
@@ -174,6 +181,8 @@ def tokenized_documents(
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}. Fix: pick one of those.")
     check_data_config(data_cfg)
+    if uses_records(data_cfg):
+        return _component_tokens(data_cfg, tokenizer)[0][split]
     corpus_name, sources, _ = _corpus(data_cfg)
     documents, _ = load_or_tokenize(
         sources[split],
@@ -201,6 +210,9 @@ def _cache_lock(cache_dir: pathlib.Path):
 def prepare_data(data_cfg: ml_collections.ConfigDict) -> PreparedData:
     """Builds (or reuses) the corpus, its tokenizer (trained on train), token arrays and stats."""
     check_data_config(data_cfg)
+    if uses_records(data_cfg):
+        with _cache_lock(resolve_cache_dir(data_cfg)):
+            return _prepare_records(data_cfg)
     if not is_synthetic(data_cfg.source):
         list_files(data_cfg)  # an empty or missing corpus fails here, before anything is written
     with _cache_lock(resolve_cache_dir(data_cfg)):
@@ -236,3 +248,161 @@ def _prepare_data(data_cfg: ml_collections.ConfigDict) -> PreparedData:
         cache_dir=cache_dir,
         corpus_name=corpus_name,
     )
+
+
+# --- KIND:... sources and mixtures (mtp/data/sources.py, shards.py; docs/data.md) -----------------
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """The documents of several sources, drawn by weight (``make_dataset`` mixes them with Grain)."""
+
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+    parts: tuple[Sequence[np.ndarray], ...]
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+
+def _component_cfg(data_cfg: ml_collections.ConfigDict, source: str) -> ml_collections.ConfigDict:
+    cfg = copy.deepcopy(data_cfg)
+    cfg.source, cfg.mixture = source, ()
+    return cfg
+
+
+def _open_components(data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """source -> an opened RecordSource ('jsonl', ...), a token index ('tokens'), or a TFDS text corpus
+    builder ('files': stdlib, a directory, a glob). Every missing input fails here, before any writing."""
+    opened = {}
+    for source, _ in components(data_cfg):
+        kind, cfg = source_kind(source), _component_cfg(data_cfg, source)
+        if kind == "tokens":
+            opened[source] = read_index(source_target(source), source)
+        elif kind == "files":
+            opened[source] = list_files(cfg)  # the TFDS corpus is built under the lock
+        else:
+            opened[source] = open_source(cfg, source)
+    return opened
+
+
+def _sampled_documents(data_cfg, opened: dict) -> Iterator[tuple[str, str]]:
+    """The tokenizer's training documents: the train split's documents with the smallest sample keys
+    until data.tokenizer_max_chars (what ``training_sample`` takes), kept in a bounded heap."""
+    max_chars, heap, total = int(data_cfg.tokenizer_max_chars), [], 0
+    for source, item in opened.items():
+        if source_kind(source) == "tokens":
+            continue
+        if source_kind(source) == "files":
+            documents = _documents(build_corpus(_component_cfg(data_cfg, source)).as_data_source("train"))
+        else:
+            documents = ((f"{source}|{r.doc_id}", r.payload) for unit in item.units for r in unit.records(0)
+                         if isinstance(r.payload, str) and r.payload
+                         and split_for(r, data_cfg.val_fraction) == "train")
+        for doc_id, text in documents:
+            key = _sample_key(doc_id)
+            heapq.heappush(heap, (tuple(-b for b in key), doc_id, text))
+            total += len(text)
+            while heap and total - len(heap[0][2]) >= max_chars:
+                total -= len(heapq.heappop(heap)[2])
+    yield from ((doc_id, text) for _, doc_id, text in heap)
+
+
+def _records_tokenizer(data_cfg: ml_collections.ConfigDict, opened: dict, corpus_name: str, cache_dir):
+    """bytes / pretrained as configured; a SentencePiece model from data.tokenizer_path, else the one
+    stored with the first tokens: source, else trained on the text sources' train splits."""
+    if data_cfg.tokenizer == "bytes":
+        return ByteTokenizer()
+    if data_cfg.tokenizer == "pretrained":
+        return pretrained_tokenizer(data_cfg)
+    if data_cfg.tokenizer_path:
+        return Tokenizer(pathlib.Path(data_cfg.tokenizer_path).expanduser())
+    for source, item in opened.items():
+        if source_kind(source) == "tokens":
+            return load_tokenizer(item["tokenizer"], pathlib.Path(source_target(source)).expanduser())
+    if all(source_kind(s) == "arrayrecord" and data_cfg.record_format == "tokens" for s in opened):
+        raise DataError("data.record_format='tokens' holds no text to train a SentencePiece tokenizer on. Fix: set"
+                        " data.tokenizer_path to the tokenizer the ids came from (or data.tokenizer='bytes').")
+    return load_or_train_tokenizer(_sampled_documents(data_cfg, opened), cache_dir=cache_dir,
+                                   corpus_name=corpus_name, vocab_size=int(data_cfg.vocab_size),
+                                   max_chars=int(data_cfg.tokenizer_max_chars))
+
+
+def _corpus_name(data_cfg: ml_collections.ConfigDict, opened: dict) -> str:
+    if not data_cfg.mixture:
+        source, item = next(iter(opened.items()))
+        if source_kind(source) != "tokens":
+            return item.name
+    parts = [(s, w, getattr(opened[s], "name", None) or source_target(s)) for s, w in components(data_cfg)]
+    if data_cfg.tokenizer == "sentencepiece" and not data_cfg.tokenizer_path:  # trained on the text sources
+        parts.append((data_cfg.vocab_size, data_cfg.tokenizer_max_chars))
+    return "mix-" + hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _component_tokens(data_cfg: ml_collections.ConfigDict, tokenizer, opened: dict | None = None):
+    """(split -> documents or Mixture, split -> stats, skipped) for a KIND:... source or a mixture."""
+    opened = opened if opened is not None else _open_components(data_cfg)
+    cache_dir = resolve_cache_dir(data_cfg)
+    parts, stats, skipped = {s: [] for s in SPLITS}, {s: {"documents": 0, "tokens": 0} for s in SPLITS}, 0
+    for source, item in opened.items():
+        cfg = _component_cfg(data_cfg, source)
+        if source_kind(source) == "files":
+            name, sources, _ = _corpus(cfg)
+            for split in SPLITS:
+                docs, split_stats = load_or_tokenize(sources[split], tokenizer, cache_dir=cache_dir,
+                                                     corpus_name=name, split=split)
+                parts[split].append(docs)
+                stats[split]["documents"] += len(docs)
+                stats[split]["tokens"] += split_stats["tokens"]
+            continue
+        if source_kind(source) == "tokens":
+            directory, index = pathlib.Path(source_target(source)).expanduser(), item
+            check_tokenizer(index, tokenizer, directory)
+        else:
+            directory = cache_dir / "tokens" / item.name / tokenizer_fingerprint(tokenizer)
+            index = write_shards(cfg, item, tokenizer, directory)
+        skipped += index.get("skipped", 0)
+        if index.get("skipped"):
+            log(f"{source}: skipped {index['skipped']} bad record(s) (data.bad_records='skip'), e.g."
+                f" {index.get('skipped_examples', [])[:1]}", prefix="mtp.data")
+        for split in SPLITS:
+            parts[split].append(open_tokens(directory, split, index))
+            stats[split]["documents"] += index["splits"][split]["documents"]
+            stats[split]["tokens"] += index["splits"][split]["tokens"]
+    if not data_cfg.mixture:
+        return {s: parts[s][0] for s in SPLITS}, stats, skipped
+    names = tuple(s for s, _ in components(data_cfg))
+    weights = tuple(w for _, w in components(data_cfg))
+    return {s: Mixture(names, weights, tuple(parts[s])) for s in SPLITS}, stats, skipped
+
+
+def _prepare_records(data_cfg: ml_collections.ConfigDict) -> PreparedData:
+    opened = _open_components(data_cfg)
+    cache_dir = resolve_cache_dir(data_cfg)
+    corpus_name = _corpus_name(data_cfg, opened)
+    tokenizer = _records_tokenizer(data_cfg, opened, corpus_name, cache_dir)
+    if tokenizer.vocab_size != int(data_cfg.vocab_size):
+        raise DataError(f"The tokenizer ({getattr(tokenizer, 'path', None) or 'bytes'}) has {tokenizer.vocab_size}"
+                        f" ids but data.vocab_size={data_cfg.vocab_size}; set data.vocab_size and model.vocab_size"
+                        f" to {tokenizer.vocab_size}.")
+    tokens, stats, skipped = _component_tokens(data_cfg, tokenizer, opened)
+    return PreparedData(tokenizer=tokenizer, sources={}, tokens=tokens, stats=stats,
+                        skipped={"bad_records": skipped}, cache_dir=cache_dir, corpus_name=corpus_name)
+
+
+def tokenize_corpus(data_cfg: ml_collections.ConfigDict, out: str | os.PathLike, *, workers: int = 1,
+                    shard_bytes: int | None = None) -> dict:
+    """``mtp data tokenize``: the config's source (its tokenizer prepared as training would) written as
+    token shards under ``out``; returns the index. Resumes a killed run."""
+    check_data_config(data_cfg)
+    source = str(data_cfg.source)
+    kind = source_kind(source)
+    if data_cfg.mixture or kind in ("tokens", "synthetic"):
+        raise DataError(f"mtp data tokenize writes one source; data.source={source!r}"
+                        f"{' with a mixture' if data_cfg.mixture else ''} is not one it can read. Fix: tokenize"
+                        " each text source into its own --out and mix the tokens:DIR sources in data.mixture.")
+    opened = _open_components(data_cfg)
+    cache_dir = resolve_cache_dir(data_cfg)
+    with _cache_lock(cache_dir):
+        tokenizer = _records_tokenizer(data_cfg, opened, _corpus_name(data_cfg, opened), cache_dir)
+    record_source = opened[source] if kind != "files" else open_source(data_cfg, source)
+    extra = {"shard_bytes": shard_bytes} if shard_bytes else {}
+    return write_shards(data_cfg, record_source, tokenizer, pathlib.Path(out), workers=workers, **extra)

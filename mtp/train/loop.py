@@ -96,16 +96,24 @@ class Run:
     def dataset(self, split: str, seed: int) -> Iterator[dict]:
         # Every process builds the same global batches and keeps its own rows: the run is the same
         # for any process count, and the data-iterator state (saved by process 0) is every process's.
+        # Token shards (tokens:DIR) are the exception: in training each process reads its own files
+        # (sharded_by_files), and the checkpoint keeps every process's iterator state (data_state).
         t = self.cfg.train
         return iter(make_dataset(self.cfg.data, split, self.data.tokenizer, seed=seed, seq_len=t.seq_len,
                                  batch_size=t.batch_size // jax.process_count(),
                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                 shard_by="rows", source=self.data.tokens[split]))
+                                 shard_by="documents" if self.sharded_by_files(split) else "rows",
+                                 source=self.data.tokens[split]))
+
+    def sharded_by_files(self, split: str) -> bool:
+        source = self.data.tokens[split]
+        parts = getattr(source, "parts", (source,))
+        return split == "train" and jax.process_count() > 1 and all(hasattr(p, "share") for p in parts)
 
     def global_batch(self, local: dict) -> dict:
         sharding = self.program.batch_sharding
         return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v, np.int32))
-                for k, v in local.items()}
+                for k, v in local.items() if k != "source_ids"}
 
     def evaluate(self, params) -> dict:
         """Token-weighted per-head loss and top-1 accuracy over ``train.eval_batches`` held-out batches."""
@@ -243,6 +251,35 @@ class DataHashHook:
             self.file.close()
 
 
+class SourceTokensHook:
+    """A mixture's tokens seen per source since this process started (``data/tokens/<source>``, summed
+    over processes), written to the metrics every ``log_every`` steps."""
+
+    def __init__(self, names: tuple[str, ...], writer: MetricWriter):
+        self.names, self.writer, self.counts = names, writer, np.zeros(len(names), np.int64)
+
+    def every_step(self, info: StepInfo) -> None:
+        real = np.asarray(info.batch["segment_ids"]) > 0
+        self.counts += np.bincount(np.asarray(info.batch["source_ids"])[real], minlength=len(self.names))
+
+    def log(self, info: StepInfo) -> None:
+        counts = self.counts
+        if jax.process_count() > 1:
+            counts = multihost_utils.process_allgather(counts).sum(0)
+        self.writer.write(info.step, {f"data/tokens/{name}": n for name, n in zip(self.names, counts)})
+
+
+def data_state(iterator, per_process: bool) -> dict:
+    """The iterator state to checkpoint: every process's when each reads its own files."""
+    state = iterator.get_state()
+    if not per_process:
+        return state
+    encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    size = int(multihost_utils.process_allgather(np.asarray(len(encoded))).max())
+    gathered = multihost_utils.process_allgather(np.pad(encoded, (0, size - len(encoded)), constant_values=32))
+    return {"per_process": [json.loads(bytes(row).decode()) for row in gathered]}
+
+
 class Preemption:
     """SIGTERM (a preemption notice) asks the loop to checkpoint at the next step and stop. Installed
     for the duration of a ``with`` block; the previous handler is restored after it."""
@@ -280,8 +317,9 @@ def train(cfg, restart: bool = False) -> TrainResult:
     p, t, spec = run.program, cfg.train, run.program.spec
     start, state, data_state, ckpt = restore_or_init(run, restart)
     train_iter = run.dataset("train", seed=cfg.seed)
+    per_process = run.sharded_by_files("train")
     if data_state:
-        train_iter.set_state(data_state)
+        train_iter.set_state(data_state["per_process"][jax.process_index()] if per_process else data_state)
     write_run_files(run.workdir, cfg, run.data.tokenizer)  # only now: a failed start leaves nothing behind
 
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -301,13 +339,19 @@ def train(cfg, restart: bool = False) -> TrainResult:
         closers.append(data_hashes.close)
     hooks.add(progress.every_step)
     hooks.add(progress.log, every=t.log_every)
+    mixture = getattr(run.data.tokens["train"], "names", None)
+    if mixture:
+        source_tokens = SourceTokensHook(mixture, writer)
+        hooks.add(source_tokens.every_step)
+        hooks.add(source_tokens.log, every=t.log_every)
 
     def evaluate(info: StepInfo) -> None:
         if not info.last:  # the final evaluation comes after the loop
             writer.write(info.step, _eval_scalars(run.evaluate(info.state["params"])), split="validation")
 
     hooks.add(evaluate, every=t.eval_every, at_end=False)
-    hooks.add(lambda i: ckpt.save(i.step, i.state, train_iter.get_state(), {"step": i.step}, force=True),
+    hooks.add(lambda i: ckpt.save(i.step, i.state, data_state(train_iter, per_process), {"step": i.step},
+                                        force=True),
               every=t.checkpoint_every)
 
     step, preempted = start, False
@@ -320,7 +364,7 @@ def train(cfg, restart: bool = False) -> TrainResult:
                 hooks.run(StepInfo(step, state, metrics, local, last=step == t.steps))
                 if preemption.should_stop(step, t.log_every):
                     if step % t.checkpoint_every and step != t.steps:
-                        ckpt.save(step, state, train_iter.get_state(), {"step": step}, force=True)
+                        ckpt.save(step, state, data_state(train_iter, per_process), {"step": step}, force=True)
                     preempted = True
                     break
     except BaseException:
