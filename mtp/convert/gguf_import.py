@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.metadata
+import json
 import struct
 import sys
 import time
@@ -29,6 +30,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, p
 from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import ByteLevel
 
+from mtp.convert.layout import assemble_params, check_heads_tensors, placements_of, sidecar_spec
 from mtp.convert.llama_map import (
     GGUF_NAMES,
     ConvertError,
@@ -387,6 +389,35 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def mtp_export_params(g: GGUFFile, side: dict, spec):
+    """The whole MTP model of an ``mtp export --format gguf``: the Llama part from ``g``, the rest
+    from the sibling heads file ``mtp.config`` names (checked like the Llama file)."""
+    placements = placements_of(spec, f"{g.path} (mtp.config)")
+    heads = None
+    if side.get("heads_file"):
+        heads_file = g.path.with_name(side["heads_file"])
+        if not heads_file.exists():
+            raise ConvertError(f"{g.path} is an mtp export with MTP heads in {heads_file.name}, which is missing"
+                               f" from {g.path.parent}")
+        heads = read_gguf(heads_file)
+        shapes = {n: t.shape for n, t in heads.tensors.items()}
+        check_heads_tensors(placements, shapes, heads_file.name, lambda p: p.gguf_name)
+        check_tensors(heads, {p.gguf_name: _Expected(p.file_shape) for p in placements if p.file == "heads"})
+    n_heads = {"attn.wq": spec.n_heads, "attn.wk": spec.n_kv_heads}
+
+    def load(p):
+        f = g if p.file == "llama" else heads
+        w = dequantize_tensor(f, f.tensors[p.gguf_name])
+        return unpermute_rope_rows(w, n_heads[p.role]) if p.role in n_heads else w
+
+    return assemble_params(spec, placements, load)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Expected:  # what check_tensors reads of an expected tensor
+    shape: tuple
+
+
 # --- the command --------------------------------------------------------------------------------
 def load_gguf(path: str | Path) -> tuple[GGUFFile, LlamaHParams]:
     """Parse and fully check a GGUF file (nothing dequantized yet)."""
@@ -408,25 +439,32 @@ def convert_gguf(path: str | Path, workdir: str | Path, *, dtype: str = "float32
     if n_tok > hp.vocab_size:
         raise ConvertError(f"the tokenizer has {n_tok} tokens but token_embd.weight has only"
                            f" {hp.vocab_size} rows")
-    spec = spec_for(hp, dtype)
-    names = {(s.role, s.layer): s.name for s in expected_tensors(hp, GGUF_NAMES).values()}
-    bar = progress(len(names), f"dequantizing {Path(path).name}")
+    side = json.loads(g.metadata["mtp.config"]) if "mtp.config" in g.metadata else None
+    if side:  # an `mtp export`: heads 2..n in the sibling file it names (mtp/convert/gguf_export.py)
+        spec = dataclasses.replace(sidecar_spec(side, hp, f"{path} (mtp.config)"), dtype=dtype, param_dtype=dtype)
+        params = mtp_export_params(g, side, spec)
+    else:
+        spec = spec_for(hp, dtype)
+        names = {(s.role, s.layer): s.name for s in expected_tensors(hp, GGUF_NAMES).values()}
+        bar = progress(len(names), f"dequantizing {Path(path).name}")
 
-    def load(role: str, layer: int | None) -> np.ndarray:
-        t = g.tensors[names[(role, layer)]]
-        w = dequantize_tensor(g, t)
-        if role == "attn.wq":
-            w = unpermute_rope_rows(w, hp.n_heads)
-        elif role == "attn.wk":
-            w = unpermute_rope_rows(w, hp.n_kv_heads)
-        bar.update(1)
-        return w
+        def load(role: str, layer: int | None) -> np.ndarray:
+            t = g.tensors[names[(role, layer)]]
+            w = dequantize_tensor(g, t)
+            if role == "attn.wq":
+                w = unpermute_rope_rows(w, hp.n_heads)
+            elif role == "attn.wk":
+                w = unpermute_rope_rows(w, hp.n_kv_heads)
+            bar.update(1)
+            return w
 
-    try:
-        _, params = build_params(hp, spec, load)
-    finally:
-        bar.close()
+        try:
+            _, params = build_params(hp, spec, load)
+        finally:
+            bar.close()
     cfg = config_for(hp, name or default_name(Path(path).stem), dtype, workdir)
+    if side:
+        cfg.model.update({f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
     provenance = {
         "source": str(Path(path).absolute()), "format": "gguf", "gguf_version": g.version,
         "gguf_package": gguf_version(), "file_bytes": g.file_size,
@@ -434,6 +472,7 @@ def convert_gguf(path: str | Path, workdir: str | Path, *, dtype: str = "float32
         "general": {k: v for k, v in g.metadata.items() if k.startswith("general.")},
         "hf_layers": hp.n_layers, "trunk_layers": hp.n_layers - 1, "head_layer": hp.n_layers - 1,
         "dtype": dtype, "seconds": round(time.time() - started, 2),
+        "mtp_export": side.get("source") if side else None,
     }
     return write_workdir(workdir, cfg, params, lambda d: write_tokenizer(d, tokenizer, tok_config),
                          provenance, force)

@@ -9,6 +9,7 @@ checked before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import time
@@ -17,6 +18,15 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from mtp.config import LAYER_HEADS
+from mtp.convert.layout import (
+    SIDECAR_CONFIG,
+    SIDECAR_TENSORS,
+    assemble_params,
+    check_heads_tensors,
+    placements_of,
+    sidecar_spec,
+)
 from mtp.convert.llama_map import (
     HF_NAMES,
     ConvertError,
@@ -32,6 +42,7 @@ from mtp.convert.llama_map import (
     write_workdir,
 )
 from mtp.data.hf_tokenizer import write_tokenizer
+from mtp.model.spec import ModelSpec
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F64": np.dtype("<f8")}
@@ -91,7 +102,7 @@ def read_tensor_table(src: Path) -> dict[str, SafeTensor]:
     if index.exists():
         files = sorted({src / f for f in json.loads(index.read_text())["weight_map"].values()})
     else:
-        files = sorted(src.glob("*.safetensors"))
+        files = sorted(p for p in src.glob("*.safetensors") if p.name != SIDECAR_TENSORS)
     if not files:
         raise ConvertError(f"--hf {src} holds no *.safetensors file (PyTorch .bin checkpoints are not read;"
                            " re-save with save_pretrained(safe_serialization=True)).")
@@ -189,6 +200,56 @@ def tokenizer_from_dir(src: Path, model_cfg: dict):
     return tok, config
 
 
+# --- an `mtp export` directory: heads 2..n from the sidecar (mtp/convert/layout.py) -----------------
+
+
+
+def read_sidecar(src: Path, hp: LlamaHParams) -> tuple[dict, ModelSpec]:
+    """``mtp_config.json`` and the spec of its model section, checked against config.json's Llama."""
+    path = src / SIDECAR_CONFIG
+    try:
+        side = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConvertError(f"{path} is not valid JSON ({e})") from None
+    return side, sidecar_spec(side, hp, str(path))
+
+
+def sidecar_params(src: Path, side: dict, spec: ModelSpec, table: dict[str, SafeTensor]):
+    """Every parameter of ``spec``: the Llama part from ``table``, heads 2..n (and head 1 of
+    'linear'/'medusa' heads, mix logits, causal projections) from the sidecar tensors."""
+    heads: dict[str, SafeTensor] = {}
+    if side.get("heads_file"):
+        heads_path = src / side["heads_file"]
+        if not heads_path.exists():
+            raise ConvertError(f"{SIDECAR_CONFIG} names {side['heads_file']}, which is missing from {src}")
+        heads = read_safetensors_header(heads_path)
+    placements = placements_of(spec, str(src / SIDECAR_CONFIG))
+    check_heads_tensors(placements, {n: t.shape for n, t in heads.items()}, side.get("heads_file"),
+                        lambda p: p.name)
+    bar = progress(len(placements), f"reading {src.name}")
+
+    def load(p):
+        bar.update(1)
+        return (table if p.file == "llama" else heads)[p.name].read()
+
+    try:
+        return assemble_params(spec, placements, load)
+    finally:
+        bar.close()
+
+
+def sidecar_tokenizer(src: Path, kind: str):
+    """The writer of a tokenizer an export stored as its own kind ('sentencepiece', 'bytes'), or None."""
+    if kind == "sentencepiece":
+        if not (src / "tokenizer.model").exists():
+            raise ConvertError(f"{src / SIDECAR_CONFIG} says tokenizer 'sentencepiece' but {src} has no"
+                               " tokenizer.model")
+        return lambda d: (d / "tokenizer.model").write_bytes((src / "tokenizer.model").read_bytes())
+    if kind == "bytes":
+        return lambda d: (d / "tokenizer.bytes").touch()
+    return None
+
+
 def convert_hf(src: str | Path, workdir: str | Path, *, dtype: str = "float32", force: bool = False,
                name: str | None = None) -> Path:
     """Convert a Hugging Face Llama directory into ``workdir``; all checks come before any write."""
@@ -200,30 +261,41 @@ def convert_hf(src: str | Path, workdir: str | Path, *, dtype: str = "float32", 
     model_cfg = json.loads((src / "config.json").read_text())
     hp = hparams_from_config(model_cfg, src)
     hp.validate(f"{src}/config.json")
+    side, side_spec = read_sidecar(src, hp) if (src / SIDECAR_CONFIG).exists() else (None, None)
     expected = expected_tensors(hp, HF_NAMES)
     table = read_tensor_table(src)
     check_tensors(table, expected, hp)
-    tokenizer, tok_config = tokenizer_from_dir(src, model_cfg)
-    n_tok = tokenizer.get_vocab_size(with_added_tokens=True)
-    if n_tok > hp.vocab_size:
-        raise ConvertError(f"the tokenizer has {n_tok} tokens but the model's vocab_size is {hp.vocab_size}")
-    spec = spec_for(hp, dtype)
-    names = {(s.role, s.layer): s.name for s in expected.values()}
-    bar = progress(len(names), f"reading {src.name}")
-
-    def load(role: str, layer: int | None) -> np.ndarray:
-        w = table[names[(role, layer)]].read()
-        bar.update(1)
-        return w
-
-    try:
-        _, params = build_params(hp, spec, load)
-    finally:
-        bar.close()
+    write_tok = sidecar_tokenizer(src, side.get("tokenizer")) if side else None
+    if write_tok is None:
+        tokenizer, tok_config = tokenizer_from_dir(src, model_cfg)
+        n_tok = tokenizer.get_vocab_size(with_added_tokens=True)
+        if n_tok > hp.vocab_size:
+            raise ConvertError(f"the tokenizer has {n_tok} tokens but the model's vocab_size is {hp.vocab_size}")
+        write_tok = lambda d: write_tokenizer(d, tokenizer, tok_config)  # noqa: E731
     cfg = config_for(hp, name or default_name(src.absolute().name), dtype, workdir)
-    provenance = {"source": str(src.absolute()), "format": "hf-safetensors",
+    if side:
+        spec = dataclasses.replace(side_spec, dtype=dtype, param_dtype=dtype)
+        params = sidecar_params(src, side, spec, table)
+        cfg.model.update({f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)})
+    else:
+        spec = spec_for(hp, dtype)
+        names = {(s.role, s.layer): s.name for s in expected.values()}
+        bar = progress(len(names), f"reading {src.name}")
+
+        def load(role: str, layer: int | None) -> np.ndarray:
+            w = table[names[(role, layer)]].read()
+            bar.update(1)
+            return w
+
+        try:
+            _, params = build_params(hp, spec, load)
+        finally:
+            bar.close()
+    provenance = {"source": str(src.absolute()), "format": "hf-safetensors" + ("+mtp-heads" if side else ""),
                   "files": sorted({t.path.name for t in table.values()}),
-                  "hf_layers": hp.n_layers, "trunk_layers": hp.n_layers - 1, "head_layer": hp.n_layers - 1,
+                  "hf_layers": hp.n_layers, "trunk_layers": spec.trunk_layers, "n_future": spec.n_future,
+                  "head_layer": hp.n_layers - 1 if spec.head_type in LAYER_HEADS else None,
                   "dtype": dtype, "seconds": round(time.time() - started, 2)}
-    return write_workdir(workdir, cfg, params, lambda d: write_tokenizer(d, tokenizer, tok_config),
-                         provenance, force)
+    if side:
+        provenance["mtp_export"] = side.get("source")
+    return write_workdir(workdir, cfg, params, write_tok, provenance, force)

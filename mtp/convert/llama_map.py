@@ -36,6 +36,11 @@ class ConvertError(ValueError):
     expected. Raised before anything is written to the target workdir."""
 
 
+class ExportError(ValueError):
+    """A workdir that cannot be exported as asked (``mtp export``); the message names the parameter
+    (or option) and the fix. Raised before anything is written to the output."""
+
+
 # role (our parameter path below trunk/heads, or a top-level name) -> source name templates
 LAYER_ROLES = ("attn_norm.scale", "attn.wq", "attn.wk", "attn.wv", "attn.wo",
                "mlp_norm.scale", "mlp.w_gate", "mlp.w_up", "mlp.w_down")
