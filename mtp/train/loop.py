@@ -269,7 +269,7 @@ class SourceTokensHook:
         self.writer.write(info.step, {f"data/tokens/{name}": n for name, n in zip(self.names, counts)})
 
 
-def data_state(iterator, per_process: bool) -> dict:
+def iterator_state(iterator, per_process: bool) -> dict:
     """The iterator state to checkpoint: every process's when each reads its own files."""
     state = iterator.get_state()
     if not per_process:
@@ -350,7 +350,7 @@ def train(cfg, restart: bool = False) -> TrainResult:
             writer.write(info.step, _eval_scalars(run.evaluate(info.state["params"])), split="validation")
 
     hooks.add(evaluate, every=t.eval_every, at_end=False)
-    hooks.add(lambda i: ckpt.save(i.step, i.state, data_state(train_iter, per_process), {"step": i.step},
+    hooks.add(lambda i: ckpt.save(i.step, i.state, iterator_state(train_iter, per_process), {"step": i.step},
                                         force=True),
               every=t.checkpoint_every)
 
@@ -364,7 +364,7 @@ def train(cfg, restart: bool = False) -> TrainResult:
                 hooks.run(StepInfo(step, state, metrics, local, last=step == t.steps))
                 if preemption.should_stop(step, t.log_every):
                     if step % t.checkpoint_every and step != t.steps:
-                        ckpt.save(step, state, data_state(train_iter, per_process), {"step": step}, force=True)
+                        ckpt.save(step, state, iterator_state(train_iter, per_process), {"step": step}, force=True)
                     preempted = True
                     break
     except BaseException:
