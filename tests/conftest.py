@@ -9,13 +9,19 @@ changes what a test computes; set ``MTP_TEST_XLA_CACHE=off`` to time cold compil
 Tests draw random numbers with the non-partitionable Threefry (``JAX_THREEFRY_PARTITIONABLE=0``,
 inherited by the subprocesses): XLA:CPU compiles a model's random init about 3x faster with it, and
 the values are still the same on every mesh and process count. Production keeps JAX's default.
+
+Tests compile with XLA's backend optimization level 0 (the same programs, less LLVM optimization):
+compile time dominates tiny tests. ``MTP_TEST_XLA_OPT=default`` compiles as production does.
 """
 
 import os
 import tempfile
 
+# Tiny test programs spend their time in XLA's compiler, not in running: compiling at backend
+# optimization level 0 makes the suite ~1.5x faster (MTP_TEST_XLA_OPT=default compiles as in production).
+_OPT = "" if os.environ.get("MTP_TEST_XLA_OPT") == "default" else " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8" + _OPT).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 if os.environ.get("MTP_TEST_XLA_CACHE", "on") != "off":

@@ -4,6 +4,7 @@ random Llama checkpoints written as GGUF and Hugging Face files (for the convert
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import gguf  # an install requirement of mtp: a missing package must fail, not skip
@@ -267,3 +268,13 @@ def _unpermute_reference(v: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama_cpp_permute by applying its row permutation's inverse (argsort of the indices)."""
     idx = llama_cpp_permute(np.arange(v.shape[0])[:, None], n_head)[:, 0]
     return v[np.argsort(idx)]
+
+
+def one_device_env(**extra) -> dict:
+    """The environment for an ``mtp`` subprocess on one CPU device, as a user runs it: the test
+    session's XLA flags less the simulated device count (conftest's compile flags stay)."""
+    env = {k: v for k, v in os.environ.items()}
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env.update(extra)
+    return env

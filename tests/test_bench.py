@@ -2,12 +2,12 @@
 other and with ModelSpec, and the memory-flat loss keeps peak memory flat as heads are added."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import one_device_env
 
 from mtp.config import load_config
 from mtp.model.spec import ModelSpec
@@ -18,7 +18,7 @@ PEAK = 1e12  # FLOP/s per device, set so the MFU is checkable (and the CPU peak 
 
 
 def test_bench_train_json_rows():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
+    env = one_device_env()
     proc = subprocess.run([sys.executable, "-m", "mtp.cli", "bench", "train", "--config", "tiny",
                            "--heads", "1,4", "--impls", "vmap,scan", "--steps", "1", "--json",
                            f"--config.perf.peak_flops_per_device={PEAK}"],
@@ -97,7 +97,7 @@ def test_peers_rows_time_the_decode_steps_apart_from_the_prefill(monkeypatch):
 def test_bench_train_parameter_matched_json():
     """--parameter-matched times n=4 on n_layers-3 trunk layers against n=1 on n_layers in one run; the
     --config.* override (n_layers=4) reaches both rows."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
+    env = one_device_env()
     proc = subprocess.run([sys.executable, "-m", "mtp.cli", "bench", "train", "--config", "tiny",
                            "--parameter-matched", "--steps", "1", "--json", "--config.model.n_layers=4",
                            f"--config.perf.peak_flops_per_device={PEAK}"],

@@ -2,7 +2,6 @@
 bitwise exact, SIGTERM leaves a restorable checkpoint."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import one_device_env, tiny_config
 
 from mtp.bench.faults import _data_log, run_faults_bench
 from mtp.config import rules_from_config
@@ -119,7 +118,7 @@ def test_sigkill_mid_run_resumes_to_the_same_parameters_bit_for_bit(tmp_path, mo
 
 
 def test_sigterm_leaves_a_restorable_checkpoint_at_the_step_it_stopped(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = one_device_env()
     env["MTP_CACHE_DIR"] = str(tmp_path / "cache")
     w = tmp_path / "w"
     cmd = [sys.executable, "-m", "mtp.cli", "train", "--config", "tiny", "--workdir", str(w),

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from helpers import one_device_env
 
 from mtp.data.pipeline import make_dataset
 
@@ -84,7 +85,7 @@ def _env(cache: Path, devices: int | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("MTP_")}
     env.update(MTP_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu")
     if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = f"{one_device_env()['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
     return env
 
 

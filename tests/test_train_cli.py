@@ -2,12 +2,12 @@
 TensorBoard logs, checkpoints and the held-out table, and resumes on a second call."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import one_device_env
 
 from mtp.config import load_config
 from mtp.model.spec import ModelSpec
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _mtp(*args, cache, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, like a user
+    env = one_device_env()  # one CPU device, like a user
     env["MTP_CACHE_DIR"] = str(cache)
     return subprocess.run([sys.executable, "-m", "mtp.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)

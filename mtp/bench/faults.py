@@ -31,7 +31,11 @@ def _command(config: str, workdir: Path, steps: int, checkpoint_every: int) -> l
 
 
 def _env() -> dict:
-    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    """This environment on one device: a simulated device count in XLA_FLAGS is dropped, other flags kept."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
 
 
 def _data_log(workdir: Path) -> list[dict]:
