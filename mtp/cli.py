@@ -1,6 +1,6 @@
 """The ``mtp`` command.
 
-    mtp train [--config PATH|NAME] [--workdir DIR] [--config.KEY=VALUE ...]
+    mtp train [--config PATH|NAME] [--workdir DIR] [--restart] [--config.KEY=VALUE ...]
     mtp bench train [--config PATH|NAME] [--heads 1,2,4,8] [--impls vmap,scan] [--steps N] [--parameter-matched]
                     [--json] [--config.KEY=VALUE ...]
     mtp bench data [--config PATH|NAME] [--seconds S] [--json] [--config.KEY=VALUE ...]
@@ -19,6 +19,7 @@
     mtp bench peers --workdir DIR [--gguf FILE] [--max-new-tokens 128] [--json]
     mtp bench decode --workdir DIR --prompts FILE.jsonl [--heads K] [--max-new-tokens N] [--tree SPEC] [--json]
 
+Any command takes ``--debug`` (tracebacks for user errors too; otherwise they print one message and exit 2).
 With no ``--config`` the embedded default (configs/default.py) runs. NAME is a file in configs/
 without ``.py`` (e.g. ``tiny``).
 """
