@@ -136,6 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.tfds_data_dir = ""  # tfds: the data_dir holding the prepared dataset ('' = TFDS's default); nothing downloads
     d.bad_records = "stop"  # 'stop' (error naming the file and line/row) | 'skip' (counted and reported)
     d.mixture = ()  # ((source, weight), ...) with data.source='': documents drawn from each source by weight
+    # jsonl:/parquet: sources: False = tokenized once into token shards in the cache on first use; True = read
+    #  and tokenized on the fly in the Grain pipeline (no token cache; plain .jsonl only; docs/data.md)
+    d.streaming = False
+    d.workers = 0  # data.streaming: Grain worker processes that read and tokenize (0 = in the training process)
     # synthetic tasks (data.source='induction' | 'polynomial'; mtp/data/synthetic.py, docs/synthetic.md)
     d.synthetic_examples = 20_000  # train examples
     d.synthetic_val_examples = 1_000
@@ -505,6 +509,11 @@ def _check_data(d) -> None:
                " (('jsonl:/data/web/*.jsonl.gz', 0.7), ('stdlib', 0.3)).")
     names = [str(entry[0]) for entry in d.mixture]
     _check(len(set(names)) == len(names), "data.mixture", tuple(d.mixture), "name each source once.")
+    _check(d.workers >= 0, "data.workers", d.workers, "use 0 (tokenize in the training process) or a positive"
+           " number of worker processes.")
+    _check(not d.streaming or any(str(s).partition(":")[0] in ("jsonl", "parquet") for s in names or [d.source]),
+           "data.streaming", d.streaming, "streaming reads jsonl: and parquet: sources; set data.streaming=False"
+           " (nothing here to stream).")
     _check(d.tokenizer in TOKENIZER_KINDS, "data.tokenizer", d.tokenizer, f"use one of {TOKENIZER_KINDS}.")
     _check(d.tokenizer != "pretrained" or bool(d.tokenizer_path), "data.tokenizer_path", d.tokenizer_path,
            "data.tokenizer='pretrained' reads an imported model's tokenizer.json: set data.tokenizer_path to"

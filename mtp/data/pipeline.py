@@ -10,6 +10,7 @@ exactly; the packer records where its current row started and replays from there
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,21 +18,25 @@ from typing import Any
 import grain
 import ml_collections
 import numpy as np
+from absl import flags as absl_flags
 
 from mtp.data.errors import DataError
 from mtp.data.prepare import Mixture, tokenized_documents
+from mtp.data.streaming import StreamedDocuments, streamed
 from mtp.data.tokenizer import Tokenizer
 
 
-def _tokenize(tokenizer: Tokenizer):
-    def tokenize(document: np.ndarray | Mapping[str, Any]) -> dict[str, np.ndarray]:
-        if isinstance(document, np.ndarray):  # Already tokenized, eos included.
-            return {"tokens": document}
-        text = document["text"]
-        text = text.decode("utf-8") if isinstance(text, bytes) else text
-        return {"tokens": np.asarray([*tokenizer.encode(text), tokenizer.eos_id], np.int32)}
+def _tokenize_document(tokenizer: Tokenizer, document: np.ndarray | Mapping[str, Any]) -> dict[str, np.ndarray]:
+    if isinstance(document, np.ndarray):  # Already tokenized, eos included.
+        return {"tokens": document}
+    text = document["text"]
+    text = text.decode("utf-8") if isinstance(text, bytes) else text
+    return {"tokens": np.asarray([*tokenizer.encode(text), tokenizer.eos_id], np.int32)}
 
-    return tokenize
+
+def _tokenize(tokenizer: Tokenizer):
+    # a partial, not a closure: it is pickled into the worker processes (data.workers)
+    return functools.partial(_tokenize_document, tokenizer)
 
 
 def _rename_packed(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -43,16 +48,17 @@ def _rename_packed(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return packed
 
 
-def _tag_source(index: int):
-    def tag(piece: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {**piece, "source_ids": np.full(len(piece["tokens"]), index, np.int32)}
+def _tag_document(index: int, piece: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {**piece, "source_ids": np.full(len(piece["tokens"]), index, np.int32)}
 
-    return tag
+
+def _tag_source(index: int):
+    return functools.partial(_tag_document, index)
 
 
 def _lists_to_tuples(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {key: _lists_to_tuples(value) for key, value in tree.items()}
+    if isinstance(tree, dict):  # the packer's parent (the document stream: mp_prefetch's state has lists) as is
+        return {key: value if key == "parent_state" else _lists_to_tuples(value) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
         return tuple(_lists_to_tuples(value) for value in tree)
     return tree
@@ -173,23 +179,30 @@ def make_dataset(
     parts = source.parts if isinstance(source, Mixture) else (source,)
     if not by_rows:  # token shards: each process reads its own files
         parts = tuple(p.share(process_index, process_count) if hasattr(p, "share") else p for p in parts)
-    pieces = [_pieces(part, split, tokenizer, seq_len, process_index, process_count, by_rows)
-              for part in parts]
+    # data.streaming: a jsonl:/parquet: source's documents are read by position and tokenized in the
+    # pipeline's map (in data.workers processes), whole documents in block-shuffled order (streaming.py)
+    shuffled = [streamed(p if by_rows else p.share_blocks(process_index, process_count), seed + i)
+                if isinstance(p, StreamedDocuments) else
+                _pieces(p, split, tokenizer, seq_len, process_index, process_count, by_rows).shuffle(seed=seed + i)
+                for i, p in enumerate(parts)]
     if isinstance(source, Mixture):
         # Each source shuffled (its own seed) and repeated on its own, then interleaved by weight:
         # index-based all the way, so the iterator state stays tiny and resume is exact.
         documents = grain.MapDataset.mix(
-            [p.shuffle(seed=seed + i).repeat(num_epochs).map(_tokenize(tokenizer)).map(_tag_source(i))
-             for i, p in enumerate(pieces)], weights=list(source.weights))
+            [p.repeat(num_epochs).map(_tokenize(tokenizer)).map(_tag_source(i))
+             for i, p in enumerate(shuffled)], weights=list(source.weights))
         lengths = {"tokens": seq_len, "source_ids": seq_len}
     else:
-        documents = pieces[0].shuffle(seed=seed).repeat(num_epochs).map(_tokenize(tokenizer))
+        documents = shuffled[0].repeat(num_epochs).map(_tokenize(tokenizer))
         lengths = {"tokens": seq_len}
     threads = min(8, os.cpu_count() or 1)
-    rows = grain.experimental.ConcatThenSplitIterDataset(
-        documents.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=64)),
-        length_struct=lengths,
-    ).map(_rename_packed)
+    documents = documents.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=64))
+    workers = int(data_cfg.get("workers", 0)) if data_cfg is not None else 0
+    if workers > 0 and any(isinstance(p, StreamedDocuments) for p in parts):
+        if not absl_flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags (their defaults here)
+            absl_flags.FLAGS.mark_as_parsed()
+        documents = documents.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    rows = grain.experimental.ConcatThenSplitIterDataset(documents, length_struct=lengths).map(_rename_packed)
     if not by_rows:
         return _JsonStateIterDataset(rows.batch(batch_size, drop_remainder=True))
     first = process_index * batch_size

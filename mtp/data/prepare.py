@@ -37,6 +37,7 @@ from mtp.data.shards import (
     write_shards,
 )
 from mtp.data.sources import components, open_source, source_kind, source_target, split_for, uses_records
+from mtp.data.streaming import STREAMING_KINDS, StreamedDocuments
 from mtp.data.synthetic import is_synthetic, synthetic_corpus
 from mtp.data.tokenizer import Tokenizer, _sample_key, load_or_train_tokenizer
 from mtp.log import log
@@ -351,7 +352,18 @@ def _component_tokens(data_cfg: ml_collections.ConfigDict, tokenizer, opened: di
                                                      corpus_name=name, split=split)
                 parts[split].append(docs)
                 stats[split]["documents"] += len(docs)
-                stats[split]["tokens"] += split_stats["tokens"]
+                if "tokens" in stats[split]:
+                    stats[split]["tokens"] += split_stats["tokens"]
+            continue
+        if data_cfg.get("streaming", False) and source_kind(source) in STREAMING_KINDS:  # tokenized by the pipeline
+            for split in SPLITS:
+                docs = StreamedDocuments(cfg, source, split)
+                if not len(docs):
+                    raise DataError(f"{source}: no document fell into the {split!r} split. Fix: add documents, or"
+                                    " raise data.val_fraction for a tiny corpus.")
+                parts[split].append(docs)
+                stats[split]["documents"] += len(docs)
+                stats[split].pop("tokens", None)  # not known before the documents are tokenized
             continue
         if source_kind(source) == "tokens":
             directory, index = pathlib.Path(source_target(source)).expanduser(), item
@@ -366,7 +378,8 @@ def _component_tokens(data_cfg: ml_collections.ConfigDict, tokenizer, opened: di
         for split in SPLITS:
             parts[split].append(open_tokens(directory, split, index))
             stats[split]["documents"] += index["splits"][split]["documents"]
-            stats[split]["tokens"] += index["splits"][split]["tokens"]
+            if "tokens" in stats[split]:
+                stats[split]["tokens"] += index["splits"][split]["tokens"]
     if not data_cfg.mixture:
         return {s: parts[s][0] for s in SPLITS}, stats, skipped
     names = tuple(s for s, _ in components(data_cfg))
