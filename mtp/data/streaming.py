@@ -111,7 +111,10 @@ class StreamedDocuments(Sequence[dict]):
         # os.pread: Grain's reader threads share the descriptor without seeking it
         fd = self._open.get(file)
         if fd is None:
-            fd = self._open[file] = os.open(self.files[file], os.O_RDONLY)
+            opened = os.open(self.files[file], os.O_RDONLY)
+            fd = self._open.setdefault(file, opened)  # two reader threads may race: one descriptor is kept
+            if fd != opened:
+                os.close(opened)
         line = os.pread(fd, size, offset)
         try:
             obj = json.loads(line)
