@@ -7,7 +7,7 @@
     mtp data tokenize --config PATH|NAME --out DIR [--workers N] [--shard-mb M] [--config.KEY=VALUE ...]
     mtp bench faults [--kills K] [--config PATH|NAME] [--steps N]
     mtp plan --config PATH|NAME --mesh data=1,fsdp=8,tensor=1 [--devices N] [--hbm-gib G] [--json]
-             [--lower-for tpu,cuda --lower-dir DIR]
+             [--platform tpu|cuda|cpu] [--lower-for tpu,cuda --lower-dir DIR]
     mtp convert (--gguf FILE | --hf DIR) --workdir DIR [--force]
     mtp export --workdir DIR --format hf|gguf --out PATH [--step N] [--dtype D | --type f32|f16|q8_0]
     mtp eval --workdir DIR [--batches N] [--json]
@@ -49,7 +49,7 @@ from mtp.decode.generate import generate
 from mtp.distributed import initialize
 from mtp.evals.cli import add_parsers as add_evals
 from mtp.extras import MissingExtra
-from mtp.plan import PlanError, format_plan, parse_mesh, parse_platforms, plan
+from mtp.plan import PlanError, format_plan, parse_mesh, parse_platform, parse_platforms, plan
 from mtp.study import add_parser as add_study
 from mtp.sweep.cli import add_parser as add_sweep
 from mtp.sweep.grid import SweepError
@@ -129,8 +129,9 @@ def cmd_plan(args, overrides) -> int:
     compile_ = {"auto": "auto", "yes": True, "no": False}[args.compile]
     try:
         lower_for = parse_platforms(args.lower_for) if args.lower_for else ()
+        platform = parse_platform(args.platform) if args.platform else None
         result = plan(cfg, parse_mesh(args.mesh), args.devices, args.hbm_gib, compile_, args.timeout,
-                      lower_for, args.lower_dir)
+                      lower_for, args.lower_dir, platform)
     except PlanError as e:
         raise SystemExit(f"mtp plan: {e}") from None
     print(json.dumps(result, indent=1) if args.json else format_plan(result))
@@ -276,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                     help="AOT-compile the train step on simulated CPU devices (auto: fall back on failure)")
     pl.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for the AOT compile")
+    pl.add_argument("--platform", default="", help="where the step will run (tpu, cuda, cpu): model.attention"
+                    " 'auto' and the activation estimate follow it (default: the first --lower-for, else this"
+                    " machine's backend)")
     pl.add_argument("--lower-for", default="", help="lower (not run) the train step for these platforms,"
                     " e.g. tpu,cuda, with model.attention resolved per platform")
     pl.add_argument("--lower-dir", default="lowered", help="where --lower-for writes train_step.<platform>.mlir")

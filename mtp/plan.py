@@ -188,6 +188,7 @@ def _aot_in_process(cfg, mesh_sizes: dict, n_devices: int) -> dict:
            "alias": int(mem.alias_size_in_bytes), "temp": int(mem.temp_size_in_bytes)}
     # Donated state is aliased into the output, so it is counted once.
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    out["attention"] = program.spec.attention
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -277,16 +278,41 @@ def _in_process_ok(n_devices: int) -> bool:
     return jax.default_backend() == "cpu" and jax.device_count() >= n_devices
 
 
+PLAN_PLATFORMS = ("tpu", "cuda", "cpu")
+
+
+def parse_platform(text: str) -> str:
+    if text not in PLAN_PLATFORMS:
+        raise PlanError(f"--platform {text!r}: use one of {PLAN_PLATFORMS}.")
+    return text
+
+
+def default_platform(lower_for: tuple[str, ...] = ()) -> str:
+    """The platform planned for when none is given: the first ``--lower-for`` platform, else this
+    process's backend ('gpu' named 'cuda')."""
+    if lower_for:
+        return lower_for[0]
+    backend = jax.default_backend()
+    return "cuda" if backend == "gpu" else backend
+
+
 # --- plan ---------------------------------------------------------------------------------------
 def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | None = None,
          compile: bool | str = "auto", timeout_s: float = 600.0, lower_for: tuple[str, ...] = (),
-         lower_dir: str | None = None) -> dict:
+         lower_dir: str | None = None, platform: str | None = None) -> dict:
     """Per-device bytes of params / opt_state / grads / activations, FLOPs per token and whether
     it fits in ``hbm_gib`` (None if not given). ``compile``: True, False or 'auto' (try, and fall
     back to the analytic numbers with a note if compiling fails or times out). ``lower_for``:
     platforms ('tpu', 'cuda') to lower the train step for (``lower_in_process``; written to
-    ``lower_dir``); the estimate then follows the attention resolved for the first of them, and
-    the CPU AOT compile (another program: XLA attention) is skipped."""
+    ``lower_dir``); the CPU AOT compile is then skipped. ``platform`` ('tpu', 'cuda', 'cpu'; default
+    ``default_platform(lower_for)``): where the step is meant to run; ``model.attention`` is resolved
+    for it as ``build_program(lower_for=platform)`` does ('auto': tpu -> splash, cuda -> pallas_gpu,
+    or cudnn when this process has a GPU, cpu -> xla) and the activation estimate follows it. The AOT
+    compile runs on simulated CPU devices, which only compile XLA attention: with a kernel planned it
+    compiles the same step with ``model.attention='xla'``, reports it under ``aot`` with
+    ``attention: 'xla'``, and ``fits`` then uses the analytic total only (the XLA program's T x T
+    scores are not the kernel program's memory)."""
+    platform = parse_platform(platform) if platform is not None else default_platform(tuple(lower_for))
     mesh_sizes, n_devices = resolve_mesh(mesh_sizes, n_devices)
     cfg = copy.deepcopy(cfg)
     for a in MESH_AXES:
@@ -298,9 +324,9 @@ def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | N
     mesh = AbstractMesh(tuple(mesh_sizes[a] for a in MESH_AXES), MESH_AXES,
                         axis_types=(AxisType.Auto,) * len(MESH_AXES))
     try:
-        program = build_program(cfg, mesh, lower_for=lower_for[0] if lower_for else None)
+        program = build_program(cfg, mesh, lower_for=platform)
     except ConfigError as e:
-        hint = "" if lower_for else " (plan for the platform it runs on with --lower-for tpu|cuda)"
+        hint = f" (planned for platform {platform!r}; pass --platform tpu|cuda for an accelerator)"
         raise PlanError(f"config error: {e}{hint}") from None
     spec, rules, layout = program.spec, program.rules, program.layout
     params = _shard_bytes(layout.abstract["params"], layout.shardings["params"])
@@ -316,7 +342,8 @@ def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | N
         "mesh": mesh_sizes, "n_devices": n_devices,
         "batch": {"global": t.batch_size, "grad_accum": t.grad_accum, "seq_len": t.seq_len,
                   "micro_batch_per_device": acts["micro_batch_per_device"]},
-        "remat": spec.remat, "loss_impl": cfg.loss.impl, "scan_layers": True, "attention": spec.attention,
+        "remat": spec.remat, "loss_impl": cfg.loss.impl, "scan_layers": True, "platform": platform,
+        "attention": spec.attention,
         "dtype": spec.dtype, "param_dtype": spec.param_dtype,
         "bytes_per_device": bytes_per_device, "total_bytes_per_device": total,
         "activation_parts": {k: v for k, v in acts.items() if k != "micro_batch_per_device"},
@@ -324,6 +351,9 @@ def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | N
         "hbm_gib": hbm_gib, "fits": None, "aot": None, "notes": [],
     }
     _set_fits(result)
+    if platform == "cpu" and jax.default_backend() == "cpu" and not lower_for:
+        result["notes"].append("planned for platform 'cpu' (this machine; model.attention resolved to"
+                               f" {spec.attention!r}): pass --platform tpu|cuda to plan an accelerator pod.")
     if lower_for:
         lower = {"platforms": tuple(lower_for), "lower_dir": os.path.abspath(lower_dir or "lowered")}
         if _in_process_ok(n_devices):
@@ -336,11 +366,18 @@ def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | N
     if compile is False or compile == "no":
         result["notes"].append("AOT compile skipped (compile=False).")
         return result
+    aot_cfg = cfg
+    if spec.attention != "xla":  # simulated CPU devices compile XLA attention only
+        aot_cfg = copy.deepcopy(cfg)
+        aot_cfg.model.attention = "xla"
+        result["notes"].append(f"AOT numbers are the same step with model.attention='xla' (CPU compiles no"
+                               f" {spec.attention} kernel): a cross-check of everything but attention;"
+                               " 'fits' uses the analytic total.")
     try:
         if _in_process_ok(n_devices):
-            result["aot"] = _aot_in_process(cfg, mesh_sizes, n_devices)
+            result["aot"] = _aot_in_process(aot_cfg, mesh_sizes, n_devices)
         else:
-            result["aot"] = _aot_subprocess(cfg, mesh_sizes, n_devices, timeout_s)
+            result["aot"] = _aot_subprocess(aot_cfg, mesh_sizes, n_devices, timeout_s)
     except subprocess.TimeoutExpired:
         if compile is True or compile == "yes":
             raise
@@ -356,7 +393,7 @@ def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | N
 def _set_fits(result: dict) -> None:
     """``fits``: the larger of the analytic total and the AOT total (when compiled) <= HBM."""
     need = result["total_bytes_per_device"]
-    if result["aot"]:
+    if result["aot"] and result["aot"].get("attention", result["attention"]) == result["attention"]:
         need = max(need, result["aot"]["total"])
     result["fits_bytes"] = need
     hbm = result["hbm_gib"]
@@ -382,7 +419,8 @@ def format_plan(r: dict) -> str:
         f"  remat {r['remat']}, scanned layers, loss.impl {r['loss_impl']},"
         f" compute {r['dtype']}, params {r['param_dtype']}",
         f"  FLOPs per token   {r['flops_per_token']:.3e}",
-        "  per device (analytic):",
+        f"  platform {r['platform']}: attention {r['attention']}",
+        f"  per device (analytic, {r['attention']} attention):",
     ]
     for k, v in r["bytes_per_device"].items():
         lines.append(f"    {k:15s} {gib(v)}")
@@ -392,12 +430,13 @@ def format_plan(r: dict) -> str:
     a = r["aot"]
     if a:
         lines.append(f"  per device (AOT-compiled train step on {r['n_devices']} simulated CPU devices,"
-                     f" {a['compile_s']} s):")
+                     f" {a.get('attention', 'xla')} attention, {a['compile_s']} s):")
         for k in ("argument", "output", "alias", "temp", "total"):
             lines.append(f"    {k:15s} {gib(a[k])}")
     if r["hbm_gib"] is not None:
         verdict = "yes" if r["fits"] else "NO"
-        basis = "max of analytic and AOT" if r["aot"] else "analytic"
+        same = r["aot"] and r["aot"].get("attention", r["attention"]) == r["attention"]
+        basis = "max of analytic and AOT" if same else "analytic"
         lines.append(f"  fits in {r['hbm_gib']:g} GiB HBM: {verdict}"
                      f" (needs {r['fits_bytes'] / GIB:.2f} GiB, {basis})")
     for platform, low in r.get("lowered", {}).items():

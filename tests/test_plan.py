@@ -125,3 +125,22 @@ def test_bfloat16_first_moment_halves_its_bytes():
     half = plan(cfg, mesh, 8, compile=False)["bytes_per_device"]
     assert half["params"] == full["params"]
     assert full["opt_state"] - half["opt_state"] == full["params"] // 2  # mu: 4 -> 2 bytes a parameter
+
+
+def test_platform_resolves_auto_attention_for_the_estimate():
+    """--platform: 'auto' resolves as for lowering (tpu -> splash, cuda -> pallas_gpu here, cpu -> xla) and
+    the activation estimate drops its T x T terms with a kernel; params are unchanged."""
+    cfg = load_config(LLAMA_7B)
+    mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+    runs = {p: plan(cfg, mesh, 8, hbm_gib=80, compile=False, platform=p) for p in ("cpu", "tpu", "cuda")}
+    assert {p: r["attention"] for p, r in runs.items()} == {"cpu": "xla", "tpu": "splash", "cuda": "pallas_gpu"}
+    assert runs["tpu"]["platform"] == "tpu" and runs["tpu"]["bytes_per_device"]["params"] == \
+        runs["cpu"]["bytes_per_device"]["params"]
+    # micro-batch 1024 / 16 / 8 = 8 sequences: xla's layer holds f32 scores + bf16 probabilities + a bool mask
+    B, T, N = 8, cfg.train.seq_len, 32
+    xla, kernel = runs["cpu"]["activation_parts"], runs["tpu"]["activation_parts"]
+    assert xla["layer"] - kernel["layer"] == B * N * T * T * 6 + B * T * T - B * N * T * 4 - B * T * 4
+    assert runs["cuda"]["activation_parts"] == kernel
+    assert plan(cfg, mesh, 8, compile=False, lower_for=(), platform=None)["platform"] == "cpu"
+    with pytest.raises(PlanError, match="--platform 'gpu'"):
+        plan(cfg, mesh, 8, compile=False, platform="gpu")
