@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import VOCAB, tiny_bpe, tiny_config
+from safetensors.numpy import load_file
 
 from mtp.cli import main
 from mtp.convert import convert_gguf, convert_hf
 from mtp.convert import export as export_module
-from mtp.convert.export import export_hf, read_model
+from mtp.convert.export import ENGINE_CONFIG, MEDUSA_TENSORS, export_hf, read_model
 from mtp.convert.gguf_export import export_gguf, heads_path
 from mtp.convert.layout import SIDECAR_CONFIG, SIDECAR_TENSORS, place
 from mtp.convert.llama_map import ExportError, permute_rope_rows
@@ -35,9 +36,10 @@ TOL = 1e-4
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
 
 
-def make_workdir(d: Path, tok, seed: int, **model) -> Path:
+def make_workdir(d: Path, tok, seed: int, zero_head1: bool = False, **model) -> Path:
     """A workdir holding a random tiny MTP model (norm scales and LoRA B factors random too, so a
-    dropped norm or an unmerged adapter shows) and the tiny BPE tokenizer."""
+    dropped norm or an unmerged adapter shows; ``zero_head1``: head 1 left at 0, the identity) and the
+    tiny BPE tokenizer."""
     cfg = tiny_config(vocab_size=VOCAB, **model)
     cfg.name, cfg.workdir = d.name, str(d)
     spec = ModelSpec.from_config(cfg.model)
@@ -49,7 +51,11 @@ def make_workdir(d: Path, tok, seed: int, **model) -> Path:
         return jnp.asarray(x * rng.uniform(0.5, 1.5, x.shape) + (x == 0) * rng.normal(0, 0.05, x.shape), x.dtype)
 
     d.mkdir(parents=True)
-    save_params(d, jax.tree.map(jitter, params), step=7)
+    params = jax.tree.map(jitter, params)
+    if zero_head1:
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: x.at[0].set(0) if "'heads'" in jax.tree_util.keystr(path) else x, params)
+    save_params(d, params, step=7)
     (d / "config.json").write_text(json.dumps(cfg.to_dict()))
     write_tokenizer(d, tok, {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
     return d
@@ -206,3 +212,62 @@ def test_export_that_misses_a_tensor_fails_naming_it(tmp_path, causal_wd, lora_w
         main(["export", "--workdir", str(lora_wd), "--format", "hf", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "['params']['unembed'].value" in str(e.value)
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.export-*"))
+
+
+LAYER_SUFFIXES = {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
+                  "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                  "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"}
+
+
+def test_heads_format_deepseek_mtp_and_medusa_layouts(tmp_path, causal_wd, lora_wd, tok):
+    """--heads-format: the documented engine layouts, names, shapes and values (copies included)."""
+    # deepseek_mtp: causal head 2 -> model.layers.3 (2 trunk layers + head 1) in model.safetensors
+    out = export_hf(causal_wd, tmp_path / "ds", heads_format="deepseek_mtp")
+    assert not (out / SIDECAR_TENSORS).exists() and not (out / SIDECAR_CONFIG).exists()
+    t, p, D = load_file(str(out / "model.safetensors")), params_of(causal_wd), 32
+    mtp_names = {n for n in t if n.startswith("model.layers.3.")}
+    assert mtp_names == {f"model.layers.3.{s}" for s in LAYER_SUFFIXES | {
+        "enorm.weight", "hnorm.weight", "eh_proj.weight", "embed_tokens.weight", "shared_head.norm.weight",
+        "shared_head.head.weight"}}
+    assert len(t) == len(mtp_names) + 3 + 3 * 9 and not any(n.startswith("model.layers.4.") for n in t)
+    w = p["['params']['causal_proj'].value"][0]  # [2D, D]: rows :D multiply hnorm(h), D: enorm(embed)
+    ds = lambda s: t[f"model.layers.3.{s}"]  # noqa: E731
+    assert ds("eh_proj.weight").shape == (D, 2 * D)
+    np.testing.assert_array_equal(ds("eh_proj.weight")[:, :D], w[D:].T)  # embedding half first
+    np.testing.assert_array_equal(ds("eh_proj.weight")[:, D:], w[:D].T)
+    np.testing.assert_array_equal(ds("enorm.weight"), p["['params']['causal_e_norm'].value"][0])
+    np.testing.assert_array_equal(ds("hnorm.weight"), p["['params']['causal_h_norm'].value"][0])
+    np.testing.assert_array_equal(ds("self_attn.v_proj.weight"),
+                                  p["['params']['heads']['attn']['wv'].value"][1].reshape(D, -1).T)
+    np.testing.assert_array_equal(ds("mlp.down_proj.weight"), p["['params']['heads']['mlp']['w_down'].value"][1].T)
+    np.testing.assert_array_equal(ds("shared_head.head.weight"), p["['params']['unembed'].value"].T)
+    np.testing.assert_array_equal(ds("shared_head.norm.weight"), t["model.norm.weight"])
+    np.testing.assert_array_equal(ds("embed_tokens.weight"), t["model.embed_tokens.weight"])
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    side = json.loads((out / ENGINE_CONFIG).read_text())
+    assert side["heads_format"] == "deepseek_mtp" and set(side["tensors"]) == mtp_names
+    assert "swapped" in side["tensors"]["model.layers.3.eh_proj.weight"]["param"]
+    assert "model.layers.3.shared_head.head.weight" in side["derived"]
+
+    # medusa: heads 2, 3 -> Medusa heads 0, 1: ResBlock linear (torch [out, in]) + a copy of the (tied) lm_head
+    wd = make_workdir(tmp_path / "medusa_wd", tok, 2, zero_head1=True, head_type="medusa")
+    out = export_hf(wd, tmp_path / "medusa", heads_format="medusa")
+    m, p, llama = load_file(str(out / MEDUSA_TENSORS)), params_of(wd), load_file(str(out / "model.safetensors"))
+    assert {n: m[n].shape for n in m} == {n: s for i in (0, 1) for n, s in (
+        (f"{i}.0.linear.weight", (D, D)), (f"{i}.0.linear.bias", (D,)), (f"{i}.1.weight", (VOCAB, D)))}
+    for i in (0, 1):
+        np.testing.assert_array_equal(m[f"{i}.0.linear.weight"], p["['params']['heads']['w'].value"][i + 1].T)
+        np.testing.assert_array_equal(m[f"{i}.0.linear.bias"], p["['params']['heads']['b'].value"][i + 1])
+        np.testing.assert_array_equal(m[f"{i}.1.weight"], llama["model.embed_tokens.weight"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["medusa_num_heads"], cfg["medusa_num_layers"], cfg["base_model_name_or_path"]) == (2, 1, str(out))
+    side = json.loads((out / ENGINE_CONFIG).read_text())
+    assert "['params']['heads']['w'].value[0]" in side["derived"] and "1.1.weight" in side["derived"]
+
+    # a head type with no such layout is refused, naming it and the valid formats
+    with pytest.raises(ExportError, match=r"head_type 'medusa', but this model's head_type is 'causal'.*mtp,"
+                                          r" deepseek_mtp"):
+        export_hf(causal_wd, tmp_path / "x", heads_format="medusa")
+    with pytest.raises(ExportError, match=r"head_type is 'transformer'; valid --heads-format .*: mtp\."):
+        export_hf(lora_wd, tmp_path / "x", heads_format="deepseek_mtp")
+    assert not (tmp_path / "x").exists()

@@ -5,6 +5,11 @@ The trunk plus head 1 is a plain ``LlamaForCausalLM`` (``model.safetensors``, ``
 sidecar ``mtp_heads.safetensors``, described by ``mtp_config.json`` (``mtp.convert.layout``).
 ``mtp convert --hf DIR`` reads both back into the same MTP model.
 
+``heads_format`` 'medusa' / 'deepseek_mtp' write heads 2..n in a serving engine's layout instead of
+the sidecar (``engine_heads``): Medusa v1's ``medusa_lm_head.safetensors`` (head_type 'medusa') or
+DeepSeek-V3 MTP layers appended to ``model.safetensors`` (head_type 'causal'); the description goes
+to ``mtp_export.json`` (not read back by ``mtp convert``).
+
 Strict accounting: every parameter of the checkpoint is written (each slot of a stacked parameter
 to exactly one tensor) or listed in ``mtp_config.json["derived"]`` (LoRA factors merged into their
 base weights, ``W + (alpha/r) A @ B``); anything else stops the export, naming the parameters,
@@ -47,6 +52,9 @@ from mtp.train.init_from import fold_lora
 from mtp.workdir import PARAMS_PREFIX, load_config_json, load_tokenizer, restore_flat
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+HEADS_FORMATS = {"mtp": None, "medusa": "medusa", "deepseek_mtp": "causal"}  # --heads-format -> head_type
+MEDUSA_TENSORS = "medusa_lm_head.safetensors"
+ENGINE_CONFIG = "mtp_export.json"  # the description of a --heads-format medusa|deepseek_mtp export
 BYTE_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3 of mtp.data.byte_tokenizer
 
 
@@ -258,17 +266,95 @@ def staged(out: Path, write: Callable[[Path], None], force: bool) -> Path:
     return out
 
 
+# --- heads in a serving engine's layout (--heads-format medusa|deepseek_mtp) ---------------------
+def check_heads_format(spec: ModelSpec, heads_format: str) -> None:
+    if heads_format not in HEADS_FORMATS:
+        raise ExportError(f"--heads-format {heads_format!r} is not one of {tuple(HEADS_FORMATS)}.")
+    want = HEADS_FORMATS[heads_format]
+    if want is None:
+        return
+    valid = ["mtp"] + [f for f, t in HEADS_FORMATS.items() if t == spec.head_type]
+    if spec.head_type != want:
+        raise ExportError(f"--heads-format {heads_format} needs head_type {want!r}, but this model's head_type is"
+                          f" {spec.head_type!r}; valid --heads-format for head_type {spec.head_type!r}:"
+                          f" {', '.join(valid)}.")
+    if spec.branch_layer or spec.hidden_mix != "none":
+        raise ExportError(f"--heads-format {heads_format}: the engine's heads read the last hidden state, but this"
+                          f" model's heads 2..n read branch_layer={spec.branch_layer} / hidden_mix="
+                          f"{spec.hidden_mix!r}; use --heads-format mtp.")
+
+
+def _head_of(p: Placement) -> tuple[int, str]:
+    """``mtp.head.{k}.{suffix}`` -> ``(k, suffix)``."""
+    _, _, k, suffix = p.name.split(".", 3)
+    return int(k), suffix
+
+
+def engine_heads(model: ExportModel, heads_format: str, llama: dict[str, np.ndarray]):
+    """Heads 2..n of ``model`` in ``heads_format``'s layout, from the sidecar placements: ``(tensors,
+    params, derived, config)``: the tensors, what each holds (a parameter slot, or a copy of a Llama
+    tensor), what is not written as itself (and why), and the ``config.json`` fields the engine reads."""
+    spec = model.spec
+    tied = "lm_head.weight" not in llama
+    head_src = "model.embed_tokens.weight (tied lm_head)" if tied else "lm_head.weight"
+    head = llama["model.embed_tokens.weight" if tied else "lm_head.weight"]
+    tensors: dict[str, np.ndarray] = {}
+    params: dict[str, str] = {}
+    derived: dict[str, str] = {}
+    side = [p for p in model.placements if p.file == "heads"]
+
+    def stored(p: Placement) -> np.ndarray:
+        return p.to_file(np.asarray(model.slot(p), np.float32)).astype(head.dtype)
+
+    if heads_format == "medusa":  # Medusa v1: medusa_head[i] = Sequential(ResBlock, Linear(D, V, bias=False))
+        for p in side:
+            k, suffix = _head_of(p)
+            if k == 1:
+                derived[_where(p)] = ("head 1 is the identity (all zeros, checked): the base Llama's own lm_head"
+                                      " is the next-token head")
+                continue
+            name = f"{k - 2}.0.linear.{suffix.split('.')[1]}"  # proj.weight / proj.bias
+            tensors[name], params[name] = stored(p), _where(p)
+        for i in range(spec.n_future - 1):
+            tensors[f"{i}.1.weight"] = head
+            params[f"{i}.1.weight"] = derived[f"{i}.1.weight"] = (
+                f"copy of {head_src}: our heads share the unembedding, each Medusa head has its own lm_head")
+        return tensors, params, derived, {"medusa_num_heads": spec.n_future - 1, "medusa_num_layers": 1}
+    # deepseek_mtp: head k >= 2 -> model.layers.{N + k - 2}, N = num_hidden_layers (trunk + head 1)
+    n_layers, D = llama_layers(spec), spec.d_model
+    for p in side:
+        k, suffix = _head_of(p)
+        name, w, what = f"model.layers.{n_layers + k - 2}.{suffix}", stored(p), _where(p)
+        if suffix == "combine.weight":  # ours: [W_h | W_e] on [hnorm(h) ; enorm(e)]; eh_proj: on [e ; h]
+            name = name.replace("combine.weight", "eh_proj.weight")
+            w = np.ascontiguousarray(np.concatenate([w[:, D:], w[:, :D]], axis=1))
+            what += " with its column halves swapped (embedding half first)"
+        tensors[name], params[name] = w, what
+    for k in range(2, spec.n_future + 1):
+        prefix = f"model.layers.{n_layers + k - 2}."
+        for suffix, src in (("embed_tokens.weight", "model.embed_tokens.weight"),
+                            ("shared_head.norm.weight", "model.norm.weight"), ("shared_head.head.weight", None)):
+            tensors[prefix + suffix] = llama[src] if src else head
+            params[prefix + suffix] = derived[prefix + suffix] = (
+                f"copy of {src or head_src} (a DeepSeek-V3 MTP layer carries the shared tensors)")
+    return tensors, params, derived, {"num_nextn_predict_layers": spec.n_future - 1}
+
+
 def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, dtype: str = "float32",
-              force: bool = False) -> Path:
+              force: bool = False, heads_format: str = "mtp") -> Path:
     """Write ``workdir``'s model into the Hugging Face directory ``out`` (see the module docstring)."""
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {tuple(EXPORT_DTYPES)}.")
     check_out(Path(out), force)
+    check_heads_format(ModelSpec.from_config(load_config_json(Path(workdir)).model), heads_format)
     model = read_model(workdir, step)
     check_head1(model)
     np_dtype = EXPORT_DTYPES[dtype]
     llama, heads = model.tensors("llama", np_dtype), model.tensors("heads", np_dtype)
     ids = special_ids(model.tokenizer)
+    if heads_format != "mtp":
+        final = Path(out).absolute()
+        return staged(final, lambda d: write_engine(d, final, model, heads_format, dtype, llama, ids), force)
 
     def write(d: Path) -> None:
         save_file(llama, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -282,3 +368,29 @@ def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, 
         write_hf_tokenizer(model, d)
 
     return staged(Path(out), write, force)
+
+
+def write_engine(d: Path, out: Path, model: ExportModel, heads_format: str, dtype: str, llama: dict,
+                 ids: dict) -> None:
+    """The ``--heads-format medusa|deepseek_mtp`` directory into ``d`` (moved to ``out`` after)."""
+    tensors, params, derived, extra = engine_heads(model, heads_format, llama)
+    held = {v.split(" with ")[0] for v in params.values()} | set(derived)
+    lost = [_where(p) for p in model.placements if p.file == "heads" and _where(p) not in held]
+    if lost:  # strict accounting: every sidecar slot under an engine name or listed derived
+        raise ExportError(f"--heads-format {heads_format} has no place for {', '.join(lost)}; nothing was written.")
+    config = hf_config(model.spec, ids, dtype) | extra
+    if heads_format == "medusa":
+        config["base_model_name_or_path"] = str(out)
+        save_file(tensors, str(d / MEDUSA_TENSORS), metadata={"format": "pt"})
+        save_file(llama, str(d / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        save_file(llama | tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    side = sidecar_config(model, dtype, MEDUSA_TENSORS if heads_format == "medusa" else "model.safetensors")
+    side["heads_format"] = heads_format
+    side["tensors"] = {n: {"shape": list(t.shape), "param": params[n]} for n, t in tensors.items()}
+    side["derived"] = model.derived | derived
+    (d / ENGINE_CONFIG).write_text(json.dumps(side, indent=2))
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+    gen = {k: v for k, v in ids.items() if v is not None}
+    (d / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    write_hf_tokenizer(model, d)
