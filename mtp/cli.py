@@ -18,6 +18,7 @@
                  [--heads K] [--tree 3,2,1|auto] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     mtp bench peers --workdir DIR [--gguf FILE] [--max-new-tokens 128] [--json]
     mtp bench decode --workdir DIR --prompts FILE.jsonl [--heads K] [--max-new-tokens N] [--tree SPEC] [--json]
+                     [--outputs FILE.jsonl]
 
 Any command takes ``--debug`` (tracebacks for user errors too; otherwise they print one message and exit 2).
 With no ``--config`` the embedded default (configs/default.py) runs. NAME is a file in configs/
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tree", default=None, help=TREE_HELP)
     d.add_argument("--draft-vocab", type=int, default=None, help=DRAFT_VOCAB_HELP)
     d.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and decoder (best counts)")
+    d.add_argument("--outputs", default=None,
+                   help='write FILE.jsonl: one {"prompt", "greedy", "speculative", "identical"} line per prompt')
     d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     d.set_defaults(func=cmd_bench_decode)
     pe = bench.add_parser("peers", help="our greedy + speculative decoding vs transformers and llama.cpp")

@@ -8,7 +8,8 @@ from flax import nnx
 from helpers import heads_like_head1, tiny_config, tiny_model
 
 from mtp.cli import main
-from mtp.workdir import save_params
+from mtp.decode.api import decode_config, encode_prompt, generate_ids
+from mtp.workdir import load_model, save_params
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +27,18 @@ def workdir(tmp_path_factory):
 def test_bench_decode_json(workdir, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["def f(x):", "import os\n", "a = [1,"]))
+    outputs = tmp_path / "outputs.jsonl"
     rc = main(["bench", "decode", "--workdir", str(workdir), "--prompts", str(prompts), "--heads", "3",
-               "--max-new-tokens", "24", "--repeats", "1", "--json"])
+               "--max-new-tokens", "24", "--repeats", "1", "--json", "--outputs", str(outputs)])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in outputs.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["def f(x):", "import os\n", "a = [1,"]
+    loaded = load_model(workdir)
+    dc = decode_config(loaded, mode="greedy", max_new_tokens=24, stop_at_eos=False)
+    for r in rows:  # the text of plain greedy decoding, and speculative's is the same
+        ids = generate_ids(loaded, [encode_prompt(loaded, r["prompt"])], dc)[0].tokens[0]
+        assert r["greedy"] == loaded.tokenizer.decode(list(ids)) == r["speculative"] and r["identical"]
     for key in ("tokens_per_forward", "accept_rate_per_head", "tokens_per_s_greedy", "tokens_per_s_speculative",
                 "speedup", "exact_match", "roofline_tokens_per_s"):
         assert key in out

@@ -75,7 +75,7 @@ def tree_text(tree) -> str | None:
 
 def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_tokens: int,
                      tree: str | None = None, bandwidth: float | None = None, repeats: int = 1,
-                     draft_vocab: int | None = None, log=print) -> dict:
+                     draft_vocab: int | None = None, log=print, outputs: list | None = None) -> dict:
     heads = heads or loaded.spec.n_future
     if heads < 2:
         raise ValueError(f"{loaded.spec.n_future} head(s): speculative decoding needs heads 2..k to draft."
@@ -93,6 +93,9 @@ def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_t
         s, dt_s = _timed(loaded.model, ids, spec_dc, repeats)
         same = g.tokens[0] == s.tokens[0]
         exact &= same
+        if outputs is not None:  # the continuations as text, one record a prompt (--outputs)
+            outputs.append({"prompt": text, "greedy": loaded.tokenizer.decode(list(g.tokens[0])),
+                            "speculative": loaded.tokenizer.decode(list(s.tokens[0])), "identical": bool(same)})
         t_greedy += dt_g
         t_spec += dt_s
         n_tokens += len(g.tokens[0])
@@ -147,8 +150,14 @@ def main(args) -> int:
     log(f"Decode benchmark: {args.workdir} (step {loaded.step}), {len(prompts)} prompts, batch 1,"
         f" {args.max_new_tokens} new tokens, heads={args.heads or loaded.spec.n_future}"
         f"{', tree ' + args.tree if args.tree else ''}")
+    outputs = [] if args.outputs else None
     result = run_decode_bench(loaded, prompts, heads=args.heads, max_new_tokens=args.max_new_tokens,
-                              tree=args.tree, repeats=args.repeats, draft_vocab=args.draft_vocab, log=log)
+                              tree=args.tree, repeats=args.repeats, draft_vocab=args.draft_vocab, log=log,
+                              outputs=outputs)
+    if outputs is not None:
+        with open(args.outputs, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in outputs)
+        log(f"Continuations of {len(outputs)} prompts (prompt, greedy, speculative) -> {args.outputs}")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
