@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     initialize()  # join a multi-process run (MTP_* from launch/*) before any other JAX use
     try:
         return args.func(args, overrides)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         if debug:
             raise
         raise UserError(f"mtp {args.command}: {e}") from None
@@ -351,11 +351,10 @@ class UserError(SystemExit):
         return self.message
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's (a config, a workdir, a checkpoint, a file given): a message and
-    exit code 2, no traceback. Everything else is a bug and keeps its traceback."""
-    return (ConfigError, WorkdirError, CheckpointError, DataError, PlanError, ConvertError, ExportError,
-            SweepError, MissingExtra)
+# Errors that are the user's (a config, a workdir, a checkpoint, a file given): a message and exit code
+# 2, no traceback. Everything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, WorkdirError, CheckpointError, DataError, PlanError, ConvertError, ExportError,
+               SweepError, MissingExtra)
 
 
 if __name__ == "__main__":

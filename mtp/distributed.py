@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import jax
 from jax._src import distributed as jax_distributed  # its coordination client has a timeout
+from jax._src import xla_bridge
 from jax.experimental import multihost_utils
 
 _BARRIER_TIMEOUT_S = 3600  # process 0 may be building a corpus + tokenizer cache meanwhile
@@ -71,6 +72,14 @@ def initialize() -> None:
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id)
     _initialized = True
+
+
+def process_index() -> int:
+    """This process's index, safe to ask before ``initialize()``: asking JAX then would start a
+    single-process backend and break the join, so until a backend is up the answer is 0."""
+    if _initialized or xla_bridge.backends_are_initialized():
+        return jax.process_index()
+    return 0
 
 
 def barrier(name: str, timeout_s: int = _BARRIER_TIMEOUT_S) -> None:

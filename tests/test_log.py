@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import jax
+
+import mtp.distributed
 from mtp.log import log
 
 
-def test_a_line_on_stderr_with_an_optional_prefix(capsys, monkeypatch):
-    monkeypatch.delenv("MTP_PROCESS_ID", raising=False)
+def test_a_line_on_stderr_with_an_optional_prefix(capsys):
     log("plain")
     log("tagged", prefix="study")
     captured = capsys.readouterr()
@@ -17,9 +19,10 @@ def test_a_line_on_stderr_with_an_optional_prefix(capsys, monkeypatch):
 
 
 def test_only_process_zero_logs(capsys, monkeypatch):
-    monkeypatch.setenv("MTP_PROCESS_ID", "1")
+    monkeypatch.setattr(mtp.distributed, "_initialized", True)  # joined: JAX's process index counts
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
     log("from process 1")
-    monkeypatch.setenv("MTP_PROCESS_ID", "0")
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
     log("from process 0")
     assert capsys.readouterr().err == "from process 0\n"
 

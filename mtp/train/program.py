@@ -72,11 +72,12 @@ def build_program(cfg, mesh: Mesh | None = None, *, n_source_heads: int = 0,
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     rules = rules_from_config(cfg.sharding.rules)
     t = cfg.train
-    trainable, update_scale = trainable_masks(abstract_params(spec, cfg.seed)[1], t.trainable, n_source_heads,
+    model_abstract = abstract_params(spec, cfg.seed)
+    trainable, update_scale = trainable_masks(model_abstract[1], t.trainable, n_source_heads,
                                               spec.n_future, cfg.optim.backbone_lr_scale)
     tx = make_optimizer(cfg.optim, t.steps, trainable, update_scale)
     schedule = lr_schedule(cfg.optim, t.steps)
-    layout, init = make_layout(spec, tx, mesh, rules, cfg.seed)
+    layout, init = make_layout(spec, tx, mesh, rules, cfg.seed, model_abstract)
     batch_sh = batch_sharding(mesh, rules)
     weights_N = head_weights(cfg.loss, spec.n_future)
     train_step = make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sh, trainable)

@@ -37,9 +37,11 @@ def _opt_state_shardings(abstract_opt, params_treedef, params_shardings, replica
                         abstract_opt, is_leaf=is_params_like)
 
 
-def make_layout(spec: ModelSpec, tx, mesh: Mesh, rules, seed: int) -> tuple[StateLayout, Callable[[], dict]]:
-    """Abstract state + shardings, and an ``init()`` that materializes it already sharded."""
-    graphdef, abstract_params = model_abstract_params(spec, seed)
+def make_layout(spec: ModelSpec, tx, mesh: Mesh, rules, seed: int,
+                model_abstract=None) -> tuple[StateLayout, Callable[[], dict]]:
+    """Abstract state + shardings, and an ``init()`` that materializes it already sharded.
+    ``model_abstract``: ``model.abstract_params(spec, seed)`` when the caller has it already."""
+    graphdef, abstract_params = model_abstract or model_abstract_params(spec, seed)
     params_sh = param_shardings(abstract_params, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
