@@ -197,3 +197,22 @@ def _cudnn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *, interpret: bool)
                       q_offsets=offsets_BxT1, kv_offsets=offsets_BxT1, scale=1.0 / math.sqrt(q_BxTxNxH.shape[-1]),
                       mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
 
+
+
+# --- decoding: new tokens over a KV cache ----------------------------------------------------------
+def cache_attention(q_BxTxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array,
+                    mask_Bx1xTxS: jax.Array) -> jax.Array:
+    """Grouped-query attention of ``T`` new tokens over a layer's KV cache (already holding their own
+    keys and values), ``[B, T, N, H]``: query head n reads kv head ``n // (N / K)`` (the grouping of
+    ``jax.nn.dot_product_attention``), scale ``1/sqrt(H)``, float32 scores and softmax. The cache
+    stays in its ``[B, K, S, H]`` layout (no copy or transpose of it per step); under a mesh the
+    batch and kv-head axes stay sharded."""
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_BxKxSxH.shape[1]
+    q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    s_BxKxGxTxS = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxSxH,
+                             preferred_element_type=jnp.float32) * (H ** -0.5)
+    s_BxKxGxTxS = jnp.where(mask_Bx1xTxS[:, :, None], s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1)
+    o_BxKxGxTxH = jnp.einsum("bkgts,bksh->bkgth", p_BxKxGxTxS.astype(v_BxKxSxH.dtype), v_BxKxSxH)
+    return o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)

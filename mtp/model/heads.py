@@ -17,6 +17,8 @@ Head 1 reads the trunk's final output; heads 2..n read the same, or (``model.bra
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -58,22 +60,58 @@ def causal_combine(prev_xD, emb_xD, w_2DxD, h_norm_D, e_norm_D, eps: float) -> j
     return dense(x, w_2DxD.astype(prev_xD.dtype))
 
 
-_SIMPLE_HEADS = {"linear": LinearHead, "medusa": MedusaHead}
+@dataclasses.dataclass(frozen=True)
+class HeadKind:
+    """What the rest of the code needs to know of a ``model.head_type`` (one place, instead of
+    ``head_type ==`` tests spread over training, decoding, conversion and planning):
+
+    - ``module``: the per-head module class (stacked ``n_future`` times on ``mtp_heads``);
+    - ``layer``: each head is a transformer layer (a KV cache when decoding, LoRA adapters,
+      attention FLOPs, a layer in converted checkpoints);
+    - ``sequential``: head k reads head k-1's output and the token before the one it predicts
+      (DeepSeek-V3's MTP), so it drafts one token after the other (chains only) and keeps head 1's
+      outputs in the decode cache.
+    """
+
+    name: str
+    module: type
+    layer: bool
+    sequential: bool = False
+
+    @property
+    def draft_trees(self) -> bool:
+        """Whether the heads can draft a tree (independent heads: top-w of each at once)."""
+        return not self.sequential
+
+
+HEAD_KINDS = {
+    "transformer": HeadKind("transformer", Block, layer=True),
+    "linear": HeadKind("linear", LinearHead, layer=False),
+    "medusa": HeadKind("medusa", MedusaHead, layer=False),
+    "causal": HeadKind("causal", Block, layer=True, sequential=True),
+}
+assert tuple(HEAD_KINDS) == HEAD_TYPES and tuple(k for k, v in HEAD_KINDS.items() if v.layer) == LAYER_HEADS
+
+
+def head_kind(spec_or_name) -> HeadKind:
+    """The ``HeadKind`` of a spec (or a ``head_type`` string)."""
+    name = spec_or_name if isinstance(spec_or_name, str) else spec_or_name.head_type
+    if name not in HEAD_KINDS:
+        raise ValueError(f"model.head_type={name!r} is unknown; use one of {HEAD_TYPES}.")
+    return HEAD_KINDS[name]
 
 
 def make_heads(spec, *, rngs: nnx.Rngs) -> nnx.Module:
-    if spec.head_type in LAYER_HEADS:
+    kind = head_kind(spec)
+    if kind.layer:
         return stacked_blocks(spec, spec.n_future, "mtp_heads", rngs=rngs, lora_rank=spec.lora_rank)
-    if spec.head_type in _SIMPLE_HEADS:
-        cls = _SIMPLE_HEADS[spec.head_type]
 
-        @nnx.split_rngs(splits=spec.n_future)
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "mtp_heads"})
-        def create(rngs):
-            return cls(spec, rngs=rngs)
+    @nnx.split_rngs(splits=spec.n_future)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "mtp_heads"})
+    def create(rngs):
+        return kind.module(spec, rngs=rngs)
 
-        return create(rngs)
-    raise ValueError(f"model.head_type={spec.head_type!r} is unknown; use one of {HEAD_TYPES}.")
+    return create(rngs)
 
 
 def apply_heads(heads: Block | LinearHead | MedusaHead, h_xBxTxD, positions_BxT, mask_Bx1xTxT,

@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtp.model.attention import attention, attention_mask, model_attention  # noqa: F401 (attention_mask: re-export)
+from mtp.config import KERNEL_BLOCK
+from mtp.model.attention import attention, attention_mask, cache_attention, model_attention  # noqa: F401 (re-export)
+from mtp.model.kv_cache import CacheStep, write_kv
 from mtp.sharding import constrain
 
 
@@ -139,6 +141,25 @@ class Attention(nnx.Module, LoRA):
                                 interpret=self.interpret)
         return self.out(out_BxTxNxH)
 
+    def cached(self, x_BxTxD, positions_BxT, k_BxKxSxH, v_BxKxSxH, step: CacheStep):
+        """The same layer over ``T`` new tokens with a KV cache (``mtp.model.kv_cache``): their keys
+        and values are written at ``step.slots_BxT`` and they attend to what ``step.mask_Bx1xTxS``
+        allows. A prefill (empty cache) runs the training attention on the new tokens alone:
+        ``model.attention``'s kernel where the length tiles it (a multiple of 128 tokens), else XLA.
+        Returns ``(out_BxTxD, k_cache, v_cache)``."""
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.qkv(x_BxTxD, positions_BxT)
+        k_BxKxSxH = write_kv(k_BxKxSxH, k_BxTxKxH, step)
+        v_BxKxSxH = write_kv(v_BxKxSxH, v_BxTxKxH, step)
+        if step.prefill:
+            segments_BxT = jnp.ones(q_BxTxNxH.shape[:2], jnp.int32)
+            kernel = self.attention != "xla" and q_BxTxNxH.shape[1] % KERNEL_BLOCK == 0
+            out_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH,
+                                    segments_BxT if kernel else attention_mask(segments_BxT),
+                                    impl=self.attention if kernel else "xla", interpret=self.interpret)
+        else:
+            out_BxTxNxH = cache_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, step.mask_Bx1xTxS)
+        return self.out(out_BxTxNxH), k_BxKxSxH, v_BxKxSxH
+
 
 class SwiGLU(nnx.Module, LoRA):
     def __init__(self, cfg, *, rngs: nnx.Rngs, lora_rank: int = 0):
@@ -178,6 +199,16 @@ class Block(nnx.Module):
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
         return constrain(x_BxTxD, ("batch", "seq", None))
 
+    def cached(self, x_BxTxD, positions_BxT, k_BxKxSxH, v_BxKxSxH, step: CacheStep):
+        """This layer for decoding (prefill, one-token step, a draft chain or tree): ``__call__``'s
+        computation with the attention over a KV cache (``Attention.cached``). Returns
+        ``(x_BxTxD, k_cache, v_cache)``."""
+        a_BxTxD, k_BxKxSxH, v_BxKxSxH = self.attn.cached(self.attn_norm(x_BxTxD), positions_BxT, k_BxKxSxH,
+                                                         v_BxKxSxH, step)
+        x_BxTxD = x_BxTxD + a_BxTxD
+        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+        return constrain(x_BxTxD, ("batch", "seq", None)), k_BxKxSxH, v_BxKxSxH
+
 
 REMAT_POLICIES = {
     "none": None,
@@ -213,6 +244,22 @@ def scan_blocks(blocks: Block, x_BxTxD, positions_BxT, mask_Bx1xTxT, remat: str,
     scanned = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=out_axes,
                        transform_metadata={nnx.PARTITION_NAME: "layers"})
     return scanned(x_BxTxD, blocks)
+
+
+def scan_cached_blocks(blocks: Block, x_BxTxD, positions_BxT, k_LxBxKxSxH, v_LxBxKxSxH, step: CacheStep, *,
+                       return_states: bool = False):
+    """``Block.cached`` of stacked ``blocks`` in sequence (``nnx.scan``: one compiled layer body),
+    each layer with its slice of the stacked cache. Returns ``(x, k_cache, v_cache)``, and with
+    ``return_states`` also every layer's output ``[L, B, T, D]``."""
+
+    def body(x, block, k_BxKxSxH, v_BxKxSxH):
+        x, k_BxKxSxH, v_BxKxSxH = block.cached(x, positions_BxT, k_BxKxSxH, v_BxKxSxH, step)
+        return x, ((k_BxKxSxH, v_BxKxSxH, x) if return_states else (k_BxKxSxH, v_BxKxSxH))
+
+    scanned = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+                       transform_metadata={nnx.PARTITION_NAME: "layers"})
+    x_BxTxD, ys = scanned(x_BxTxD, blocks, k_LxBxKxSxH, v_LxBxKxSxH)
+    return (x_BxTxD, *ys)
 
 
 def slice_blocks(blocks: Block, start: int, stop: int) -> Block:
