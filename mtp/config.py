@@ -146,6 +146,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.synthetic_seed = 0  # the examples depend on this, not on the run's seed
     d.induction_pattern_len = 16  # characters per pattern (copied once)
     d.induction_vocab = 26  # pattern characters are drawn from the first N of [a-zA-Z0-9]
+    d.induction_format = "pattern"  # 'pattern' (pattern|pattern) or 'stories' (the paper's: repeated names)
+    d.induction_name_len = 2  # 'stories': tokens (= bytes with the byte tokenizer) per name
     d.poly_train_ops = (1, 2, 3)  # operation counts of the train split
     d.poly_test_ops = (4, 5)  # ... and of the validation split (out of distribution)
 
@@ -537,7 +539,9 @@ def _check_synthetic(d) -> None:
         checks += [("induction_pattern_len", d.induction_pattern_len >= 1,
                     "a positive int (characters per pattern), e.g. 16"),
                    ("induction_vocab", 2 <= d.induction_vocab <= len(INDUCTION_ALPHABET),
-                    f"an int in [2, {len(INDUCTION_ALPHABET)}] (symbols drawn from {INDUCTION_ALPHABET!r})")]
+                    f"an int in [2, {len(INDUCTION_ALPHABET)}] (symbols drawn from {INDUCTION_ALPHABET!r})"),
+                   ("induction_format", d.induction_format in ("pattern", "stories"), "'pattern' or 'stories'"),
+                   ("induction_name_len", 2 <= d.induction_name_len <= 6, "an int in [2, 6], e.g. 2")]
     else:
         checks.append(("tokenizer", d.tokenizer == "bytes",
                        "'bytes' (and model.vocab_size=data.vocab_size=260): the task's ~17 characters"

@@ -180,7 +180,7 @@ def test_cli_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatc
     md = (tmp_path / "results.md").read_text()
     assert "## Failed points" in md and "fake failure for n_future=2" in md
     assert "| `n_future=4` | finished | 4 |" in md and "5.000 / 5.100 / 5.200 / 5.300" in md
-    for name in ("val_loss", "train_loss", "acc_vs_n", "tokens_per_forward", "cost_vs_n"):
+    for name in ("val_loss", "train_loss", "acc_vs_n", "tokens_per_forward", "cost_vs_n", "mean_vs_n"):
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
         assert f"(plots/{name}.png)" in md
@@ -284,3 +284,27 @@ def test_real_sweep_trains_and_resumes(tmp_path, capsys):
     assert sweep_main(args) == 0
     assert "n_future=2: finished earlier" in capsys.readouterr().err
     assert (d / "eval.json").stat().st_mtime_ns == mtime
+
+
+def test_seeds_are_aggregated_into_mean_and_standard_error():
+    from mtp.sweep.report import aggregate, is_seed_key, mean_table
+
+    assert is_seed_key("seed") and is_seed_key("data.synthetic_seed") and not is_seed_key("model.n_future")
+    rows = []
+    for seed, n, acc, score in [(0, 1, 0.5, 0.1), (1, 1, 0.7, 0.3), (2, 1, 0.6, 0.2), (0, 2, 0.4, 0.9)]:
+        rows.append({"point": f"seed={seed},n_future={n}", "overrides": {"seed": str(seed), "model.n_future": str(n)},
+                     "n_future": n, "params": 1000, "status": "finished", "val_loss": [2.0 + seed, 9.0],
+                     "val_acc": [acc], "task": {"induction": score, "step": 3}, "wall_s": 10.0})
+    rows.append({**rows[-1], "point": "seed=1,n_future=2", "overrides": {"seed": "1", "model.n_future": "2"},
+                 "status": "pending"})
+    groups = aggregate(rows, ["seed", "model.n_future"])
+    assert [g["label"] for g in groups] == ["n_future=1", "n_future=2"]
+    one, two = groups
+    assert one["seeds"] == ["seed=0", "seed=1", "seed=2"] and len(two["points"]) == 2 and two["seeds"] == ["seed=0"]
+    assert one["metrics"]["head-1 top-1"]["mean"] == pytest.approx(0.6)
+    assert one["metrics"]["head-1 top-1"]["stderr"] == pytest.approx(0.1 / 3 ** 0.5)  # sd 0.1, k=3
+    assert one["metrics"]["induction"]["mean"] == pytest.approx(0.2) and "step" not in one["metrics"]
+    assert one["metrics"]["head-1 val loss"]["stderr"] == pytest.approx(1 / 3 ** 0.5)
+    assert two["metrics"]["induction"] == {"mean": 0.9, "stderr": None, "values": [0.9]}
+    table = "\n".join(mean_table(groups, ["seed"]))
+    assert "| `n_future=1` | 1 | 1.0k | 3 |" in table and "0.600 ± 0.058" in table and "| 0.900 |" in table

@@ -250,3 +250,51 @@ def test_short_training_run_on_induction(tmp_path, monkeypatch):
     loaded.cfg.data.source = "stdlib"
     with pytest.raises(ValueError, match="not a synthetic task"):
         evaluate_task_accuracy(loaded)
+
+
+# --- induction in stories (the paper's induction task) ----------------------------------------------
+@pytest.mark.parametrize("name_len", [2, 3])
+def test_stories_names_are_name_len_tokens_and_repeat(name_len, tmp_path):
+    import re
+
+    cfg = data_config("induction", tmp_path, induction_format="stories", induction_name_len=name_len)
+    examples = syn.task_examples(cfg, "train")
+    assert examples == syn.task_examples(cfg, "train") and len(examples) == 200
+    assert syn.corpus_name(cfg) != syn.corpus_name(data_config("induction", tmp_path))
+    tok = ByteTokenizer()
+    templates = " ".join(syn.STORY_INTRO + syn.STORY_MEET + syn.STORY_BODY + syn.STORY_END)
+    assert not {w[0] for w in re.findall(r"\b[A-Z]\w*", templates)} & set(syn.NAME_INITIALS)
+    for e in examples:
+        names = [e.text[o - 1:o - 1 + name_len] for o in e.controls]  # one first occurrence per name
+        assert len(set(names)) == len(names) >= 2 and e.answer == ""
+        for name in names:
+            assert len(tok.encode(name)) == name_len and name[0] in syn.NAME_INITIALS
+            assert len(re.findall(rf"\b{name}\b", e.text)) >= 2
+        # the targets are the second token of every later occurrence, after its first occurrence
+        later = [e.text[o - 1:o - 1 + name_len] for o in e.targets]
+        assert set(later) == set(names) and len(later) + len(names) == sum(
+            len(re.findall(rf"\b{n}\b", e.text)) for n in names)
+        first = {n: o for n, o in zip(names, e.controls)}
+        assert all(o > first[n] for n, o in zip(later, e.targets))
+
+
+def test_teacher_forced_scores_on_a_hand_made_story():
+    from mtp.evals.task_eval import teacher_forced_correct
+
+    text = "Once upon a time, there was a cat named Kb. Kb met a dog named Fa. Fa saw Kb."
+    e = syn.Example(syn.INDUCTION, text, "", 0, targets=(text.index("Kb.") + 1, text.index("Fa saw") + 1,
+                                                          text.rindex("Kb") + 1),
+                    controls=(text.index("Kb") + 1, text.index("Fa") + 1))
+    loaded = type("L", (), {"tokenizer": ByteTokenizer(), "spec": type("S", (), {"max_seq_len": 128})()})()
+
+    def oracle(tokens, segments):  # predicts every next token right
+        return np.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+
+    def says_b(tokens, segments):  # always predicts "b": right only where a name's second token is b
+        return np.full_like(tokens, ord("b") + 4)
+
+    assert teacher_forced_correct(loaded, [text], [e.targets], argmax_fn=oracle)[0].tolist() == [True] * 3
+    assert teacher_forced_correct(loaded, [text], [e.targets], argmax_fn=says_b)[0].tolist() == [True, False, True]
+    assert teacher_forced_correct(loaded, [text], [e.controls], argmax_fn=says_b)[0].tolist() == [True, False]
+    # offset len(text) is the closing eos (polynomial exact match needs it)
+    assert teacher_forced_correct(loaded, [text], [[len(text)]], argmax_fn=oracle)[0].tolist() == [True]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ import numpy as np
 from mtp.config import INDUCTION_ALPHABET, POLY_MAX_OPS, SYNTHETIC_SOURCES, check_data_config
 
 INDUCTION, POLYNOMIAL = SYNTHETIC_SOURCES
+STORIES = "stories"  # data.source='induction' with data.induction_format='stories' (names repeated in stories)
 ALPHABET = INDUCTION_ALPHABET  # induction symbols
 SEPARATOR = "|"
 MODULUS, DEGREE = 7, 5  # F7[X]/(X^5)
@@ -47,6 +49,8 @@ _TASK_STREAMS = {INDUCTION: 0, POLYNOMIAL: 1}
 SYNTHETIC_KEYS = {
     INDUCTION: ("synthetic_examples", "synthetic_val_examples", "synthetic_seed",
                 "induction_pattern_len", "induction_vocab"),
+    STORIES: ("synthetic_examples", "synthetic_val_examples", "synthetic_seed", "induction_format",
+              "induction_name_len"),
     POLYNOMIAL: ("synthetic_examples", "synthetic_val_examples", "synthetic_seed",
                  "poly_train_ops", "poly_test_ops"),
 }
@@ -60,6 +64,11 @@ class Example:
     prompt: str
     answer: str
     n_ops: int = 0  # polynomial: number of operations; induction: 0
+    # induction stories: character offsets (into `text`) of the scored tokens -- the second token of
+    # every later occurrence of a name -- and of the same token of each name's first occurrence
+    # (a control that copying cannot help); empty for the other tasks
+    targets: tuple[int, ...] = ()
+    controls: tuple[int, ...] = ()
 
     @property
     def text(self) -> str:
@@ -93,6 +102,85 @@ def score_induction(example: Example, predicted_text: str) -> float:
     if not answer:
         return 1.0
     return sum(a == b for a, b in zip(answer, predicted_text)) / len(answer)
+
+
+# --- induction in stories (Gloeckle et al. 2024, section 4.1) -----------------------------------
+# Children's-story-like text from templates in which every character's name occurs at least twice.
+# With the byte tokenizer a name of `name_len` tokens is `name_len` characters: an upper-case
+# initial that starts no other word of the templates, then lower-case letters drawn uniformly. The
+# score is the paper's: accuracy on the SECOND token of a name at its later occurrences. That token
+# is uniform over 26 letters given everything but the earlier occurrence, so without copying a model
+# is right 1/26 of the time; the same token of a name's first occurrence is the control.
+NAME_INITIALS = "BDFGHJKMPRSVWZ"  # no template word starts with one of these capitals
+NAME_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+STORY_ANIMALS = ("cat", "dog", "bird", "frog", "bunny", "fox", "bear", "duck", "mouse", "lion", "pig", "owl")
+STORY_ADJECTIVES = ("little", "big", "happy", "kind", "brave", "shy", "funny", "small", "quiet", "silly")
+STORY_PLACES = ("park", "garden", "forest", "pond", "house", "hill", "beach", "farm", "school", "river")
+STORY_THINGS = ("ball", "kite", "box", "hat", "book", "cake", "toy", "stick", "flower", "shell", "apple")
+STORY_FEELINGS = ("happy", "sad", "tired", "excited", "scared", "proud", "hungry", "sleepy", "glad")
+# {a} and {b} are two different characters; the other fields are drawn per sentence.
+STORY_INTRO = ("Once upon a time, there was a {adj} {animal} named {a}.",
+               "One day, a {adj} {animal} named {a} lived near the {place}.",
+               "There was a {adj} {animal}. Its name was {a}.")
+STORY_MEET = ("{a} had a friend named {b}.", "{a} met a {adj} {animal} named {b}.",
+              "Near the {place}, {a} saw a {animal} named {b}.")
+STORY_BODY = ("{a} liked to play in the {place}.", "One day, {a} found a {thing} near the {place}.",
+              "{a} and {b} went to the {place} together.", "{a} gave the {thing} to {b}.",
+              "{a} was very {feeling}.", "\"Look at my {thing}!\" said {a}.", "{b} smiled at {a}.",
+              "Then {a} ran to the {place} to see {b}.", "{a} wanted a {thing}, so {b} helped.",
+              "\"Can I play too?\" asked {a}.", "{a} and {b} ate a {thing} under a tree.")
+STORY_END = ("In the end, {a} was {feeling}.", "{a} said goodbye and went home.",
+             "After that day, {a} and {b} were best friends.", "{a} never forgot the {place}.")
+
+
+def story_names(name_len: int) -> list[str]:
+    """Every name of `name_len` characters (tokens with the byte tokenizer): an initial from
+    NAME_INITIALS, then name_len-1 lower-case letters (so 14 * 26 names of 2 tokens)."""
+    return ["".join(p) for p in itertools.product(NAME_INITIALS, *([NAME_LETTERS] * (name_len - 1)))]
+
+
+def _story(rng: np.random.Generator, name_len: int) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    k = int(rng.integers(2, 4))  # characters in the story, with different initials
+    initials = rng.choice(len(NAME_INITIALS), size=k, replace=False)
+    names = ["".join([NAME_INITIALS[i], *rng.choice(list(NAME_LETTERS), size=name_len - 1)]) for i in initials]
+
+    def fill(template: str, a: int, b: int) -> str:
+        pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+        return template.format(a="\0A", b="\0B", adj=pick(STORY_ADJECTIVES), animal=pick(STORY_ANIMALS),
+                               place=pick(STORY_PLACES), thing=pick(STORY_THINGS),
+                               feeling=pick(STORY_FEELINGS)).replace("\0A", names[a]).replace("\0B", names[b])
+
+    sentences = [fill(STORY_INTRO[int(rng.integers(len(STORY_INTRO)))], 0, 1)]
+    for j in range(1, k):  # introduce the others, each met by someone already introduced
+        sentences.append(fill(STORY_MEET[int(rng.integers(len(STORY_MEET)))], int(rng.integers(j)), j))
+    for _ in range(int(rng.integers(2, 5))):
+        a, b = rng.choice(k, size=2, replace=False)
+        sentences.append(fill(STORY_BODY[int(rng.integers(len(STORY_BODY)))], int(a), int(b)))
+    a, b = rng.choice(k, size=2, replace=False)
+    sentences.append(fill(STORY_END[int(rng.integers(len(STORY_END)))], int(a), int(b)))
+    text = " ".join(sentences)
+    seen = {}
+    for name in names:  # every name occurs twice at least: add a sentence for those seen once
+        if text.count(name) < 2:
+            text += f" {name} was {STORY_FEELINGS[int(rng.integers(len(STORY_FEELINGS)))]}."
+    targets, controls = [], []
+    for i in range(len(text) - name_len + 1):
+        word = text[i:i + name_len]
+        if word in names and not text[i - 1].isalpha() and not text[i + name_len:i + name_len + 1].isalpha():
+            (targets if word in seen else controls).append(i + 1)  # the name's second token
+            seen[word] = True
+    return text, tuple(targets), tuple(controls)
+
+
+def story_examples(n: int, *, name_len: int, seed: int | Sequence[int]) -> list[Example]:
+    """`n` stories; each Example's `prompt` is the whole story (`answer` is empty), `targets` and
+    `controls` the offsets of the scored tokens (see the section comment above)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        text, targets, controls = _story(rng, name_len)
+        out.append(Example(INDUCTION, text, "", 0, targets, controls))
+    return out
 
 
 # --- polynomials in F7[X]/(X^5) -----------------------------------------------------------------
@@ -268,6 +356,8 @@ def task_examples(data_cfg: ml_collections.ConfigDict, split: str) -> list[Examp
         raise ValueError(f"split={split!r} is not one of {tuple(_SPLIT_STREAMS)}. Fix: pick one of those.")
     n = int(data_cfg.synthetic_examples if split == "train" else data_cfg.synthetic_val_examples)
     seed = [int(data_cfg.synthetic_seed), _TASK_STREAMS[source], _SPLIT_STREAMS[split]]
+    if source == INDUCTION and str(data_cfg.induction_format) == STORIES:
+        return story_examples(n, name_len=int(data_cfg.induction_name_len), seed=seed)
     if source == INDUCTION:
         return induction_examples(n, pattern_len=int(data_cfg.induction_pattern_len),
                                   vocab=int(data_cfg.induction_vocab), seed=seed)
@@ -278,8 +368,9 @@ def task_examples(data_cfg: ml_collections.ConfigDict, split: str) -> list[Examp
 def corpus_name(data_cfg: ml_collections.ConfigDict) -> str:
     """`<task>-<fingerprint>`: the fingerprint covers every setting that changes an example."""
     source = str(data_cfg.source)
+    kind = STORIES if source == INDUCTION and str(data_cfg.induction_format) == STORIES else source
     settings = [(k, tuple(v) if isinstance(v, (list, tuple)) else v)
-                for k, v in ((k, data_cfg[k]) for k in SYNTHETIC_KEYS[source])]
+                for k, v in ((k, data_cfg[k]) for k in SYNTHETIC_KEYS[kind])]
     digest = hashlib.sha1(repr((source, _FORMAT_VERSION, settings)).encode()).hexdigest()[:16]
     return f"{source}-{digest}"
 

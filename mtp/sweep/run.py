@@ -32,7 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mtp.data.prompts import heldout_prompts, read_prompts
+from mtp.data.synthetic import is_synthetic
 from mtp.decode.api import PAD_TO, tokens_per_forward
+from mtp.evals.task_eval import task_scores
 from mtp.log import log
 from mtp.model.spec import ModelSpec
 from mtp.sweep.grid import Point, point_config
@@ -42,6 +44,7 @@ from mtp.workdir import load_model
 POINT_FILE = "sweep_point.json"
 SWEEP_FILE = "sweep.json"
 TPF_FILE = "sweep_tokens_per_forward.json"
+TASK_FILE = "sweep_task.json"
 TAIL_CHARS = 3000
 
 
@@ -294,6 +297,24 @@ class TokensPerForward:
         return value, None
 
 
+def point_task_scores(cfg, point_dir: Path) -> tuple[dict | None, str | None]:
+    """``mtp.evals.task_eval.task_scores`` of a finished synthetic-task point (induction score,
+    polynomial exact match in/out of distribution), cached in ``DIR/sweep_task.json`` per eval step;
+    ``(None, None)`` for other data."""
+    if not is_synthetic(str(cfg.data.source)):
+        return None, None
+    step = (read_json(point_dir / "eval.json") or {}).get("step")
+    cache = read_json(point_dir / TASK_FILE)
+    if isinstance(cache, dict) and cache.get("step") == step:
+        return cache, None
+    try:
+        scores = task_scores(load_model(point_dir))
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+    write_json(point_dir / TASK_FILE, scores)
+    return scores, None
+
+
 def collect(config_path: str | Path, points: list[Point], root: str | Path,
             outcome: SweepOutcome | None = None, tpf: TokensPerForward | None = None) -> list[dict]:
     """One results row per point, from its config, eval.json, metrics.jsonl and sweep_point.json."""
@@ -336,11 +357,15 @@ def collect(config_path: str | Path, points: list[Point], root: str | Path,
             "wall_s": sum(walls) if walls else None,
             "tokens_per_forward": None,
             "tokens_per_forward_error": None,
+            "task": None,
+            "task_error": None,
             "error": None,
             "workdir": str(d),
         }
         if finished and tpf is not None:
             row["tokens_per_forward"], row["tokens_per_forward_error"] = tpf(cfg, d)
+        if finished:
+            row["task"], row["task_error"] = point_task_scores(cfg, d)
         if status == "failed":
             last = next((a for a in reversed(attempts) if a.get("status") == "failed"), {})
             row["error"] = outcome.failed.get(point.name) or last.get("error")

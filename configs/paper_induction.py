@@ -1,0 +1,42 @@
+"""Induction on story-like text (Gloeckle et al. 2024, section 4.1): names that occur at least twice
+and are two tokens long; the score is head 1's accuracy on the second token of a name's later
+occurrences (mtp/data/synthetic.py "induction in stories", docs/synthetic.md).
+
+Byte tokenizer, so a two-token name is two characters (an initial no other word starts with, then a
+uniformly drawn letter): without copying the earlier occurrence the second token is right 1 time in
+26. 2 trunk layers, width swept; n_future swept (heads are one transformer layer each, not parameter
+matched).
+
+Run:     mtp sweep --config paper_induction --sweep seed=0,1,2 --sweep model.d_model=32,64,128 \
+             --sweep model.n_future=1,2 --workdir /work/runs/paper_induction --no-tpf
+Expect:  see docs/experiments.md section 1 ("Induction on stories"): mean +- standard error over
+         three seeds of the induction score per (width, n).
+"""
+
+from mtp.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.name = "paper_induction"
+    c.data.source = "induction"
+    c.data.induction_format = "stories"
+    c.data.induction_name_len = 2
+    c.data.tokenizer = "bytes"
+    c.model.vocab_size = c.data.vocab_size = 260
+    c.model.d_model = 64
+    c.model.n_layers = 2
+    c.model.n_heads = 4
+    c.model.n_kv_heads = 2
+    c.model.n_future = 1
+    c.model.max_seq_len = 384
+    c.train.steps = 400
+    c.train.batch_size = 12
+    c.train.seq_len = 384
+    c.train.log_every = 10
+    c.train.checkpoint_every = 200
+    c.train.eval_batches = 8
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 30
+    c.loss.chunk_size = 64
+    return c
