@@ -47,6 +47,7 @@ from mtp.data.errors import DataError
 from mtp.data.prepare import tokenize_corpus
 from mtp.decode.api import TextStreamer, decode_config, encode_prompt
 from mtp.decode.generate import generate
+from mtp.decode.settings import add_decode_settings, settings_from_args
 from mtp.distributed import initialize
 from mtp.evals.cli import add_parsers as add_evals
 from mtp.extras import MissingExtra
@@ -171,7 +172,7 @@ def cmd_generate(args, overrides) -> int:
                                       ("top_k", args.top_k)) if v is not None}
         dc = decode_config(loaded, mode=args.mode, heads=args.heads, tree=args.tree,
                            max_new_tokens=args.max_new_tokens, stop_at_eos=not args.ignore_eos,
-                           draft_vocab=args.draft_vocab, **sampling)
+                           draft_vocab=args.draft_vocab, settings=settings_from_args(args), **sampling)
         ids = encode_prompt(loaded, text)
         dc = dataclasses.replace(dc, stream=True)
         if not args.chat:
@@ -242,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--outputs", default=None,
                    help='write FILE.jsonl: one {"prompt", "greedy", "speculative", "identical"} line per prompt')
     d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_decode_settings(d)
     d.set_defaults(func=cmd_bench_decode)
     pe = bench.add_parser("peers", help="our greedy + speculative decoding vs transformers and llama.cpp")
     pe.add_argument("--workdir", required=True, help="a workdir converted from (or with heads on) --gguf")
@@ -257,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measure ours and llama.cpp this many times, interleaved; each engine's best round"
                          " counts (a shared machine's speed drifts; transformers runs once)")
     pe.add_argument("--json", action="store_true")
+    add_decode_settings(pe)
     pe.set_defaults(func=cmd_bench_peers)
     bd = bench.add_parser("data", help="tokens/s of the input pipeline beside the train step's")
     bd.add_argument("--config", default=None)
@@ -310,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
+    add_decode_settings(g)
     g.set_defaults(func=cmd_generate)
     add_sweep(sub)
     add_convert(sub)

@@ -46,6 +46,9 @@ TRAINABLE_MODES = ("all", "heads", "new_heads", "lora")  # train.trainable (mtp/
 NEW_HEAD_INITS = ("copy_last", "random")  # init.new_heads
 DECODE_MODES = ("greedy", "sample", "speculative", "speculative_sample")  # mtp generate / humaneval --mode
 MESH_AXES = ("data", "fsdp", "tensor")  # mesh.* (mtp/sharding.py)
+DECODE_BACKENDS = ("auto", "xla", "cpu_kernels")  # DecodeSettings.backend (mtp/kernels: the CPU kernels)
+DECODE_LAYOUTS = ("auto", "out_in", "in_out")  # DecodeSettings.layout (mtp/decode/weights.py)
+PACKED_ACTIVATIONS = ("float32", "int8")  # DecodeSettings.packed_activations (mtp/decode/packed.py)
 
 # sharding.rules: logical axis -> mesh axes (None: replicated); mtp/sharding.py applies them
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -66,6 +69,42 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """How batch-1 decoding computes on this machine (never what it computes: every setting keeps
+    the greedy output, except ``packed_activations='int8'``). Part of ``DecodeConfig``, a static
+    argument of the decode program, so changing a setting compiles a new program. docs/decoding.md
+    "Decode settings" has the table; ``mtp generate --help`` / ``mtp bench decode --help`` the flags."""
+
+    backend: str = "auto"  # DECODE_BACKENDS: 'auto' = the CPU kernels on a CPU backend where they build, else XLA
+    layout: str = "auto"  # DECODE_LAYOUTS: decode matrices [out, in] or [in, out]; 'auto': by size (weights_out_in)
+    fused_layers: bool = True  # packed layers as two fused kernel calls (mtp/kernels/decode_layer.cc)
+    packed_weights: bool = True  # decode from GGUF blocks when the weights are exactly such blocks
+    packed_activations: str = "float32"  # PACKED_ACTIVATIONS: 'int8' = llama.cpp's activations (lossy)
+    prefill_float: bool = True  # keep float32 layers beside packed ones for long prompt prefills
+    prefill_float_max_bytes: int = 4 << 30  # ... up to this many bytes of them
+    kernel_min_bytes: int = 1 << 20  # float32 matrices below this stay with XLA's products (cache-resident)
+    kernel_threads: int = 0  # threads of the CPU kernels (0: XLA's CPU thread count); fixed per process
+
+    def __post_init__(self):
+        for name, allowed in (("backend", DECODE_BACKENDS), ("layout", DECODE_LAYOUTS),
+                              ("packed_activations", PACKED_ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"decode setting {name}={getattr(self, name)!r}: use one of {', '.join(allowed)}.")
+        for name in ("fused_layers", "packed_weights", "prefill_float"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"decode setting {name}={getattr(self, name)!r}: use True or False.")
+        for name in ("prefill_float_max_bytes", "kernel_min_bytes", "kernel_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"decode setting {name}={value!r}: use a whole number >= 0"
+                                 + (" (0: XLA's CPU thread count)." if name == "kernel_threads" else " of bytes."))
+
+
+DEFAULT_DECODE_SETTINGS = DecodeSettings()
 
 
 # --- schema -----------------------------------------------------------------------------------

@@ -142,3 +142,14 @@ def test_parameter_matched_n_follows_heads_and_nonsense_is_refused(capsys):
         assert e.value.code == 2 and says in str(e.value), (argv, str(e.value))
     with pytest.raises(ConfigError, match="n >= 2"):
         parameter_matched_configs(cfg, 1, "scan")
+
+
+def test_peers_measures_float32_weights_and_int8_activations_through_settings():
+    """mtp bench peers' extra greedy rows for a packed model are settings, not environment variables."""
+    from mtp.bench.peers_bench import packed_variants
+    from mtp.config import DecodeSettings
+
+    base = DecodeSettings(kernel_threads=2)
+    (float_label, floats), (int8_label, int8) = packed_variants(base)
+    assert "float32 weights" in float_label and floats == DecodeSettings(kernel_threads=2, packed_weights=False)
+    assert "int8 activations" in int8_label and int8 == DecodeSettings(kernel_threads=2, packed_activations="int8")

@@ -245,19 +245,20 @@ def test_sampling_is_exact(mode, constant):
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
-def test_decode_layouts_match_the_model(layout, monkeypatch):
+def test_decode_layouts_match_the_model(layout):
     """Both decode weight layouts (``[out, in]`` for large models, ``[in, out]`` for small) give the
     model's own logits, LoRA adapters merged; the cached conversion follows a layout change."""
+    from mtp.config import DecodeSettings
     from mtp.decode.weights import cached_decode_weights, weights_out_in
 
-    monkeypatch.setenv("MTP_DECODE_LAYOUT", layout)
+    settings = DecodeSettings(layout=layout)
     model = heads_like_head1(tiny_model(seed=2, n_future=3, lora_rank=4), noise=0.5)
     pure = nnx.to_pure_dict(nnx.state(model))
     pure = jax.tree_util.tree_map_with_path(  # nonzero LoRA B factors, so the merge matters
         lambda p, a: a + 0.05 if "lora_b" in jax.tree_util.keystr(p) else a, pure)
     model = with_params(model, pure)
-    assert weights_out_in(model.spec) == (layout == "out_in")
-    weights = cached_decode_weights(model)
+    assert weights_out_in(model.spec, settings) == (layout == "out_in")
+    weights = cached_decode_weights(model, settings)
     assert weights["trunk"][0]["wgu"].shape[0] == (2 * model.spec.resolved_d_ff if layout == "out_in"
                                                   else model.spec.d_model)
     seq = prompts_of(23, 1, lo=9, hi=10)[0]

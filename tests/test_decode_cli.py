@@ -29,7 +29,8 @@ def test_bench_decode_json(workdir, tmp_path, capsys):
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["def f(x):", "import os\n", "a = [1,"]))
     outputs = tmp_path / "outputs.jsonl"
     rc = main(["bench", "decode", "--workdir", str(workdir), "--prompts", str(prompts), "--heads", "3",
-               "--max-new-tokens", "24", "--repeats", "1", "--json", "--outputs", str(outputs)])
+               "--max-new-tokens", "24", "--repeats", "1", "--json", "--outputs", str(outputs),
+               "--kernel-min-bytes", "0"])  # every product through the CPU kernels: still exact
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     rows = [json.loads(line) for line in outputs.read_text().splitlines()]
@@ -46,6 +47,7 @@ def test_bench_decode_json(workdir, tmp_path, capsys):
     assert out["tokens_per_forward"] > 1.0 and len(out["accept_rate_per_head"]) == 2
     assert out["new_tokens"] == 3 * 24
     assert out["decode_weights"]["exact"] == 0 and out["draft_vocab"] == 260  # float weights, all tokens
+    assert out["decode_settings"]["kernel_min_bytes"] == 0 and out["decode_settings"]["backend"] == "auto"
 
 
 def test_a_draft_vocabulary_from_the_workdir_keeps_the_text(workdir, capsys):
@@ -63,14 +65,19 @@ def test_a_draft_vocabulary_from_the_workdir_keeps_the_text(workdir, capsys):
 
 
 def test_generate_streams_the_same_text_in_every_greedy_mode(workdir, capsys):
+    """... and with any decode settings (speculative here runs on XLA's operations, [out, in] matrices)."""
     texts = []
-    for mode in ("greedy", "speculative"):
+    for mode, settings in (("greedy", []), ("speculative", ["--decode-backend", "xla", "--decode-layout", "out_in",
+                                                            "--no-fused-layers", "--kernel-threads", "1"])):
         assert main(["generate", "--workdir", str(workdir), "--prompt", "x = ", "--mode", mode,
-                     "--max-new-tokens", "12", "--ignore-eos"]) == 0
+                     "--max-new-tokens", "12", "--ignore-eos", *settings]) == 0
         captured = capsys.readouterr()
         texts.append(captured.out)
         assert "12 tokens" in captured.err
     assert texts[0] == texts[1] and texts[0].startswith("x = ")
+    with pytest.raises(SystemExit):  # argparse names the flag and its choices
+        main(["generate", "--workdir", str(workdir), "--prompt", "x", "--packed-activations", "int4"])
+    assert "--packed-activations: invalid choice: 'int4'" in capsys.readouterr().err
 
 
 def test_bad_prompt_file_is_named(workdir, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from helpers import tiny_model, with_params
 
+from mtp.config import DecodeSettings
 from mtp.decode import weights as dw
 from mtp.decode.generate import DecodeConfig, generate
 from mtp.decode.packed import PackedMatrix, pack_exact, quantize_s8
@@ -118,13 +119,12 @@ def gguf_like(model, kind: str):
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
-def test_a_gguf_model_decodes_from_its_blocks_exactly(kind, monkeypatch):
+def test_a_gguf_model_decodes_from_its_blocks_exactly(kind):
     model = gguf_like(tiny_model(seed=2, n_future=4), kind)
     prompts = [[5, 9, 11], [20, 21, 22, 23, 24, 25]]
-    monkeypatch.setenv("MTP_PACKED_WEIGHTS", "0")
-    plain32 = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=16), pad_to=16)
+    floats = DecodeSettings(packed_weights=False)
+    plain32 = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=16, settings=floats), pad_to=16)
     assert not dw.LAST_PACKING["exact"]
-    monkeypatch.setenv("MTP_PACKED_WEIGHTS", "1")
     plain = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=16), pad_to=16)
     weights = dw.cached_decode_weights(model)
     assert dw.LAST_PACKING == {**dw.LAST_PACKING, "exact": 1 + 4 * (2 + 1), "drafts_s8": 4 * 3, "float32": 0}
@@ -135,14 +135,14 @@ def test_a_gguf_model_decodes_from_its_blocks_exactly(kind, monkeypatch):
     for tree in (None, (2, 2, 1)):
         spec = generate(model, prompts, DecodeConfig("speculative", 4, tree, max_new_tokens=16), pad_to=16)
         assert spec.tokens == plain.tokens
-    monkeypatch.setenv("MTP_PACKED_ACTIVATIONS", "int8")  # llama.cpp's activations: still exact drafting
-    plain8 = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=16), pad_to=16)
-    assert dw.LAST_PACKING["activations"] == "int8" and dw.cached_decode_weights(model)["unembed"].q8x
-    spec8 = generate(model, prompts, DecodeConfig("speculative", 4, None, max_new_tokens=16), pad_to=16)
+    int8 = DecodeSettings(packed_activations="int8")  # llama.cpp's activations: still exact drafting
+    plain8 = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=16, settings=int8), pad_to=16)
+    assert dw.LAST_PACKING["activations"] == "int8" and dw.cached_decode_weights(model, int8)["unembed"].q8x
+    spec8 = generate(model, prompts, DecodeConfig("speculative", 4, None, max_new_tokens=16, settings=int8), pad_to=16)
     assert spec8.tokens == plain8.tokens
-    monkeypatch.setenv("MTP_PACKED_ACTIVATIONS", "int4")
-    with pytest.raises(ValueError, match="MTP_PACKED_ACTIVATIONS='int4'"):
-        generate(model, prompts, DecodeConfig("greedy", max_new_tokens=4), pad_to=16)
+    assert not dw.cached_decode_weights(model)["unembed"].q8x  # the default settings: float activations again
+    with pytest.raises(ValueError, match="packed_activations='int4': use one of float32, int8"):
+        DecodeSettings(packed_activations="int4")
 
 
 def test_a_draft_vocabulary_changes_drafts_not_the_output(tmp_path):
@@ -180,13 +180,12 @@ def test_a_draft_vocabulary_changes_drafts_not_the_output(tmp_path):
         dv.draft_ids(loaded, -1)
 
 
-def test_a_float_unembedding_stays_float_while_the_trunk_packs(monkeypatch):
+def test_a_float_unembedding_stays_float_while_the_trunk_packs():
     """Some GGUFs keep the embedding in F16/F32: the layers still pack, the unembedding does not."""
     model = gguf_like(tiny_model(seed=5, n_future=2), "Q4_1")
     pure = nnx.to_pure_dict(nnx.state(model))
     pure["embed"] = pure["embed"] + 1e-3 * jax.random.normal(jax.random.key(1), pure["embed"].shape)
     model = with_params(model, pure)
-    monkeypatch.setenv("MTP_PACKED_WEIGHTS", "1")
     weights = dw.cached_decode_weights(model)
     assert isinstance(weights["trunk"][1]["wdown"], PackedMatrix)
     assert not isinstance(weights["unembed"], PackedMatrix) and dw.LAST_PACKING["float32"] == 1
@@ -195,7 +194,7 @@ def test_a_float_unembedding_stays_float_while_the_trunk_packs(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_the_fused_decode_layer_matches_the_unfused_one(kind, monkeypatch):
+def test_the_fused_decode_layer_matches_the_unfused_one(kind):
     """Batch-1 packed layers run as two fused kernel calls (mtp/kernels/decode_layer.cc): the same
     hidden states and cache entries as the layer built from XLA operations, within float rounding."""
     from mtp.decode.cache import forward_layered, init_cache, unstack_cache
@@ -208,17 +207,17 @@ def test_the_fused_decode_layer_matches_the_unfused_one(kind, monkeypatch):
     args = (cache, jnp.array([[5, 9, 11, 4]], jnp.int32), jnp.array([3], jnp.int32), jnp.arange(4),
             np.tril(np.ones((4, 4), bool)))
     got = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("MTP_FUSED_LAYERS", flag)
+    for fused in (True, False):
+        settings = DecodeSettings(fused_layers=fused)
 
-        def fwd(c, t, lengths, depth, block):
-            return forward_layered(model, weights, c, t, lengths, depth, block, 3)
+        def fwd(c, t, lengths, depth, block, settings=settings):
+            return forward_layered(model, weights, c, t, lengths, depth, block, 3, settings)
 
         hlo = jax.jit(fwd).lower(*args).as_text()
-        assert hlo.count("mtp_layer_rest") == (5 if flag == "1" else 0)  # 2 trunk layers + 3 heads
+        assert hlo.count("mtp_layer_rest") == (5 if fused else 0)  # 2 trunk layers + 3 heads
         hidden, new = jax.jit(fwd)(*args)
-        got[flag] = [np.asarray(hidden), *map(np.asarray, new["trunk_k"] + new["trunk_v"] + new["head_v"])]
-    for fused, plain in zip(got["1"], got["0"]):
+        got[fused] = [np.asarray(hidden), *map(np.asarray, new["trunk_k"] + new["trunk_v"] + new["head_v"])]
+    for fused, plain in zip(got[True], got[False]):
         np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
 
 
@@ -231,31 +230,32 @@ def test_the_fused_layer_names_a_bad_operand():
         jax.block_until_ready(layer_qkv(jnp.ones((1, 32)), jnp.ones(32), w, cs, cs, n_heads=3, n_kv_heads=1, eps=1e-5))
 
 
-def test_a_long_prompt_prefills_through_float32_layers_with_the_same_output(monkeypatch):
+def test_a_long_prompt_prefills_through_float32_layers_with_the_same_output():
     """Packed weights keep float32 layers beside them for prompts of PREFILL_FLOAT_MIN_ROWS rows or
     more (XLA's matrix products); decode steps stay packed, and speculative output equals greedy."""
     model = gguf_like(tiny_model(seed=2, n_future=3), "Q4_1")
     prompts = [list(range(3, 3 + dw.PREFILL_FLOAT_MIN_ROWS + 5))]
     outs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("MTP_PREFILL_FLOAT", flag)
-        outs[flag] = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=12), pad_to=16).tokens
-        weights = dw.cached_decode_weights(model)
-        assert dw.LAST_PACKING["prefill"] == ("float32" if flag == "1" else "packed")
-        assert ("prefill" in weights) == (flag == "1")
+    for keep in (False, True):
+        settings = DecodeSettings(prefill_float=keep)
+        outs[keep] = generate(model, prompts, DecodeConfig("greedy", max_new_tokens=12, settings=settings),
+                              pad_to=16).tokens
+        assert dw.LAST_PACKING["prefill"] == ("float32" if keep else "packed")
+        weights = dw.cached_decode_weights(model, settings)
+        assert ("prefill" in weights) == keep
         assert isinstance(weights["trunk"][0]["wqkv"], PackedMatrix)
     assert not isinstance(weights["prefill"]["trunk"][0]["wqkv"], PackedMatrix)
     assert dw.prefill_weights(weights, dw.PREFILL_FLOAT_MIN_ROWS)["trunk"] is weights["prefill"]["trunk"]
     assert dw.prefill_weights(weights, 8)["trunk"] is weights["trunk"]  # short prompts stay packed
-    assert outs["1"] == outs["0"]  # the same weights; only the products' rounding differs
+    assert outs[True] == outs[False]  # the same weights; only the products' rounding differs
     spec = generate(model, prompts, DecodeConfig("speculative", 3, None, max_new_tokens=12), pad_to=16)
-    assert spec.tokens == outs["1"]
+    assert spec.tokens == outs[True]
 
 
-def test_the_float32_prefill_layers_respect_their_memory_budget(monkeypatch):
+def test_the_float32_prefill_layers_respect_their_memory_budget():
     model = gguf_like(tiny_model(seed=4, n_future=2), "Q8_0")
-    monkeypatch.setenv("MTP_PREFILL_FLOAT_MAX_BYTES", "1000")  # smaller than the tiny model's layers
-    assert "prefill" not in dw.cached_decode_weights(model) and dw.LAST_PACKING["prefill"] == "packed"
-    monkeypatch.setenv("MTP_PREFILL_FLOAT_MAX_BYTES", "lots")
-    with pytest.raises(ValueError, match="MTP_PREFILL_FLOAT_MAX_BYTES='lots'"):
-        dw.cached_decode_weights(model)
+    small = DecodeSettings(prefill_float_max_bytes=1000)  # smaller than the tiny model's layers
+    assert "prefill" not in dw.cached_decode_weights(model, small) and dw.LAST_PACKING["prefill"] == "packed"
+    assert "prefill" in dw.cached_decode_weights(model)  # the default budget holds them
+    with pytest.raises(ValueError, match="prefill_float_max_bytes='lots': use a whole number"):
+        DecodeSettings(prefill_float_max_bytes="lots")

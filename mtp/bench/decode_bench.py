@@ -9,6 +9,7 @@ divided into the measured read bandwidth of this machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -17,23 +18,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp.config import DEFAULT_DECODE_SETTINGS, DecodeSettings
 from mtp.data.prompts import heldout_prompts, read_prompts
 from mtp.decode import weights as dw
 from mtp.decode.api import PAD_TO, decode_config, encode_prompt
 from mtp.decode.generate import generate
+from mtp.decode.settings import settings_from_args
 from mtp.decode.tree import format_nodes, is_node_list
 from mtp.kernels import kernel_status, rows_matmul, rows_matmul_available
 from mtp.workdir import load_model
 
 
-def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5,
+                           settings: DecodeSettings = DEFAULT_DECODE_SETTINGS) -> float:
     """Bytes/s of a full read of an array far larger than the caches (best of N): the faster of a
     jitted sum (XLA may read it on one thread) and, where the CPU kernels are built, a one-row
     product with a float32 matrix on all kernel threads (what decoding's products do). The faster
     read sets the roofline, so a roofline fraction is never flattered by a one-thread probe."""
     x = jnp.ones((n_bytes // 4,), jnp.float32)
     probes = [jax.jit(jnp.sum)]
-    if rows_matmul_available():
+    if rows_matmul_available(settings):
         x = x.reshape(-1, 1024)
         row = jnp.ones((1, 1024), jnp.float32)
         probes = [jax.jit(jnp.sum), jax.jit(lambda a: rows_matmul(row, a, True))]
@@ -48,10 +52,10 @@ def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     return n_bytes / best
 
 
-def decode_weights_used(loaded) -> dict:
-    """What our decoding reads: the packing report (``mtp.decode.packed``; 'exact' = 0 when the
-    weights stay float32) and the decode-weight bytes of a plain greedy step."""
-    weights = dw.cached_decode_weights(loaded.model)
+def decode_weights_used(loaded, settings: DecodeSettings = DEFAULT_DECODE_SETTINGS) -> dict:
+    """What our decoding reads with ``settings``: the packing report (``mtp.decode.packed``; 'exact'
+    = 0 when the weights stay float32) and the decode-weight bytes of a plain greedy step."""
+    weights = dw.cached_decode_weights(loaded.model, settings)
     return {"packing": dict(dw.LAST_PACKING), "step_bytes": dw.step_bytes(weights)}
 
 
@@ -75,14 +79,16 @@ def tree_text(tree) -> str | None:
 
 def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_tokens: int,
                      tree: str | None = None, bandwidth: float | None = None, repeats: int = 1,
-                     draft_vocab: int | None = None, log=print, outputs: list | None = None) -> dict:
+                     draft_vocab: int | None = None, log=print, outputs: list | None = None,
+                     settings: DecodeSettings = DEFAULT_DECODE_SETTINGS) -> dict:
     heads = heads or loaded.spec.n_future
     if heads < 2:
         raise ValueError(f"{loaded.spec.n_future} head(s): speculative decoding needs heads 2..k to draft."
                          " Train heads first (e.g. configs/smollm2_heads.py), or pass --heads 2+.")
-    greedy_dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new_tokens, stop_at_eos=False)
-    spec_dc = decode_config(loaded, mode="speculative", heads=heads, tree=tree,
-                            max_new_tokens=max_new_tokens, stop_at_eos=False, draft_vocab=draft_vocab)
+    greedy_dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new_tokens, stop_at_eos=False,
+                              settings=settings)
+    spec_dc = decode_config(loaded, mode="speculative", heads=heads, tree=tree, max_new_tokens=max_new_tokens,
+                            stop_at_eos=False, draft_vocab=draft_vocab, settings=settings)
     t_greedy = t_spec = 0.0
     n_tokens = forwards = steps = 0
     accepted = np.zeros(spec_dc.heads, np.int64)
@@ -105,8 +111,8 @@ def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_t
         log(f"  prompt {i + 1}/{len(prompts)}: {len(ids)} tokens; greedy {len(g.tokens[0]) / dt_g:7.1f} tok/s,"
             f" speculative {len(s.tokens[0]) / dt_s:7.1f} tok/s, {len(s.tokens[0]) / s.forwards:.2f}"
             f" tokens/forward{'' if same else '  OUTPUT DIFFERS'}")
-    bandwidth = bandwidth or measure_read_bandwidth()
-    used = decode_weights_used(loaded)
+    bandwidth = bandwidth or measure_read_bandwidth(settings=settings)
+    used = decode_weights_used(loaded, settings)
     step_bytes = used["step_bytes"]
     roofline = bandwidth / step_bytes
     tps_greedy = n_tokens / t_greedy
@@ -128,13 +134,16 @@ def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_t
         "param_bytes_per_step": step_bytes,
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "device": jax.devices()[0].device_kind,
-        "block_products": block_products(),
+        "block_products": block_products(settings),
         "decode_weights": used["packing"],
+        "decode_settings": dataclasses.asdict(settings),
     }
 
 
-def block_products() -> str:
-    """Which code multiplies decode blocks by the weight matrices (mtp/kernels)."""
+def block_products(settings: DecodeSettings = DEFAULT_DECODE_SETTINGS) -> str:
+    """Which code multiplies decode blocks by the weight matrices with ``settings`` (mtp/kernels)."""
+    if settings.backend == "xla":
+        return "XLA (decode backend xla)"
     status = kernel_status()
     return "mtp rows_matmul kernel" if status["available"] else f"XLA ({status['reason']})"
 
@@ -153,7 +162,7 @@ def main(args) -> int:
     outputs = [] if args.outputs else None
     result = run_decode_bench(loaded, prompts, heads=args.heads, max_new_tokens=args.max_new_tokens,
                               tree=args.tree, repeats=args.repeats, draft_vocab=args.draft_vocab, log=log,
-                              outputs=outputs)
+                              outputs=outputs, settings=settings_from_args(args))
     if outputs is not None:
         with open(args.outputs, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in outputs)

@@ -21,9 +21,11 @@ import jax
 import numpy as np
 
 from mtp.bench.decode_bench import block_products, decode_weights_used, measure_read_bandwidth, tree_text
+from mtp.config import DEFAULT_DECODE_SETTINGS, DecodeSettings
 from mtp.data.prompts import heldout_prompts, read_prompts
 from mtp.decode.api import PAD_TO, decode_config
 from mtp.decode.generate import generate
+from mtp.decode.settings import settings_from_args
 from mtp.train.init_from import resolve_gguf
 from mtp.workdir import load_model
 
@@ -62,22 +64,30 @@ def _run_ours(loaded, prompt_ids, dc, repeats: int, decode_rate: bool = False) -
     return row, outs
 
 
+def packed_variants(settings: DecodeSettings) -> tuple[tuple[str, DecodeSettings], ...]:
+    """The greedy rows measured beside packed (GGUF-block) weights: the same model from float32
+    weights (exact: the same output), and with llama.cpp's int8 activations (lossy)."""
+    return (("mtp greedy (float32 weights)", dataclasses.replace(settings, packed_weights=False)),
+            ("mtp greedy (GGUF blocks, int8 activations)", dataclasses.replace(settings, packed_activations="int8")))
+
+
 def bench_ours(loaded, prompt_ids, max_new: int, heads: int, tree, repeats: int, log,
-               draft_vocab: int | None = None) -> tuple[dict, list, dict]:
-    """Our greedy and speculative rows with the default decode weights (GGUF blocks when the model
-    is exactly packable, ``mtp.decode.packed``), and then greedy from float32 weights as well when
-    they were packed. Returns the rows, our greedy output and the step bytes of each greedy row."""
+               draft_vocab: int | None = None,
+               settings: DecodeSettings = DEFAULT_DECODE_SETTINGS) -> tuple[dict, list, dict]:
+    """Our greedy and speculative rows with the decode weights ``settings`` give (GGUF blocks when
+    the model is exactly packable, ``mtp.decode.packed``), and then the ``packed_variants`` as well
+    when they were packed. Returns the rows, our greedy output and the step bytes of each greedy row."""
     rows, step_bytes = {}, {}
-    used = decode_weights_used(loaded)
+    used = decode_weights_used(loaded, settings)
     packed = bool(used["packing"].get("exact"))
     greedy_label = "mtp greedy (GGUF blocks)" if packed else "mtp greedy"
-    dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new, stop_at_eos=False)
+    dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new, stop_at_eos=False, settings=settings)
     rows[greedy_label], greedy = _run_ours(loaded, prompt_ids, dc, repeats, decode_rate=True)
     step_bytes[greedy_label] = used["step_bytes"]
     log(f"  {greedy_label}: {rows[greedy_label]['tokens_per_s']:.2f} tokens/s")
     if loaded.spec.n_future >= 2:
         dc = decode_config(loaded, mode="speculative", heads=heads, tree=tree, max_new_tokens=max_new,
-                           stop_at_eos=False, draft_vocab=draft_vocab)
+                           stop_at_eos=False, draft_vocab=draft_vocab, settings=settings)
         shape = tree_text(dc.tree)
         extra = (f", tree {shape}" if shape else "") + (", GGUF blocks" if packed else "")
         extra += f", draft vocab {len(dc.draft_ids)}" if dc.draft_ids else ""
@@ -86,24 +96,15 @@ def bench_ours(loaded, prompt_ids, max_new: int, heads: int, tree, repeats: int,
         rows[label]["identical_to_mtp_greedy"] = spec == greedy
         log(f"  {label}: {rows[label]['tokens_per_s']:.2f} tokens/s")
     if packed:  # the same greedy from float32 weights, and with llama.cpp's int8 activations (lossy)
-        for label, env, value in (("mtp greedy (float32 weights)", "MTP_PACKED_WEIGHTS", "0"),
-                                  ("mtp greedy (GGUF blocks, int8 activations)", "MTP_PACKED_ACTIVATIONS", "int8")):
-            old = os.environ.get(env)
-            os.environ[env] = value
-            try:
-                step_bytes[label] = decode_weights_used(loaded)["step_bytes"]
-                dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new, stop_at_eos=False)
-                rows[label], out = _run_ours(loaded, prompt_ids, dc, repeats, decode_rate=True)
-                if env == "MTP_PACKED_WEIGHTS":
-                    rows[label]["identical_to_mtp_greedy"] = out == greedy
-                else:  # not the float model's output any more: how far it follows it
-                    rows[label]["agreement_with_mtp_greedy"] = _agreement(greedy, out)
-                log(f"  {label}: {rows[label]['tokens_per_s']:.2f} tokens/s")
-            finally:
-                if old is None:
-                    os.environ.pop(env, None)
-                else:
-                    os.environ[env] = old
+        for label, variant in packed_variants(settings):
+            step_bytes[label] = decode_weights_used(loaded, variant)["step_bytes"]
+            dc = decode_config(loaded, mode="greedy", max_new_tokens=max_new, stop_at_eos=False, settings=variant)
+            rows[label], out = _run_ours(loaded, prompt_ids, dc, repeats, decode_rate=True)
+            if not variant.packed_weights:
+                rows[label]["identical_to_mtp_greedy"] = out == greedy
+            else:  # not the float model's output any more: how far it follows it
+                rows[label]["agreement_with_mtp_greedy"] = _agreement(greedy, out)
+            log(f"  {label}: {rows[label]['tokens_per_s']:.2f} tokens/s")
     return rows, greedy, {**step_bytes, "packing": used["packing"]}
 
 
@@ -203,6 +204,7 @@ def run_peers(args) -> dict:
     heads = args.heads or loaded.spec.n_future
     tree = args.tree or None  # widths, sparse nodes or auto[:N] (decode_config reads them)
     rounds = max(1, int(getattr(args, "rounds", 1) or 1))
+    settings = settings_from_args(args)
     log(f"Peers: {len(prompts)} prompts, batch 1, greedy, {args.max_new_tokens} new tokens, {_threads()} threads,"
         f" {rounds} round(s) of ours and llama.cpp")
     rows = {}
@@ -211,7 +213,8 @@ def run_peers(args) -> dict:
         if rounds > 1:
             log(f" round {r + 1}/{rounds}")
         ours, ours_greedy, step_bytes = bench_ours(loaded, prompt_ids, args.max_new_tokens, heads, tree,
-                                                   args.repeats, log, draft_vocab=getattr(args, "draft_vocab", None))
+                                                   args.repeats, log, draft_vocab=getattr(args, "draft_vocab", None),
+                                                   settings=settings)
         lc, lc_out = bench_llama_cpp(gguf, prompt_ids, args.max_new_tokens, log)
         if lc_out is not None:
             lc["agreement_with_mtp_greedy"] = _agreement(ours_greedy, lc_out)
@@ -223,7 +226,7 @@ def run_peers(args) -> dict:
         hf["agreement_with_mtp_greedy"] = _agreement(ours_greedy, hf_out)
     rows = {**{k: v for k, v in rows.items() if k != lc_label}, "transformers generate (fp32)": hf,
             lc_label: rows[lc_label]}
-    bw = measure_read_bandwidth()
+    bw = measure_read_bandwidth(settings=settings)
     greedy_label = next(iter(step_bytes))  # the default decode weights' greedy row
     roofline = {label: bw / n for label, n in step_bytes.items()}
     for label, r in roofline.items():
@@ -236,7 +239,7 @@ def run_peers(args) -> dict:
               "greedy_fraction_of_roofline": rows[greedy_label]["fraction_of_roofline"],
               "greedy_decode_fraction_of_roofline": rows[greedy_label].get("decode_fraction_of_roofline"),
               "read_bandwidth_gb_s": bw / 1e9, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-              "workdir": str(args.workdir), "gguf": str(gguf), "block_products": block_products(),
+              "workdir": str(args.workdir), "gguf": str(gguf), "block_products": block_products(settings),
               "decode_weights": packing}
     spec_label = next((k for k in rows if k.startswith("mtp speculative")), None)
     if spec_label:

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 
+from mtp.config import DEFAULT_DECODE_SETTINGS, DecodeSettings
 from mtp.decode.calibrate import calibrated_tree, parse_auto
 from mtp.decode.draft_vocab import draft_ids
 from mtp.decode.generate import PAD_TO, DecodeConfig, GenerateResult, generate
@@ -14,10 +15,12 @@ from mtp.decode.tree import parse_tree
 
 def decode_config(loaded, *, mode: str = "greedy", heads: int | None = None, tree=None,
                   max_new_tokens: int = 128, temperature: float = 0.8, top_p: float = 1.0,
-                  top_k: int = 0, stop_at_eos: bool = True, draft_vocab: int | None = None) -> DecodeConfig:
+                  top_k: int = 0, stop_at_eos: bool = True, draft_vocab: int | None = None,
+                  settings: DecodeSettings = DEFAULT_DECODE_SETTINGS) -> DecodeConfig:
     """A DecodeConfig for this model: speculative modes default to all heads, plain ones to 1.
     ``draft_vocab``: heads 2..k draft among that many most frequent tokens (0: all; None: the
-    default of ``mtp.decode.draft_vocab.resolve_size``); the output does not depend on it."""
+    default of ``mtp.decode.draft_vocab.resolve_size``); the output does not depend on it.
+    ``settings``: how the decode computes here (``DecodeSettings``; ``--decode-*`` flags)."""
     speculative = mode.startswith("speculative")
     if heads is None:
         heads = loaded.spec.n_future if speculative else 1
@@ -35,7 +38,7 @@ def decode_config(loaded, *, mode: str = "greedy", heads: int | None = None, tre
     ids = draft_ids(loaded, draft_vocab) if speculative and heads > 1 else None
     return DecodeConfig(mode=mode, heads=heads, tree=tuple(tree) if tree else None,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, eos_id=eos, draft_ids=ids)
+                        top_p=top_p, eos_id=eos, draft_ids=ids, settings=settings)
 
 
 def encode_prompt(loaded, text: str) -> list[int]:
@@ -67,10 +70,11 @@ def _strip_eos(tokens: list[int], eos: int) -> list[int]:
 
 def generate_texts(loaded, prompts: list[str], *, mode: str = "greedy", heads: int | None = None,
                    max_new_tokens: int = 128, temperature: float = 0.8, top_p: float = 1.0,
-                   top_k: int = 0, seed: int = 0, tree=None, batch_size: int = 8) -> list[str]:
+                   top_k: int = 0, seed: int = 0, tree=None, batch_size: int = 8,
+                   settings: DecodeSettings = DEFAULT_DECODE_SETTINGS) -> list[str]:
     """Completions (text after each prompt, EOS removed) for a list of prompts."""
     dc = decode_config(loaded, mode=mode, heads=heads, tree=tree, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, top_k=top_k)
+                       temperature=temperature, top_p=top_p, top_k=top_k, settings=settings)
     ids = [encode_prompt(loaded, p) for p in prompts]
     out = []
     for r in generate_ids(loaded, ids, dc, seed=seed, batch_size=batch_size):

@@ -15,15 +15,13 @@ batch axis of 1 to squeeze made XLA copy every layer's cache every step).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp.config import LAYER_HEADS
+from mtp.config import LAYER_HEADS, DecodeSettings
 from mtp.decode.packed import MATRICES, PackedMatrix
-from mtp.decode.weights import decode_weights, linear, project, simple_head
+from mtp.decode.weights import DEFAULT_SETTINGS, decode_weights, linear, project, simple_head
 from mtp.kernels import rows_matmul_available
 from mtp.kernels.cpu import decode_attention, layer_qkv, layer_rest
 from mtp.model.heads import causal_combine
@@ -98,23 +96,23 @@ def _write_kv(c_CxSxH, new_BxTxKxH, lengths_B, slots_BxT):
 ATTENTION_KERNEL_MAX_T = 64  # decode steps and draft blocks; a prefill stays with XLA's products
 
 
-def use_attention_kernel(B: int, T: int, H: int, dtype) -> bool:
+def use_attention_kernel(B: int, T: int, H: int, dtype, settings: DecodeSettings = DEFAULT_SETTINGS) -> bool:
     """Whether ``attend`` runs ``mtp.kernels.decode_attention``: batch 1, a decode step or draft
     block, float32, on the CPU with the kernels built. Its per-token results do not depend on the
     block size, which is what makes speculative decoding bitwise equal to plain greedy."""
     if B != 1 or T > ATTENTION_KERNEL_MAX_T or H % 8 or jnp.dtype(dtype) != jnp.float32:
         return False
-    return rows_matmul_available()
+    return rows_matmul_available(settings)
 
 
-def attend(q_BxTxNxH, k_CxSxH, v_CxSxH, mask_Bx1xTxS):
+def attend(q_BxTxNxH, k_CxSxH, v_CxSxH, mask_Bx1xTxS, settings: DecodeSettings = DEFAULT_SETTINGS):
     """Grouped-query attention of the new tokens over a per-layer cache ``[B*K, S, H]`` (already
     holding their own keys/values): query head n reads kv head ``n // (N / K)``
     (jax.nn.dot_product_attention's grouping), scale ``1/sqrt(H)``, float32 softmax."""
     B, T, N, H = q_BxTxNxH.shape
     K = k_CxSxH.shape[0] // B
     G = N // K
-    if use_attention_kernel(B, T, H, k_CxSxH.dtype):
+    if use_attention_kernel(B, T, H, k_CxSxH.dtype, settings):
         out_TxNxH = decode_attention(q_BxTxNxH[0], k_CxSxH, v_CxSxH, mask_Bx1xTxS[0, 0])
         return out_TxNxH.reshape(B, T, N * H).astype(q_BxTxNxH.dtype)
     q_CxQxH = q_BxTxNxH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, H)  # row g*T + t
@@ -125,17 +123,17 @@ def attend(q_BxTxNxH, k_CxSxH, v_CxSxH, mask_Bx1xTxS):
     return o_CxQxH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N * H)
 
 
-def use_fused_layer(lw: dict, B: int, T: int, H: int, dtype) -> bool:
+def use_fused_layer(lw: dict, B: int, T: int, H: int, dtype, settings: DecodeSettings = DEFAULT_SETTINGS) -> bool:
     """Whether ``_block_step`` runs the layer as the two fused kernel calls of
     ``mtp/kernels/decode_layer.cc`` (``layer_qkv``, ``layer_rest``): where the attention kernel
     runs (batch 1, a decode step or draft block, float32) and all four matrices are packed
-    (``mtp.decode.packed``) with the same activations. ``MTP_FUSED_LAYERS=0`` turns it off."""
-    if os.environ.get("MTP_FUSED_LAYERS", "1") == "0":
+    (``mtp.decode.packed``) with the same activations. ``settings.fused_layers=False`` turns it off."""
+    if not settings.fused_layers:
         return False
     mats = [lw.get(key) for key in MATRICES]
     if not all(isinstance(w, PackedMatrix) for w in mats) or len({w.q8x for w in mats}) != 1:
         return False
-    return use_attention_kernel(B, T, H, dtype)
+    return use_attention_kernel(B, T, H, dtype, settings)
 
 
 def fused_tables(spec, positions_BxT, mask_Bx1xTxS):
@@ -161,32 +159,32 @@ def _fused_block_step(lw: dict, spec, x_BxTxD, tables, k_CxSxH, v_CxSxH, lengths
 
 
 def _block_step(lw: dict, spec, x_BxTxD, positions_BxT, mask_Bx1xTxS, k_CxSxH, v_CxSxH, lengths_B, slots_BxT,
-                tables=None):
+                tables=None, settings: DecodeSettings = DEFAULT_SETTINGS):
     """One transformer layer (decode layout ``lw``) over the new tokens, writing their keys and
     values into the per-layer cache (slots ``lengths_b + 0 .. T-1``, inside the cache).
     ``tables``: ``fused_tables`` when the caller computed them once for all layers."""
     B, T, _ = x_BxTxD.shape
     N, K, H, eps = spec.n_heads, spec.n_kv_heads, spec.resolved_head_dim, spec.norm_eps
-    if use_fused_layer(lw, B, T, H, k_CxSxH.dtype):
+    if use_fused_layer(lw, B, T, H, k_CxSxH.dtype, settings):
         tables = fused_tables(spec, positions_BxT, mask_Bx1xTxS) if tables is None else tables
         return _fused_block_step(lw, spec, x_BxTxD, tables, k_CxSxH, v_CxSxH, lengths_B)
-    qkv_BxTxC = linear(rms_norm(x_BxTxD, lw["attn_norm"], eps), lw["wqkv"])
+    qkv_BxTxC = linear(rms_norm(x_BxTxD, lw["attn_norm"], eps), lw["wqkv"], settings)
     q_BxTxNxH = rope(qkv_BxTxC[..., :N * H].reshape(B, T, N, H), positions_BxT, spec.rope_theta)
     k_BxTxKxH = rope(qkv_BxTxC[..., N * H:(N + K) * H].reshape(B, T, K, H), positions_BxT, spec.rope_theta)
     v_BxTxKxH = qkv_BxTxC[..., (N + K) * H:].reshape(B, T, K, H)
     k_CxSxH = _write_kv(k_CxSxH, k_BxTxKxH, lengths_B, slots_BxT)
     v_CxSxH = _write_kv(v_CxSxH, v_BxTxKxH, lengths_B, slots_BxT)
-    out_BxTxNH = attend(q_BxTxNxH, k_CxSxH, v_CxSxH, mask_Bx1xTxS)
-    x_BxTxD = x_BxTxD + linear(out_BxTxNH, lw["wo"])
-    gu_BxTx2F = linear(rms_norm(x_BxTxD, lw["mlp_norm"], eps), lw["wgu"])
+    out_BxTxNH = attend(q_BxTxNxH, k_CxSxH, v_CxSxH, mask_Bx1xTxS, settings)
+    x_BxTxD = x_BxTxD + linear(out_BxTxNH, lw["wo"], settings)
+    gu_BxTx2F = linear(rms_norm(x_BxTxD, lw["mlp_norm"], eps), lw["wgu"], settings)
     gate_BxTxF, up_BxTxF = jnp.split(gu_BxTx2F, 2, axis=-1)
-    return x_BxTxD + linear(jax.nn.silu(gate_BxTxF) * up_BxTxF, lw["wdown"]), k_CxSxH, v_CxSxH
+    return x_BxTxD + linear(jax.nn.silu(gate_BxTxF) * up_BxTxF, lw["wdown"], settings), k_CxSxH, v_CxSxH
 
 
 def forward_layered(model: MTPLM, weights: dict, cache: dict, tokens_BxT, lengths_B, depth_T,
-                    block_mask_TxT, n_heads: int):
+                    block_mask_TxT, n_heads: int, settings: DecodeSettings = DEFAULT_SETTINGS):
     """``forward_cached`` on the decode layout (``mtp.decode.weights``) and a per-layer cache
-    (``unstack_cache``): what the decode loop runs."""
+    (``unstack_cache``): what the decode loop runs (``settings``: ``DecodeConfig.settings``)."""
     spec = model.spec
     S = cache["trunk_k"][0].shape[1]
     depth_T = jnp.asarray(depth_T, jnp.int32)
@@ -197,13 +195,13 @@ def forward_layered(model: MTPLM, weights: dict, cache: dict, tokens_BxT, length
     states = not model.shared_head_input  # heads 2..n read an earlier layer or a mix of all
     B, T = tokens_BxT.shape
     layers = [*zip(weights["trunk"], cache["trunk_k"]), *zip(weights["heads"], cache["head_k"])]
-    fused = any(use_fused_layer(lw, B, T, spec.resolved_head_dim, k_c.dtype) for lw, k_c in layers)
+    fused = any(use_fused_layer(lw, B, T, spec.resolved_head_dim, k_c.dtype, settings) for lw, k_c in layers)
     tables = fused_tables(spec, positions_BxT, mask) if fused else None  # shared by every fused layer
 
     h_BxTxD, trunk_k, trunk_v, outs = x_BxTxD, [], [], []
     for lw, k_c, v_c in zip(weights["trunk"], cache["trunk_k"], cache["trunk_v"]):
         h_BxTxD, k_c, v_c = _block_step(lw, spec, h_BxTxD, positions_BxT, mask, k_c, v_c, lengths_B, slots_BxT,
-                                        tables)
+                                        tables, settings)
         trunk_k.append(k_c)
         trunk_v.append(v_c)
         outs.append(h_BxTxD)
@@ -217,9 +215,9 @@ def forward_layered(model: MTPLM, weights: dict, cache: dict, tokens_BxT, length
         hw = weights["heads"][i]
         if spec.head_type in LAYER_HEADS:
             h_i, head_k[i], head_v[i] = _block_step(hw, spec, head_in[i], positions_BxT, mask, head_k[i],
-                                                    head_v[i], lengths_B, slots_BxT, tables)
+                                                    head_v[i], lengths_B, slots_BxT, tables, settings)
         else:
-            h_i = simple_head(hw, head_in[i])
+            h_i = simple_head(hw, head_in[i], settings)
         hidden.append(h_i)
     hidden_NxBxTxD = jnp.stack(hidden)
     new = {"trunk_k": trunk_k, "trunk_v": trunk_v, "head_k": head_k, "head_v": head_v}
@@ -240,7 +238,7 @@ def forward_cached(model: MTPLM, cache: dict, tokens_BxT, lengths_B, depth_T, bl
 
 
 def causal_drafts_layered(model: MTPLM, weights: dict, cache: dict, seq_BxS, lengths_B, n_heads: int,
-                          window: int):
+                          window: int, settings: DecodeSettings = DEFAULT_SETTINGS):
     """Sequential (``head_type='causal'``) drafting: ``(drafts [B, n_heads-1], cache)``.
 
     ``lengths_B`` slots hold the accepted prefix in the trunk cache and head 1's outputs
@@ -266,9 +264,10 @@ def causal_drafts_layered(model: MTPLM, weights: dict, cache: dict, seq_BxS, len
         x = causal_combine(prev_BxWxD, weights["embed"][tok_BxW], model.causal_proj[k - 2],
                            model.causal_h_norm[k - 2], model.causal_e_norm[k - 2], spec.norm_eps)
         prev_BxWxD, head_k[k - 1], head_v[k - 1] = _block_step(
-            weights["heads"][k - 1], spec, x, pos_BxW, mask, head_k[k - 1], head_v[k - 1], start_B, pos_BxW)
+            weights["heads"][k - 1], spec, x, pos_BxW, mask, head_k[k - 1], head_v[k - 1], start_B, pos_BxW,
+            settings=settings)
         last_BxD = jnp.take_along_axis(prev_BxWxD, last_B[:, None, None], axis=1)[:, 0]
-        d_B = jnp.argmax(project(weights, last_BxD, spec.norm_eps), -1).astype(jnp.int32)
+        d_B = jnp.argmax(project(weights, last_BxD, spec.norm_eps, settings), -1).astype(jnp.int32)
         seq_BxS = seq_BxS.at[jnp.arange(B), lengths_B + k - 1].set(d_B, mode="drop")
         drafts.append(d_B)
     return jnp.stack(drafts, axis=1), {**cache, "head_k": head_k, "head_v": head_v}

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp.config import DECODE_MODES
+from mtp.config import DECODE_MODES, DEFAULT_DECODE_SETTINGS, DecodeSettings
 from mtp.decode.cache import (
     causal_drafts_layered,
     compact_cache,
@@ -59,6 +59,9 @@ class DecodeConfig:
     # unembedding shrinks by V / len(draft_ids); head 1 still checks every draft over the whole
     # vocabulary, so the output is unchanged (see mtp.decode.draft_vocab)
     draft_ids: tuple[int, ...] | None = None
+    # how the decode program computes on this machine (backend, layout, packing, kernel threads;
+    # mtp.config.DecodeSettings): part of this static config, so a changed setting recompiles
+    settings: DecodeSettings = DEFAULT_DECODE_SETTINGS
 
     @property
     def speculative(self) -> bool:
@@ -144,17 +147,18 @@ def right_align(tokens_BxP, lengths_B, padding: str):
     return jnp.take_along_axis(tokens_BxP, idx_BxP, axis=1)
 
 
-def _drafts(weights, eps, hidden_HxBxD, tree: DraftTree, draft=None):
+def _drafts(weights, eps, hidden_HxBxD, tree: DraftTree, draft=None,
+            settings: DecodeSettings = DEFAULT_DECODE_SETTINGS):
     """Candidate tokens ``[B, sum(widths)]``: head d+1's top-w_d at the chosen node, per depth;
     ``draft``: ``(ids_N, unembed of those N tokens)`` (``draft_unembed``) to draft among them only."""
     if tree.max_depth == 0:
         return jnp.zeros((hidden_HxBxD.shape[1], 0), jnp.int32)
     if draft is None:
-        logits_HxBxV = project(weights, hidden_HxBxD, eps)
+        logits_HxBxV = project(weights, hidden_HxBxD, eps, settings)
         cands = [jax.lax.top_k(logits_HxBxV[d], w)[1] for d, w in enumerate(tree.widths)]
     else:
         ids_N, unembed = draft
-        logits_HxBxN = linear(rms_norm(hidden_HxBxD, weights["final_norm"], eps), unembed)
+        logits_HxBxN = linear(rms_norm(hidden_HxBxD, weights["final_norm"], eps), unembed, settings)
         cands = [ids_N[jax.lax.top_k(logits_HxBxN[d], w)[1]] for d, w in enumerate(tree.widths)]
     return jnp.concatenate(cands, axis=-1).astype(jnp.int32)
 
@@ -255,18 +259,18 @@ def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: Deco
     zeros_B = jnp.zeros((B,), jnp.int32)
     causal = np.tril(np.ones((P, P), bool))
     hidden_HxBxPxD, cache = forward_layered(model, prefill_weights(weights, B * P), cache, tokens_BxP, zeros_B,
-                                            np.arange(P), causal, fwd_heads)
+                                            np.arange(P), causal, fwd_heads, dc.settings)
     last_HxBxD = jnp.take_along_axis(hidden_HxBxPxD, (lengths_B - 1)[None, :, None, None], axis=2)[:, :, 0]
-    logits1_BxV = project(weights, last_HxBxD[0], eps)
+    logits1_BxV = project(weights, last_HxBxD[0], eps, dc.settings)
     key, k0 = jax.random.split(key)
     root_B = (jnp.argmax(logits1_BxV, -1).astype(jnp.int32) if dc.greedy
               else _sample(k0, filtered_probs(logits1_BxV, dc)))
     seq_BxS = None  # sequential heads only: tokens by position (prompt, emitted, drafts)
     if sequential:  # heads 2..k over the whole prompt, then the drafts at its last position
         seq_BxS = jnp.zeros((B, S), jnp.int32).at[:, :P].set(tokens_BxP).at[b_B, lengths_B].set(root_B)
-        cands_BxC, cache = causal_drafts_layered(model, weights, cache, seq_BxS, lengths_B, k_heads, P)
+        cands_BxC, cache = causal_drafts_layered(model, weights, cache, seq_BxS, lengths_B, k_heads, P, dc.settings)
     else:
-        cands_BxC = _drafts(weights, eps, last_HxBxD[1:], tree, draft)
+        cands_BxC = _drafts(weights, eps, last_HxBxD[1:], tree, draft, dc.settings)
 
     if dc.stream:
         jax.debug.callback(_stream_emit, root_B[:1], 1, ordered=True)
@@ -283,8 +287,8 @@ def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: Deco
     def body(c):
         block_BxT = _block_tokens(c["root_B"], c["cands_BxC"], tree)
         hidden_HxBxTxD, cache = forward_layered(model, weights, c["cache"], block_BxT, c["lengths_B"], depth_T,
-                                                mask_TxT, fwd_heads)
-        logits1_BxTxV = project(weights, hidden_HxBxTxD[0], eps)
+                                                mask_TxT, fwd_heads, dc.settings)
+        logits1_BxTxV = project(weights, hidden_HxBxTxD[0], eps, dc.settings)
         key, k_step = jax.random.split(c["key"])
         if dc.greedy:
             best_B, n_acc_B, path_BxD, emitted_BxD = _verify_greedy(logits1_BxTxV, block_BxT, tree)
@@ -302,10 +306,11 @@ def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: Deco
             in_BxD = (d_1xD <= n_acc_B[:, None]) & live_B[:, None]
             seq_pos_BxD = jnp.where(in_BxD, c["lengths_B"][:, None] + 1 + d_1xD, S)
             seq_BxS = seq_BxS.at[b_B[:, None], seq_pos_BxD].set(emitted_BxD, mode="drop")
-            cands_BxC, cache = causal_drafts_layered(model, weights, cache, seq_BxS, lengths_B, k_heads, window)
+            cands_BxC, cache = causal_drafts_layered(model, weights, cache, seq_BxS, lengths_B, k_heads, window,
+                                                     dc.settings)
         else:
             node_HxBxD = jnp.take_along_axis(hidden_HxBxTxD[1:], best_B[None, :, None, None], axis=2)[:, :, 0]
-            cands_BxC = _drafts(weights, eps, node_HxBxD, tree, draft)
+            cands_BxC = _drafts(weights, eps, node_HxBxD, tree, draft, dc.settings)
         # Outputs: tokens 0..n_acc of ``emitted``, cut at the first EOS, only for live rows.
         valid_BxD = (d_1xD <= n_acc_B[:, None]) & live_B[:, None]
         is_eos_BxD = valid_BxD & (emitted_BxD == dc.eos_id)
@@ -396,7 +401,7 @@ def generate(model, prompts: list[list[int]] | np.ndarray, dc: DecodeConfig, *, 
     graphdef, params = nnx.split(model)
     _STREAM_SINK.append(on_tokens or (lambda ids: None))
     try:
-        out, n_out, stats, cache, lens = _generate(graphdef, params, cached_decode_weights(model),
+        out, n_out, stats, cache, lens = _generate(graphdef, params, cached_decode_weights(model, dc.settings),
                                                    jnp.asarray(tokens_BxP),
                                                    jnp.asarray(lengths_B), jax.random.key(seed), dc=dc)
         out = jax.block_until_ready(out)

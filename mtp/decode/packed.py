@@ -16,16 +16,16 @@ GGUFs keep it F16/F32). The drafting heads (2..n, trained here in
 float32) are the one lossy exception: they are quantized like Q8_0 (``quantize_s8``) when the trunk
 is packed, because they only propose tokens; the model's next-token head and the trunk check every
 proposal, so the output stays the model's own greedy output (only acceptance can move).
-``MTP_PACKED_WEIGHTS=0`` turns packing off; it also needs the CPU kernels (``mtp.kernels``).
+``DecodeSettings.packed_weights=False`` (``--no-packed-weights``) turns packing off; it also needs the
+CPU kernels (``mtp.kernels``).
 """
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 
+from mtp.config import DecodeSettings
 from mtp.kernels import rows_matmul_available
 
 BLOCK = 32
@@ -140,20 +140,18 @@ def quantize_s8(w_OxI) -> PackedMatrix | None:
     return PackedMatrix(q.reshape(q.shape[0], -1), d)
 
 
-def activations_int8() -> bool:
-    """``MTP_PACKED_ACTIVATIONS=int8``: packed products quantize activations to int8 blocks (like
-    llama.cpp; ~2x faster products, outputs no longer those of the float model)."""
-    value = os.environ.get("MTP_PACKED_ACTIVATIONS", "float32")
-    if value not in ("float32", "int8"):
-        raise ValueError(f"MTP_PACKED_ACTIVATIONS={value!r}: use 'float32' (exact weights, float products;"
-                         " the default) or 'int8' (llama.cpp-style 8-bit activations).")
-    return value == "int8"
+def activations_int8(settings: DecodeSettings) -> bool:
+    """``settings.packed_activations == 'int8'``: packed products quantize activations to int8 blocks
+    (like llama.cpp; ~2x faster products, outputs no longer those of the float model)."""
+    return settings.packed_activations == "int8"
 
 
-def packing_enabled() -> bool:
-    if os.environ.get("MTP_PACKED_WEIGHTS", "1") == "0" or jax.default_backend() != "cpu":
+def packing_enabled(settings: DecodeSettings) -> bool:
+    """Whether decode weights that are exactly GGUF blocks decode from the blocks: the setting is on
+    and the CPU kernels run (``settings.backend``)."""
+    if not settings.packed_weights or jax.default_backend() != "cpu":
         return False
-    return rows_matmul_available()
+    return rows_matmul_available(settings)
 
 
 def _out_in(w) -> np.ndarray:

@@ -14,24 +14,24 @@ choices cost a lot there (``mtp bench decode``; docs/decoding.md "Why a decode l
 On the CPU, ``linear`` hands float32 products of 2..``FUSED_ROWS_MAX`` rows with a matrix of at
 least ``KERNEL_MIN_BYTES`` to ``mtp.kernels.rows_matmul``, a hand-written kernel that streams the
 matrix once for the whole block at about the speed of XLA's one-row code (one row stays with XLA,
-which is slightly faster there); ``MTP_CPU_KERNELS=0`` turns it off.
+which is slightly faster there); ``DecodeSettings(backend='xla')`` turns it off. Every choice here
+follows the ``DecodeSettings`` it is given (``DecodeConfig.settings``; docs/decoding.md).
 
 ``decode_weights(model)`` converts once (LoRA adapters merged, q/k/v and gate/up fused, cast to
 the compute dtype); ``cached_decode_weights`` keeps the last conversion for the same parameter
-arrays so repeated ``generate`` calls reuse it.
+arrays and settings so repeated ``generate`` calls reuse it.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp.config import LAYER_HEADS
+from mtp.config import DEFAULT_DECODE_SETTINGS, LAYER_HEADS, DecodeSettings
 from mtp.decode.packed import PackedMatrix, activations_int8, may_pack, pack_decode_weights, packing_enabled
 from mtp.kernels import packed_matmul, rows_matmul, rows_matmul_available
 from mtp.model.transformer import rms_norm
@@ -40,31 +40,32 @@ CACHE_RESIDENT_BYTES = 1 << 20  # an MLP matrix below this stays in cache from t
 # [out, in] matrices times a block of 2..FUSED_ROWS_MAX rows: XLA:CPU's dot streams W at 5-7 GB/s
 # there (against ~18 GB/s for one row), a fused multiply + row-sum at 9-12 GB/s for any such block
 FUSED_ROWS_MAX = 32
-KERNEL_MIN_BYTES = 1 << 20  # smaller matrices stay in cache: XLA's own products are as fast there
-PREFILL_FLOAT_MAX_BYTES = 4 << 30  # float32 prefill layers kept beside packed ones up to this size
+DEFAULT_SETTINGS = DEFAULT_DECODE_SETTINGS
+KERNEL_MIN_BYTES = DEFAULT_SETTINGS.kernel_min_bytes  # smaller matrices stay in cache: XLA's products are as fast
+PREFILL_FLOAT_MAX_BYTES = DEFAULT_SETTINGS.prefill_float_max_bytes  # float32 prefill layers kept up to this size
 # below this many rows a prefill streams the float32 layers (4-6x the packed bytes) for little work:
 # the packed kernel is as fast (SmolLM2: 16 rows 55 ms packed, ~90 ms float32; 32 rows 105 / 91)
 PREFILL_FLOAT_MIN_ROWS = 32
 
 
-def use_kernel(x_MxI: jax.Array, w: jax.Array) -> bool:
-    """Whether ``linear`` sends this product to ``mtp.kernels.rows_matmul``."""
-    min_bytes = int(os.environ.get("MTP_KERNEL_MIN_BYTES", KERNEL_MIN_BYTES))
-    if not 1 < x_MxI.shape[0] <= FUSED_ROWS_MAX or w.dtype != jnp.float32 or w.size * 4 < min_bytes:
+def use_kernel(x_MxI: jax.Array, w: jax.Array, settings: DecodeSettings = DEFAULT_SETTINGS) -> bool:
+    """Whether ``linear`` sends this product to ``mtp.kernels.rows_matmul``: a block of 2..32 rows, a
+    float32 matrix of at least ``settings.kernel_min_bytes``, the CPU kernels in use."""
+    if not 1 < x_MxI.shape[0] <= FUSED_ROWS_MAX or w.dtype != jnp.float32 or w.size * 4 < settings.kernel_min_bytes:
         return False
-    return rows_matmul_available()
+    return rows_matmul_available(settings)
 
 
-def weights_out_in(spec) -> bool:
-    """Layout of the decode matrices: ``[out, in]`` when they stream from memory (large models),
-    ``[in, out]`` when they stay in cache (small models: XLA:CPU's ``x @ W`` is faster there)."""
-    env = os.environ.get("MTP_DECODE_LAYOUT")
-    if env:
-        return env == "out_in"
+def weights_out_in(spec, settings: DecodeSettings = DEFAULT_SETTINGS) -> bool:
+    """Layout of the decode matrices (``settings.layout``; 'auto': ``[out, in]`` when they stream
+    from memory (large models), ``[in, out]`` when they stay in cache (small models: XLA:CPU's
+    ``x @ W`` is faster there)."""
+    if settings.layout != "auto":
+        return settings.layout == "out_in"
     return spec.d_model * spec.resolved_d_ff * jnp.dtype(spec.dtype).itemsize >= CACHE_RESIDENT_BYTES
 
 
-def linear(x_xI: jax.Array, w: jax.Array) -> jax.Array:
+def linear(x_xI: jax.Array, w: jax.Array, settings: DecodeSettings = DEFAULT_SETTINGS) -> jax.Array:
     """``x @ W`` for a decode matrix: ``w`` is ``[O, I]`` (computed as ``w . x[M, I] -> [O, M]``,
     then transposed) or ``[I, O]`` (plain ``x @ w``): the layout ``weights_out_in`` chose, told
     apart by the input size (square matrices are the same either way up to the transpose, so
@@ -75,7 +76,7 @@ def linear(x_xI: jax.Array, w: jax.Array) -> jax.Array:
         return y_MxO.reshape(*x_xI.shape[:-1], y_MxO.shape[-1])
     x_MxI = x_xI.reshape(-1, n_in).astype(w.dtype)
     M = x_MxI.shape[0]
-    if use_kernel(x_MxI, w):
+    if use_kernel(x_MxI, w, settings):
         y_MxO = rows_matmul(x_MxI, w, w_out_in=w.shape[0] != n_in)
     elif w.shape[0] == n_in:
         y_MxO = x_MxI @ w
@@ -120,12 +121,12 @@ def _layers(blocks, spec, dt, out_in: bool) -> list[dict]:
              "wgu": wgu[i], "wdown": wdown[i]} for i in range(wqkv.shape[0])]
 
 
-def decode_weights(model, out_in: bool | None = None) -> dict:
+def decode_weights(model, out_in: bool | None = None, settings: DecodeSettings = DEFAULT_SETTINGS) -> dict:
     """The decode layout of ``model``'s parameters (works on concrete arrays or inside a trace);
-    ``out_in``: the matrix layout, ``weights_out_in(spec)`` by default."""
+    ``out_in``: the matrix layout, ``weights_out_in(spec, settings)`` by default."""
     spec = model.spec
     dt = jnp.dtype(spec.dtype)
-    out_in = weights_out_in(spec) if out_in is None else out_in
+    out_in = weights_out_in(spec, settings) if out_in is None else out_in
     embed_VxD = model.embed[...].astype(dt)
     unembed_DxV = embed_VxD.T if spec.tie_embeddings else model.unembed[...].astype(dt)
     out = {
@@ -152,18 +153,20 @@ _LAST: list = []  # [(parameter leaves, decode weights)]: one entry, the last mo
 LAST_PACKING: dict = {}  # pack_decode_weights' report for the last conversion (benchmarks print it)
 
 
-def cached_decode_weights(model) -> dict:
+def cached_decode_weights(model, settings: DecodeSettings = DEFAULT_SETTINGS) -> dict:
     """``decode_weights`` for concrete parameters, reused while the parameter arrays are the same
-    objects (a trained or reloaded model has new arrays, so it is converted again). A model whose
-    weights are exactly GGUF blocks decodes from the blocks (``mtp.decode.packed``)."""
+    objects and ``settings`` the same (a trained or reloaded model has new arrays, so it is
+    converted again). A model whose weights are exactly GGUF blocks decodes from the blocks
+    (``mtp.decode.packed``) unless ``settings.packed_weights`` is off."""
     graphdef, state = nnx.split(model)
-    out_in = weights_out_in(model.spec)
-    enabled = packing_enabled() and jnp.dtype(model.spec.dtype) == jnp.float32
-    q8x = enabled and activations_int8()
-    prefill = os.environ.get("MTP_PREFILL_FLOAT", "1"), os.environ.get("MTP_PREFILL_FLOAT_MAX_BYTES")
-    leaves = [out_in, enabled, q8x, prefill, *jax.tree.leaves(state)]  # the layout and packing are part of the key
-    if _LAST and len(_LAST[0][0]) == len(leaves) and _LAST[0][0][:4] == leaves[:4] \
-            and all(a is b for a, b in zip(_LAST[0][0][4:], leaves[4:])):
+    out_in = weights_out_in(model.spec, settings)
+    enabled = packing_enabled(settings) and jnp.dtype(model.spec.dtype) == jnp.float32
+    q8x = enabled and activations_int8(settings)
+    # what the settings decide here (layout, packing, prefill layers) is part of the key
+    key = (out_in, enabled, q8x, settings.prefill_float, settings.prefill_float_max_bytes)
+    leaves = [key, *jax.tree.leaves(state)]
+    if _LAST and len(_LAST[0][0]) == len(leaves) and _LAST[0][0][0] == key \
+            and all(a is b for a, b in zip(_LAST[0][0][1:], leaves[1:])):
         return _LAST[0][1]
     report, floats = {"exact": 0}, None
     if enabled and may_pack(model):
@@ -173,23 +176,14 @@ def cached_decode_weights(model) -> dict:
         weights = floats if floats is not None and out_in else _decode_weights_jit(graphdef, state, out_in)
     else:  # the float32 layers the blocks were packed from serve prompt prefills (prefill_weights)
         layers = {"trunk": floats["trunk"], "heads": floats["heads"]}
-        keep = os.environ.get("MTP_PREFILL_FLOAT", "1") != "0" and sum(
-            int(a.nbytes) for a in jax.tree.leaves(layers)) <= _prefill_budget()
+        keep = settings.prefill_float and sum(
+            int(a.nbytes) for a in jax.tree.leaves(layers)) <= settings.prefill_float_max_bytes
         weights = {**weights, "prefill": layers} if keep else weights
         report["prefill"] = "float32" if keep else "packed"
     LAST_PACKING.clear()
     LAST_PACKING.update(report)
     _LAST[:] = [(leaves, weights)]
     return weights
-
-
-def _prefill_budget() -> int:
-    value = os.environ.get("MTP_PREFILL_FLOAT_MAX_BYTES", str(PREFILL_FLOAT_MAX_BYTES))
-    try:
-        return int(float(value))
-    except ValueError:
-        raise ValueError(f"MTP_PREFILL_FLOAT_MAX_BYTES={value!r}: give a number of bytes (e.g. 4e9), or set"
-                         " MTP_PREFILL_FLOAT=0 to keep no float32 prefill layers.") from None
 
 
 def prefill_weights(weights: dict, n_rows: int) -> dict:
@@ -199,7 +193,8 @@ def prefill_weights(weights: dict, n_rows: int) -> dict:
     the packed weights. The packed kernel converts each block for every 3 rows: a 64-row SmolLM2
     prefill took 200 ms that way and 56-80 ms with float32 layers, 128 rows 471 and 98-155 ms
     (2026-12-02); under ``PREFILL_FLOAT_MIN_ROWS`` rows the prefill stays packed.
-    ``MTP_PREFILL_FLOAT=0`` keeps no float32 layers; ``MTP_PREFILL_FLOAT_MAX_BYTES`` caps them."""
+    ``DecodeSettings.prefill_float=False`` keeps no float32 layers (``cached_decode_weights``);
+    ``prefill_float_max_bytes`` caps them."""
     floats = weights.get("prefill")
     if n_rows < PREFILL_FLOAT_MIN_ROWS or floats is None:
         return weights
@@ -213,9 +208,9 @@ def step_bytes(weights: dict) -> int:
     return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(parts))
 
 
-def project(weights: dict, hidden_xD: jax.Array, eps: float) -> jax.Array:
+def project(weights: dict, hidden_xD: jax.Array, eps: float, settings: DecodeSettings = DEFAULT_SETTINGS) -> jax.Array:
     """Shared final norm + unembedding in the decode layout: ``[..., D] -> [..., V]`` logits."""
-    return linear(rms_norm(hidden_xD, weights["final_norm"], eps), weights["unembed"])
+    return linear(rms_norm(hidden_xD, weights["final_norm"], eps), weights["unembed"], settings)
 
 
 def draft_unembed(weights: dict, ids) -> tuple[jax.Array, jax.Array | PackedMatrix]:
@@ -230,7 +225,7 @@ def draft_unembed(weights: dict, ids) -> tuple[jax.Array, jax.Array | PackedMatr
     return ids_N, (w[:, ids_N] if w.shape[0] == n_embd else w[ids_N])
 
 
-def simple_head(hw: dict, x_BxTxD: jax.Array) -> jax.Array:
+def simple_head(hw: dict, x_BxTxD: jax.Array, settings: DecodeSettings = DEFAULT_SETTINGS) -> jax.Array:
     """A ``linear`` (``x + x W``) or ``medusa`` (``x + silu(x W + b)``) head."""
-    y = linear(x_BxTxD, hw["w"])
+    y = linear(x_BxTxD, hw["w"], settings)
     return x_BxTxD + (jax.nn.silu(y + hw["b"]) if "b" in hw else y)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp.config import DEFAULT_DECODE_SETTINGS, DecodeSettings
+
 SOURCE = Path(__file__).with_name("mtp_kernels.cc")  # includes the two below
 SOURCES = [SOURCE, SOURCE.with_name("rows_matmul.cc"), SOURCE.with_name("decode_layer.cc")]
 TARGET = "mtp_rows_matmul"
@@ -25,6 +27,9 @@ TARGETS = {TARGET: "MtpRowsMatmul", "mtp_rows_matmul_s8": "MtpRowsMatmulS8", "mt
            "mtp_layer_rest": "MtpLayerRest"}
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17", "-w"]
 _STATUS: dict = {"available": None, "reason": "not tried yet", "library": None}
+_LIB: list = []  # the loaded library (ctypes), once built
+_THREADS: dict = {}  # {'requested': cap, 'in_effect': cap}: DecodeSettings.kernel_threads last applied
+DEFAULT_SETTINGS = DEFAULT_DECODE_SETTINGS
 
 
 def cache_dir() -> Path:
@@ -68,23 +73,52 @@ def build(compiler: str | None = None) -> Path:
     return out
 
 
-def rows_matmul_available() -> bool:
-    """Whether ``rows_matmul`` can run here (built and registered on the first call)."""
+def kernels_built() -> bool:
+    """Whether the kernel library is built and registered here (tried once: on a CPU backend with a
+    C++ compiler); ``kernel_status()['reason']`` says why not."""
     if _STATUS["available"] is None:
         _STATUS["available"] = _load()
     return _STATUS["available"]
 
 
+def rows_matmul_available(settings: DecodeSettings = DEFAULT_SETTINGS) -> bool:
+    """Whether decoding with ``settings`` uses the CPU kernels: ``backend`` 'xla' never, 'auto'
+    where they build (a CPU backend), 'cpu_kernels' always (a ``ValueError`` naming the reason when
+    they cannot run here). Applies ``settings.kernel_threads``."""
+    if settings.backend == "xla":
+        return False
+    if not kernels_built():
+        if settings.backend == "cpu_kernels":
+            raise ValueError(f"decode backend 'cpu_kernels': the CPU kernels cannot run here ({_STATUS['reason']});"
+                             " use --decode-backend auto or xla.")
+        return False
+    set_kernel_threads(settings.kernel_threads)
+    return True
+
+
+def set_kernel_threads(cap: int) -> int:
+    """Caps the kernels' threads (0: XLA's CPU thread count) before their first call; the count is
+    fixed for the process from then on, so a later different cap only warns. Returns the cap in
+    effect."""
+    if _THREADS.get("requested") == cap or not _LIB:
+        return _THREADS.get("in_effect", cap)
+    in_effect = int(_LIB[0].MtpSetKernelThreads(ctypes.c_int64(cap)))
+    if in_effect != cap:
+        warnings.warn(f"mtp: kernel_threads={cap} ignored: the CPU kernels already run on"
+                      f" {in_effect or 'XLA’s count of'} threads in this process (the count is fixed at their"
+                      " first call); start a new process to change it.", stacklevel=3)
+    _THREADS.update(requested=cap, in_effect=in_effect)
+    return in_effect
+
+
 def kernel_status() -> dict:
-    """``{'available', 'reason', 'library'}``: what decoding uses for its block products."""
-    rows_matmul_available()
+    """``{'available', 'reason', 'library'}``: whether the kernel library runs here (see
+    ``rows_matmul_available`` for whether a decode uses it)."""
+    kernels_built()
     return dict(_STATUS)
 
 
 def _load() -> bool:
-    if os.environ.get("MTP_CPU_KERNELS", "1") == "0":
-        _STATUS["reason"] = "disabled by MTP_CPU_KERNELS=0"
-        return False
     if jax.default_backend() != "cpu":
         _STATUS["reason"] = f"the default backend is {jax.default_backend()}, not cpu"
         return False
@@ -93,12 +127,15 @@ def _load() -> bool:
         lib = ctypes.cdll.LoadLibrary(str(path))
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        lib.MtpSetKernelThreads.restype = ctypes.c_int64
+        lib.MtpSetKernelThreads.argtypes = [ctypes.c_int64]
     except Exception as e:  # noqa: BLE001 - any failure means: use XLA's products instead
         _STATUS["reason"] = f"could not build or load {SOURCE.name}: {e}"
-        warnings.warn(f"mtp: decoding uses XLA's matrix products ({_STATUS['reason']}); set MTP_CPU_KERNELS=0"
-                      " to silence this.", stacklevel=3)
+        warnings.warn(f"mtp: decoding uses XLA's matrix products ({_STATUS['reason']}); pass --decode-backend"
+                      " xla (DecodeSettings(backend='xla')) to silence this.", stacklevel=3)
         print(f"[mtp.kernels] {_STATUS['reason']}", file=sys.stderr)
         return False
+    _LIB[:] = [lib]
     _STATUS.update(reason="built and registered", library=str(path))
     return True
 
@@ -106,7 +143,7 @@ def _load() -> bool:
 def rows_matmul(x_MxI: jax.Array, w: jax.Array, w_out_in: bool) -> jax.Array:
     """``x @ W`` in float32 for ``W`` stored ``[O, I]`` (``w_out_in``) or ``[I, O]``. Each output row
     is bitwise the same whatever the number of rows ``M`` (see the C++ source)."""
-    if not rows_matmul_available():
+    if not kernels_built():
         raise RuntimeError(f"mtp rows_matmul kernel unavailable: {_STATUS['reason']}")
     n_out = w.shape[0] if w_out_in else w.shape[1]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x_MxI.shape[0], n_out), jnp.float32),
@@ -123,7 +160,7 @@ def packed_matmul(x_MxI: jax.Array, q: jax.Array, d: jax.Array, m: jax.Array | N
     Within float rounding of the float32 product, and row-independent like ``rows_matmul``.
     ``q8x``: quantize each block of 32 of ``x`` to int8 first (llama.cpp's activations; integer
     dot products, ~2x faster, an error of up to half a step of x's block scale per element)."""
-    if not rows_matmul_available():
+    if not kernels_built():
         raise RuntimeError(f"mtp packed kernel unavailable: {_STATUS['reason']}")
     out = jax.ShapeDtypeStruct((x_MxI.shape[0], d.shape[0]), jnp.float32)
     x = x_MxI.astype(jnp.float32)
@@ -135,7 +172,7 @@ def packed_matmul(x_MxI: jax.Array, q: jax.Array, d: jax.Array, m: jax.Array | N
 def decode_attention(q_TxNxH: jax.Array, k_KxSxH: jax.Array, v_KxSxH: jax.Array, mask_TxS: jax.Array) -> jax.Array:
     """Batch-1 grouped-query attention of T new tokens over a cache (``[T, N, H]`` out), scale
     ``1/sqrt(H)``, float32; each token's result is bitwise independent of T (see the C++ source)."""
-    if not rows_matmul_available():
+    if not kernels_built():
         raise RuntimeError(f"mtp decode attention kernel unavailable: {_STATUS['reason']}")
     H = q_TxNxH.shape[-1]
     call = jax.ffi.ffi_call("mtp_decode_attention", jax.ShapeDtypeStruct(q_TxNxH.shape, jnp.float32),

@@ -472,14 +472,29 @@ class SpinPool {
   std::condition_variable cv_;
 };
 
+// The cap on the kernel threads (DecodeSettings.kernel_threads; 0: XLA's count), set from Python through
+// MtpSetKernelThreads before the first kernel call; the thread count is fixed at that first call.
+static std::atomic<int64_t> g_thread_cap{0};
+static std::atomic<int64_t> g_threads_in_use{-1};  // -1 until the first kernel call fixes the count
+
 static int64_t kernel_threads(ffi::ThreadPool& pool) {
-  static const int64_t threads = [&] {  // MTP_KERNEL_THREADS caps the threads (0/unset: XLA's count)
-    const char* env = std::getenv("MTP_KERNEL_THREADS");
-    const int64_t cap = env ? std::atoll(env) : 0;
+  static const int64_t threads = [&] {
+    const int64_t cap = g_thread_cap.load();
     int64_t t = std::max<int64_t>(1, pool.num_threads());
-    return cap > 0 ? std::min(t, cap) : t;
+    t = cap > 0 ? std::min(t, cap) : t;
+    g_threads_in_use.store(cap > 0 ? cap : 0);
+    return t;
   }();
   return threads;
+}
+
+// Sets the cap (0: XLA's count) when no kernel has run yet; returns the cap in effect (what the first
+// kernel call fixed, when one has run).
+extern "C" int64_t MtpSetKernelThreads(int64_t cap) {
+  const int64_t fixed = g_threads_in_use.load();
+  if (fixed >= 0) return fixed;
+  g_thread_cap.store(cap);
+  return cap;
 }
 
 static SpinPool* spin_pool(int64_t threads) {
