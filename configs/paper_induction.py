@@ -8,7 +8,7 @@ uniformly drawn letter): without copying the earlier occurrence the second token
 matched).
 
 Run:     mtp sweep --config paper_induction --sweep seed=0,1,2 --sweep model.d_model=32,64,128 \
-             --sweep model.n_future=1,2 --workdir /work/runs/paper_induction --no-tpf
+             --sweep model.n_future=1,2 --workdir /work/runs/paper_induction --no-tpf --in-process
 Expect:  see docs/experiments.md section 1 ("Induction on stories"): mean +- standard error over
          three seeds of the induction score per (width, n).
 """
@@ -30,12 +30,12 @@ def get_config():
     c.model.n_kv_heads = 2
     c.model.n_future = 1
     c.model.max_seq_len = 384
-    c.train.steps = 400
+    c.train.steps = 250
     c.train.batch_size = 12
     c.train.seq_len = 384
     c.train.log_every = 10
-    c.train.checkpoint_every = 200
-    c.train.eval_batches = 8
+    c.train.checkpoint_every = 125
+    c.train.eval_batches = 4
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 30
     c.loss.chunk_size = 64

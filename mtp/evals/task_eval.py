@@ -106,10 +106,11 @@ def fresh_poly_examples(data_cfg, n: int) -> list:
                                    seed=[int(data_cfg.synthetic_seed), 1, 2])
 
 
-def task_scores(loaded, n_examples: int = 1000) -> dict:
+def task_scores(loaded, n_examples: int = 1000, n_stories: int = 500) -> dict:
     """Teacher-forced task scores of a synthetic-task workdir (floats in [0, 1]):
 
-    - induction stories: ``induction`` = accuracy on the second token of every later occurrence of a
+    - induction stories (the first ``n_stories`` validation stories, ~7.4 targets each):
+      ``induction`` = accuracy on the second token of every later occurrence of a
       name (the paper's score), ``induction_control`` = the same token at first occurrences (copying
       cannot help there: chance is 1/26);
     - induction patterns: ``copy`` = accuracy on the copied pattern's tokens;
@@ -124,6 +125,7 @@ def task_scores(loaded, n_examples: int = 1000) -> dict:
     val = syn.task_examples(cfg, "validation")[:n_examples]
     start = time.perf_counter()
     if task == syn.INDUCTION and str(cfg.induction_format) == syn.STORIES:
+        val = val[:n_stories]
         hits = teacher_forced_correct(loaded, [e.text for e in val], [e.targets for e in val])
         ctrl = teacher_forced_correct(loaded, [e.text for e in val], [e.controls for e in val])
         out = {"induction": float(np.concatenate(hits).mean()),
