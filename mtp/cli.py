@@ -16,6 +16,7 @@
     mtp sweep --config PATH|NAME --sweep model.n_future=1,2,4 [--sweep KEY=V,...] [--parameter-matched] --workdir W
     mtp generate --workdir DIR --prompt TEXT [--mode greedy|sample|speculative|speculative_sample]
                  [--heads K] [--tree 3,2,1|auto] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+    mtp calibrate --workdir DIR [--heads 2,3] [--tree-nodes 16,32] [--step N] [--no-draft-vocab]
     mtp bench peers --workdir DIR [--gguf FILE] [--max-new-tokens 128] [--json]
     mtp bench decode --workdir DIR --prompts FILE.jsonl [--heads K] [--max-new-tokens N] [--tree SPEC] [--json]
                      [--outputs FILE.jsonl]
@@ -46,6 +47,7 @@ from mtp.convert.llama_map import ConvertError, ExportError
 from mtp.data.errors import DataError
 from mtp.data.prepare import tokenize_corpus
 from mtp.decode.api import TextStreamer, decode_config, encode_prompt
+from mtp.decode.calibrate import DEFAULT_NODES, calibrate_workdir
 from mtp.decode.generate import generate
 from mtp.decode.settings import add_decode_settings, settings_from_args
 from mtp.distributed import initialize
@@ -62,7 +64,7 @@ from mtp.workdir import WorkdirError, load_model
 DRAFT_VOCAB_HELP = ("speculative: heads 2..k draft among the N most frequent training tokens (0: the whole"
                      " vocabulary; default 8192 when the vocabulary is >= 4x larger); the output is the same")
 TREE_HELP = ("draft tree: widths per depth (3,2,1), sparse rank paths (0;1;0.0), or auto[:N] (an N-node tree"
-             " calibrated on this model, cached in the workdir); default: a chain")
+             " calibrated on this model by `mtp calibrate`, read from the workdir); default: a chain")
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -187,6 +189,31 @@ def cmd_generate(args, overrides) -> int:
     n = len(r.tokens[0])
     print(f"[{n} tokens, {r.forwards} forwards ({n / r.forwards:.2f} tokens/forward), {dt:.2f} s incl."
           f" compile, mode={dc.mode}, heads={dc.heads}]", file=sys.stderr)
+    return 0
+
+
+def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"mtp calibrate: {flag} {text!r}: give whole numbers separated by commas (16,32).") from None
+
+
+def cmd_calibrate(args, overrides) -> int:
+    if overrides:
+        raise SystemExit("mtp calibrate takes no --config.* overrides.")
+    heads, nodes = _int_list(args.heads, "--heads"), _int_list(args.tree_nodes, "--tree-nodes") or (DEFAULT_NODES,)
+    if any(n < 2 for n in nodes):
+        raise SystemExit(f"mtp calibrate: --tree-nodes {args.tree_nodes}: a tree needs at least 2 nodes.")
+    loaded = load_model(args.workdir, args.step)
+    t = time.perf_counter()
+    try:
+        calibrate_workdir(loaded, args.workdir, heads, nodes, vocab=args.draft_vocab)
+    except ValueError as e:
+        raise SystemExit(f"mtp calibrate: {e}") from None
+    print(f"[calibrated {args.workdir} (step {loaded.step}) in {time.perf_counter() - t:.1f} s]", file=sys.stderr)
     return 0
 
 
@@ -315,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
     add_decode_settings(g)
     g.set_defaults(func=cmd_generate)
+    ca = sub.add_parser("calibrate", help="a workdir's decode artifacts: draft trees (--tree auto) and the draft"
+                        " vocabulary")
+    ca.add_argument("--workdir", required=True)
+    ca.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    ca.add_argument("--heads", default=None, help="head counts to calibrate trees for, e.g. 2,3 (default: all heads)")
+    ca.add_argument("--tree-nodes", default=None,
+                    help=f"tree sizes (nodes, root included) for --tree auto:N, e.g. 16,32 (default {DEFAULT_NODES})")
+    ca.add_argument("--draft-vocab", action=argparse.BooleanOptionalAction, default=True,
+                    help="count the train split's token frequencies for --draft-vocab (draft_vocab.npy)")
+    ca.set_defaults(func=cmd_calibrate)
     add_sweep(sub)
     add_convert(sub)
     add_export(sub)

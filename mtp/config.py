@@ -202,6 +202,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3
     t.tensorboard = True
     t.log_data_hashes = False  # WORKDIR/data_log.jsonl: a hash of each step's batch (resume checks)
+    t.calibrate = True  # 2+ heads: write `mtp calibrate`'s decode artifacts (draft vocab, tree) at the end
     t.trainable = "all"  # 'all' | 'heads' (trunk frozen) | 'new_heads' (also the source's own heads)
     #  | 'lora' (LoRA factors + new heads; base weights frozen; needs model.lora_rank > 0)
 

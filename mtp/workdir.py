@@ -102,7 +102,8 @@ def restore_flat(workdir: str | Path, step: int | None = None) -> tuple[dict, in
 # data order or the optimization, and must match the run that wrote the checkpoints.
 RESUMABLE_KEYS = ("name", "workdir", "train.steps", "train.log_every", "train.eval_every",
                   "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.tensorboard", "train.log_data_hashes", "data.cache_dir", "mesh.", "sharding.", "perf.")
+                  "train.tensorboard", "train.log_data_hashes", "train.calibrate", "data.cache_dir", "mesh.",
+                  "sharding.", "perf.")
 
 
 def resolve_workdir(cfg) -> Path:

@@ -17,6 +17,8 @@ compile time dominates tiny tests. ``MTP_TEST_XLA_OPT=default`` compiles as prod
 import os
 import tempfile
 
+import pytest
+
 # Tiny test programs spend their time in XLA's compiler, not in running: compiling at backend
 # optimization level 0 makes the suite ~1.5x faster (MTP_TEST_XLA_OPT=default compiles as in production).
 _OPT = "" if os.environ.get("MTP_TEST_XLA_OPT") == "default" else " --xla_backend_optimization_level=0"
@@ -28,3 +30,11 @@ if os.environ.get("MTP_TEST_XLA_CACHE", "on") != "off":
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                           os.path.join(tempfile.gettempdir(), f"mtp-tests-xla-cache-{os.getuid()}"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+
+@pytest.fixture(autouse=True)
+def _no_calibration_after_in_process_training(monkeypatch):
+    """``train()`` ends with ``mtp calibrate`` for 2+ heads (``train.calibrate``: a few seconds of decoding
+    on a tiny model); tests that train in this process skip it. tests/test_train_cli.py checks it
+    through ``mtp train`` (a subprocess), tests/test_decode_cli.py through ``mtp calibrate``."""
+    monkeypatch.setattr("mtp.train.loop.calibrate_after_training", lambda workdir: None)

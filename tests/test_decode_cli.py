@@ -92,19 +92,24 @@ def test_bad_prompt_file_is_named(workdir, tmp_path):
 
 
 def test_bench_decode_with_a_calibrated_tree(workdir, tmp_path, capsys):
-    """``--tree auto:N`` calibrates an N-node sparse tree on training-split prompts once, keeps it
-    in the workdir, and decodes exactly with it."""
+    """``--tree auto:N`` reads the N-node sparse tree ``mtp calibrate`` made on training-split prompts
+    (never calibrating on its own: without it, an error names the command) and decodes exactly with it."""
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["def f(x):", "import os\n"]))
     args = ["bench", "decode", "--workdir", str(workdir), "--prompts", str(prompts), "--heads", "3",
             "--tree", "auto:6", "--max-new-tokens", "16", "--repeats", "1", "--json"]
+    with pytest.raises(SystemExit, match=f"Run `mtp calibrate --workdir {workdir} --heads 3 --tree-nodes 6`"):
+        main(args)
+    assert not (workdir / "draft_trees.json").exists()
+    assert main(["calibrate", "--workdir", str(workdir), "--heads", "3", "--tree-nodes", "6,4",
+                 "--no-draft-vocab"]) == 0
+    assert "calibrated" in capsys.readouterr().err
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     saved = json.loads((workdir / "draft_trees.json").read_text())
     entry = saved["step=0,heads=3,nodes=6"]
+    assert len(saved["step=0,heads=3,nodes=4"]["nodes"]) == 3
     assert out["tree"] == entry["tree"] and len(entry["nodes"]) == 5
     assert out["exact_match"] is True and entry["expected_tokens_per_forward"] >= entry["expected_chain"]
-    mtime = (workdir / "draft_trees.json").stat().st_mtime_ns
-    assert main(args) == 0  # reused, not recalibrated
-    assert (workdir / "draft_trees.json").stat().st_mtime_ns == mtime
-    assert json.loads(capsys.readouterr().out)["tree"] == entry["tree"]
+    with pytest.raises(SystemExit, match="--heads 4: this model has 3 heads"):
+        main(["calibrate", "--workdir", str(workdir), "--heads", "4"])

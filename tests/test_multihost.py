@@ -18,7 +18,8 @@ STEPS = 6
 OVERRIDES = [f"--config.train.steps={STEPS}", "--config.train.log_every=1",
              f"--config.train.checkpoint_every={STEPS}", "--config.train.tensorboard=False",
              "--config.train.eval_batches=1", "--config.perf.peak_flops_per_device=1e12",
-             "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+             "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+             "--config.train.calibrate=False"]
 
 
 def test_row_sharding_gives_every_process_its_rows_of_the_same_global_batch():

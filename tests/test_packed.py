@@ -178,6 +178,13 @@ def test_a_draft_vocabulary_changes_drafts_not_the_output(tmp_path):
     assert dv.draft_ids(loaded, None) is None and dv.draft_ids(loaded, 0) is None
     with pytest.raises(ValueError, match="draft_vocab=-1"):
         dv.draft_ids(loaded, -1)
+    # decoding never counts tokens: without the file an explicit size names the command that makes it,
+    # the default size (large vocabularies) drafts over every token
+    (tmp_path / dv.FILE).unlink()
+    with pytest.raises(ValueError, match=f"--draft-vocab 4 needs .*run `mtp calibrate --workdir {tmp_path}`"):
+        dv.draft_ids(loaded, 4)
+    big = types.SimpleNamespace(workdir=str(tmp_path), spec=types.SimpleNamespace(vocab_size=4 * dv.AUTO_SIZE))
+    assert dv.resolve_size(big, None) == dv.AUTO_SIZE and dv.draft_ids(big, None) is None
 
 
 def test_a_float_unembedding_stays_float_while_the_trunk_packs():

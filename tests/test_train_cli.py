@@ -69,11 +69,24 @@ def test_outputs_and_held_out_table(tiny_run):
     assert "Held-out split" in proc.stdout and "t+3" in proc.stdout
 
 
+def test_training_ends_with_the_decode_artifacts(tiny_run):
+    """``mtp train`` of a 3-head model writes what ``mtp calibrate`` writes: the draft vocabulary (every
+    token id, most frequent first) and a sparse draft tree for all heads, calibrated at the final step."""
+    import numpy as np
+
+    root, proc = tiny_run
+    order = np.load(root / "w" / "draft_vocab.npy")
+    assert sorted(order.tolist()) == list(range(512))
+    trees = json.loads((root / "w" / "draft_trees.json").read_text())
+    assert list(trees) == ["step=40,heads=3,nodes=16"] and trees["step=40,heads=3,nodes=16"]["nodes"]
+    assert "Decode artifacts written" in proc.stderr
+
+
 def test_rerun_resumes_from_the_last_checkpoint(tiny_run):
     root, _ = tiny_run
     w = root / "w"
     proc = _mtp("train", "--config", "configs/tiny.py", "--workdir", str(w),
-                "--config.train.steps=45", cache=root / "cache")
+                "--config.train.steps=45", "--config.train.calibrate=False", cache=root / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Resumed from" in proc.stderr and "(step 40)" in proc.stderr
     steps = [r["step"] for r in _records(w) if r["split"] == "train"]

@@ -9,8 +9,11 @@ accepted path. The ``n_nodes - 1`` most counted nodes form the tree (prefix-clos
 never counted more often than its parent). Expected tokens per forward of a tree = 1 + the sum of
 its nodes' frequencies, which ``mtp bench decode`` then measures for real.
 
-``--tree auto`` / ``auto:N`` in ``mtp generate`` and ``mtp bench decode`` calibrates once per
-workdir, checkpoint step, head count and size, and keeps the result in ``DIR/draft_trees.json``.
+The calibration is an artifact of the workdir, made by ``mtp calibrate --workdir DIR`` (and at
+the end of ``mtp train`` for models with 2+ heads, ``train.calibrate``): ``DIR/draft_trees.json``
+holds a tree per checkpoint step, head count and size, and ``DIR/draft_vocab.npy`` the token
+frequency order (``mtp.decode.draft_vocab``). ``--tree auto`` / ``auto:N`` in ``mtp generate`` and
+``mtp bench decode`` only read the file: decoding never runs the model on a corpus.
 """
 
 from __future__ import annotations
@@ -27,11 +30,18 @@ import numpy as np
 from flax import nnx
 
 from mtp.data.prompts import heldout_prompts
+from mtp.decode import draft_vocab
 from mtp.decode.generate import PAD_TO, DecodeConfig, generate
 from mtp.decode.tree import format_nodes
 
 DEFAULT_NODES = 16
 TREES_FILE = "draft_trees.json"
+
+
+def calibrate_command(workdir, heads: int | None = None, n_nodes: int | None = None) -> str:
+    """The ``mtp calibrate`` command line that makes the artifacts for these heads and tree size."""
+    extra = (f" --heads {heads}" if heads else "") + (f" --tree-nodes {n_nodes}" if n_nodes else "")
+    return f"mtp calibrate --workdir {workdir}{extra}"
 
 
 def parse_auto(spec) -> int | None:
@@ -112,33 +122,84 @@ def expected_tokens(counts: collections.Counter, positions: int, nodes) -> float
     return 1.0 + sum(counts[n] for n in nodes) / max(positions, 1)
 
 
-def calibrated_tree(loaded, workdir: str | Path, heads: int, n_nodes: int = DEFAULT_NODES, log=None):
-    """The sparse tree for ``heads`` heads and ``n_nodes`` nodes: read from ``DIR/draft_trees.json``
-    or calibrated now (and saved there). Returns the tuple of rank-path nodes."""
+def _tree_key(step: int, heads: int, n_nodes: int) -> str:
+    return f"step={step},heads={heads},nodes={n_nodes}"
+
+
+def _check_tree_heads(loaded, heads: int) -> None:
     if loaded.spec.head_type == "causal":
         raise ValueError("--tree auto: sequential (causal) heads draft one token after another; they"
                          " verify chains only (drop --tree).")
     if heads < 2:
         raise ValueError("--tree auto needs --heads 2 or more (heads 2..k draft).")
+
+
+def _read_trees(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}  # a damaged file holds nothing usable (calibrate writes it again)
+
+
+def calibrated_tree(loaded, workdir: str | Path, heads: int, n_nodes: int = DEFAULT_NODES):
+    """The sparse tree for ``heads`` heads and ``n_nodes`` nodes, read from ``DIR/draft_trees.json``
+    (``mtp calibrate`` writes it); a ``ValueError`` naming the command when it is not there."""
+    _check_tree_heads(loaded, heads)
     path = Path(workdir) / TREES_FILE
-    key = f"step={loaded.step},heads={heads},nodes={n_nodes}"
-    saved = {}
-    if path.exists():
-        try:
-            saved = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            saved = {}  # a damaged cache is recomputed (it only holds derived data)
-    if key in saved:
-        return tuple(tuple(n) for n in saved[key]["nodes"])
+    saved = _read_trees(path)
+    key = _tree_key(loaded.step, heads, n_nodes)
+    if key not in saved:
+        have = f" (it has: {', '.join(saved)})" if saved else ""
+        where = f"{path}{have}" if path.exists() else f"{path} does not exist"
+        raise ValueError(f"--tree auto:{n_nodes} with {heads} heads needs a draft tree calibrated on this model"
+                         f" (step {loaded.step}): {where}. Run `{calibrate_command(workdir, heads, n_nodes)}`"
+                         " first (it decodes training-split prompts once and saves the tree).")
+    return tuple(tuple(n) for n in saved[key]["nodes"])
+
+
+def calibrate_trees(loaded, workdir: str | Path, heads: int, node_counts=(DEFAULT_NODES,), log=None) -> dict:
+    """Calibrates sparse trees of each size in ``node_counts`` for ``heads`` heads (one set of greedy
+    continuations for all sizes) and saves them to ``DIR/draft_trees.json``. Returns ``{n_nodes: nodes}``."""
+    _check_tree_heads(loaded, heads)
     log = log or (lambda *a: print(*a, file=sys.stderr))
-    log(f"Calibrating a {n_nodes}-node draft tree for {heads} heads on training-split prompts"
-        f" (saved to {path})")
+    path = Path(workdir) / TREES_FILE
+    log(f"Calibrating draft trees ({', '.join(map(str, node_counts))} nodes) for {heads} heads on training-split"
+        f" prompts -> {path}")
     counts, positions = rank_counts(loaded, heads, log=log)
-    nodes = select_nodes(counts, n_nodes)
-    saved[key] = {"nodes": [list(n) for n in nodes], "tree": format_nodes(nodes), "positions": positions,
-                  "expected_tokens_per_forward": expected_tokens(counts, positions, nodes),
-                  "expected_chain": expected_tokens(counts, positions, [(0,) * d for d in range(1, heads)])}
-    path.write_text(json.dumps(saved, indent=1))
-    log(f"  tree {format_nodes(nodes)}: expected {saved[key]['expected_tokens_per_forward']:.2f} tokens per"
-        f" forward on the calibration prompts (chain: {saved[key]['expected_chain']:.2f})")
-    return nodes
+    saved, out = _read_trees(path), {}
+    chain = expected_tokens(counts, positions, [(0,) * d for d in range(1, heads)])
+    for n_nodes in node_counts:
+        nodes = out[n_nodes] = select_nodes(counts, n_nodes)
+        expected = expected_tokens(counts, positions, nodes)
+        saved[_tree_key(loaded.step, heads, n_nodes)] = {
+            "nodes": [list(n) for n in nodes], "tree": format_nodes(nodes), "positions": positions,
+            "expected_tokens_per_forward": expected, "expected_chain": chain}
+        log(f"  {n_nodes} nodes: tree {format_nodes(nodes)}: expected {expected:.2f} tokens per forward on the"
+            f" calibration prompts (chain: {chain:.2f})")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(saved, indent=1))
+    tmp.replace(path)
+    return out
+
+
+def calibrate_workdir(loaded, workdir: str | Path, heads=None, node_counts=(DEFAULT_NODES,), vocab: bool = True,
+                      log=None) -> None:
+    """Every decode artifact of a workdir: the draft vocabulary (``draft_vocab.npy``) and sparse draft
+    trees (``draft_trees.json``) for each head count in ``heads`` (default: all heads)."""
+    log = log or (lambda *a: print(*a, file=sys.stderr))
+    n_future = loaded.spec.n_future
+    if n_future < 2:
+        log(f"{workdir}: one head (n_future=1) drafts nothing; there is nothing to calibrate.")
+        return
+    for k in heads or (n_future,):
+        if not 2 <= k <= n_future:
+            raise ValueError(f"--heads {k}: this model has {n_future} heads; use 2..{n_future}.")
+    if vocab:
+        draft_vocab.write_order(loaded, log=log)
+    if loaded.spec.head_type == "causal":
+        log("Sequential (causal) heads verify chains only: no draft trees to calibrate.")
+        return
+    for k in heads or (n_future,):
+        calibrate_trees(loaded, workdir, k, node_counts, log=log)

@@ -8,7 +8,10 @@ changes the output not at all, and acceptance only where the right token is a ra
 frequency-ranked drafting, as in FR-Spec, Zhao et al. 2025).
 
 The token order is counted once on the train split of the workdir's data config and kept in the
-workdir (``draft_vocab.npy``: every token id, most frequent first).
+workdir (``draft_vocab.npy``: every token id, most frequent first) by ``mtp calibrate`` (and at the
+end of ``mtp train``); decoding only reads it. Without the file a default-sized draft vocabulary
+falls back to the whole vocabulary (the same output, a little slower; one note says so), and an
+explicit ``--draft-vocab N`` is an error naming the command.
 """
 
 from __future__ import annotations
@@ -39,25 +42,37 @@ def frequency_order(data_cfg, vocab_size: int) -> np.ndarray:
     return np.argsort(-counts, kind="stable").astype(np.int32)
 
 
-def load_order(loaded) -> np.ndarray:
-    """The workdir's token frequency order, counted (and saved) on first use."""
-    if loaded.workdir is None:
-        raise ValueError("a draft vocabulary needs a model loaded from a workdir (it keeps the token"
-                         " counts there); pass draft_vocab=0 to draft over the whole vocabulary.")
+def write_order(loaded, log=None) -> Path:
+    """Counts the workdir's token frequencies on the train split and saves them (``FILE``)."""
+    _need_workdir(loaded)
+    log = log or (lambda *a: print(*a, file=sys.stderr))
     path = Path(loaded.workdir) / FILE
-    V = loaded.spec.vocab_size
-    if path.is_file():
-        order = np.load(path)
-        if order.shape == (V,):
-            return order
-        print(f"[mtp] {path} has {order.shape} ids, not ({V},): counting again.", file=sys.stderr)
-    print(f"[mtp] counting token frequencies on the train split for the draft vocabulary -> {path}",
-          file=sys.stderr, flush=True)
-    order = frequency_order(loaded.cfg.data, V)
+    log(f"Counting token frequencies on the train split for the draft vocabulary -> {path}")
+    order = frequency_order(loaded.cfg.data, loaded.spec.vocab_size)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
     np.save(tmp, order)
     os.replace(tmp, path)
-    return order
+    return path
+
+
+def _need_workdir(loaded) -> None:
+    if loaded.workdir is None:
+        raise ValueError("a draft vocabulary needs a model loaded from a workdir (it keeps the token"
+                         " counts there); pass draft_vocab=0 to draft over the whole vocabulary.")
+
+
+def load_order(loaded) -> np.ndarray | None:
+    """The workdir's token frequency order (``mtp calibrate`` writes it), or None when there is none
+    for this vocabulary."""
+    _need_workdir(loaded)
+    path = Path(loaded.workdir) / FILE
+    if not path.is_file():
+        return None
+    order = np.load(path)
+    return order if order.shape == (loaded.spec.vocab_size,) else None
+
+
+_NOTED: set = set()  # workdirs whose missing draft vocabulary was already noted
 
 
 def resolve_size(loaded, size: int | None) -> int:
@@ -72,8 +87,21 @@ def resolve_size(loaded, size: int | None) -> int:
 
 
 def draft_ids(loaded, size: int | None) -> tuple[int, ...] | None:
-    """The sorted ids of the ``size`` most frequent tokens (``resolve_size``), or None for all."""
+    """The sorted ids of the ``size`` most frequent tokens (``resolve_size``), or None for all. Without
+    the workdir's ``FILE``: None (with one note) for the default size, an error for an explicit one."""
     n = resolve_size(loaded, size)
     if not n:
         return None
-    return tuple(int(i) for i in np.sort(load_order(loaded)[:n]))
+    order = load_order(loaded)
+    if order is None:
+        path = Path(loaded.workdir) / FILE
+        fix = f"run `mtp calibrate --workdir {loaded.workdir}` first (it counts the train split's tokens)"
+        if size is not None:
+            raise ValueError(f"--draft-vocab {size} needs the workdir's token frequencies ({path}, missing or"
+                             f" for another vocabulary): {fix}, or pass --draft-vocab 0.")
+        if str(path) not in _NOTED:
+            _NOTED.add(str(path))
+            print(f"[mtp] note: no draft vocabulary in {loaded.workdir} ({FILE}): heads 2..k draft over the whole"
+                  f" vocabulary (the same output, slower drafting); {fix}.", file=sys.stderr)
+        return None
+    return tuple(int(i) for i in np.sort(order[:n]))

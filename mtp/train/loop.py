@@ -1,5 +1,6 @@
 """``mtp train``: prepare (validate, data, the train program) -> restore or init -> steps with hooks
--> the per-head evaluation table on the held-out split.
+-> the per-head evaluation table on the held-out split -> (2+ heads, ``train.calibrate``) the decode
+artifacts of ``mtp calibrate`` (draft vocabulary, a calibrated draft tree) in the workdir.
 
 The loop itself only feeds batches to the train step; everything a run does around the steps
 (progress bar and metrics, evaluation, checkpoints, the data-hash log) is a hook registered with
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from mtp.config import ConfigError, validate
 from mtp.data.pipeline import make_dataset
 from mtp.data.prepare import PreparedData, prepare_data
+from mtp.decode.calibrate import calibrate_workdir
 from mtp.distributed import process_zero_first
 from mtp.log import log
 from mtp.perf import peak_flops
@@ -42,7 +44,14 @@ from mtp.train.init_from import (
 from mtp.train.metrics import MetricWriter
 from mtp.train.program import TrainProgram, build_program
 from mtp.train.state import fresh_params
-from mtp.workdir import check_resumable, check_writable, ever_checkpointed, resolve_workdir, write_run_files
+from mtp.workdir import (
+    check_resumable,
+    check_writable,
+    ever_checkpointed,
+    load_model,
+    resolve_workdir,
+    write_run_files,
+)
 
 
 @dataclasses.dataclass
@@ -389,7 +398,21 @@ def train(cfg, restart: bool = False) -> TrainResult:
     if jax.process_index() == 0:
         save_json(run.workdir / "eval.json", result)
         print(f"\nHeld-out split ({cfg.data.source}, validation), step {step}:\n{format_table(result)}")
+    if t.calibrate and spec.n_future >= 2:
+        calibrate_after_training(run.workdir)
     return TrainResult(step, False, run.workdir, result)
+
+
+def calibrate_after_training(workdir: Path) -> None:
+    """``mtp calibrate`` on the trained model (its newest checkpoint: the final step), so decoding
+    finds the draft vocabulary and a calibrated tree; a multi-process run leaves it to the command."""
+    if jax.process_count() > 1:
+        log(f"train.calibrate: not in a multi-process run; run `mtp calibrate --workdir {workdir}` on one host.")
+        return
+    t = time.perf_counter()
+    calibrate_workdir(load_model(workdir), workdir, log=log)
+    log(f"Decode artifacts written in {time.perf_counter() - t:.1f} s (train.calibrate=False skips this;"
+        f" `mtp calibrate --workdir {workdir}` redoes it).")
 
 
 def format_table(result: dict) -> str:
