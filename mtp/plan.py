@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
 from mtp.config import MESH_AXES, ConfigError, resolve_mesh_shape, validate
+from mtp.decode.lower import lower_decode_step
 from mtp.sharding import make_mesh
 from mtp.train.program import build_program
 
@@ -253,7 +254,9 @@ def module_facts(text: str, seq_len: int, platform: str) -> dict:
 def lower_in_process(cfg, mesh_sizes: dict, n_devices: int, platforms, lower_dir: str) -> dict:
     """Lower (not run) the real jitted, sharded train step for each platform on ``n_devices`` local
     CPU devices, ``model.attention`` resolved for that platform; write ``lower_dir/train_step.<p>.mlir``
-    and report per platform what the module holds (``module_facts``)."""
+    and report per platform what the module holds (``module_facts``). The speculative verify step
+    (``mtp.decode.lower``: batch 1 and 8, every head drafting, a KV cache of ``model.max_seq_len``)
+    goes to ``lower_dir/decode_step.<p>.mlir``."""
     os.makedirs(lower_dir, exist_ok=True)
     out = {}
     for platform in platforms:
@@ -270,7 +273,24 @@ def lower_in_process(cfg, mesh_sizes: dict, n_devices: int, platforms, lower_dir
         out[platform] = {"lowered": True, "attention": program.spec.attention, "path": path,
                          "module_bytes": len(text), **module_facts(text, cfg.train.seq_len, platform),
                          "lower_s": round(time.perf_counter() - t0, 1)}
+        out[platform]["decode_step"] = _lower_decode(program, platform, lower_dir)
     return out
+
+
+def _lower_decode(program, platform: str, lower_dir: str) -> dict:
+    """``decode_step.<platform>.mlir`` of the program's model and mesh, and what it holds."""
+    t0 = time.perf_counter()
+    try:
+        text, cache_specs = lower_decode_step(program.spec, program.mesh, program.rules, platform)
+    except Exception as e:  # reported, like the train step's lowering
+        return {"lowered": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+    path = os.path.join(lower_dir, f"decode_step.{platform}.mlir")
+    with open(path, "w") as f:
+        f.write(text)
+    S = program.spec.max_seq_len
+    return {"lowered": True, "path": path, "module_bytes": len(text), "cache_slots": S,
+            "kv_cache_sharding": cache_specs, "sharded": "sdy.sharding" in text or "mhlo.sharding" in text,
+            "lower_s": round(time.perf_counter() - t0, 1)}
 
 
 def _in_process_ok(n_devices: int) -> bool:
@@ -447,6 +467,12 @@ def format_plan(r: dict) -> str:
         lines.append(f"  lowered for {platform}: attention {low['attention']}, kernel calls {low['kernel_calls']},"
                      f" largest tensor {'x'.join(map(str, big['shape']))}x{big['dtype']},"
                      f" T x T tensors {low['seq_len_squared_tensors'] or 'none'} -> {low['path']}")
+        dec = low.get("decode_step")
+        if dec and dec["lowered"]:
+            lines.append(f"  decode step for {platform}: batch 1 and 8, KV cache {dec['cache_slots']} slots sharded"
+                         f" {dec['kv_cache_sharding']} -> {dec['path']}")
+        elif dec:
+            lines.append(f"  decode step for {platform}: FAILED ({dec['error'][:300]})")
     for note in r["notes"]:
         lines.append(f"  note: {note}")
     return "\n".join(lines)

@@ -113,3 +113,24 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
     first = axes[0] if len(axes) == 1 else (axes or None)
     return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
 
+
+
+def rows_sharding(shape, mesh: Mesh, rules) -> NamedSharding:
+    """An array of batch rows ``[B, ...]``: rows over the batch mesh axes where they divide ``B``
+    (replicated where not, e.g. one prompt on data=2)."""
+    return NamedSharding(mesh, logical_to_spec(("batch", *[None] * (len(shape) - 1)), shape, mesh, rules))
+
+
+def device_mesh(sizes: dict, what: str = "--mesh") -> Mesh:
+    """A (data, fsdp, tensor) mesh of these sizes over the first devices of this process (one axis
+    may be -1: all the devices there are). For decoding and other one-process work; a clear
+    ``ValueError`` when the process has too few devices."""
+    devices = jax.devices()
+    n = len(devices) if -1 in sizes.values() else math.prod(sizes.values())
+    if n > len(devices) or len(devices) % max(n, 1) and -1 in sizes.values():
+        form = ",".join(f"{k}={v}" for k, v in sizes.items())
+        hint = (f" On a CPU, simulate devices: XLA_FLAGS=--xla_force_host_platform_device_count={n}."
+                if jax.default_backend() == "cpu" else "")
+        raise ValueError(f"{what} {form} needs {n} devices; this process has {len(devices)}"
+                         f" ({jax.default_backend()}).{hint}")
+    return make_mesh(sizes, devices[:n])

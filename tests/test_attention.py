@@ -134,6 +134,13 @@ def test_train_step_lowers_for_tpu_and_cuda_with_kernels_and_no_seq_squared_tens
     assert tpu["kernel_calls"]["tpu_custom_call"] > 0 and cuda["kernel_calls"]["__gpu$xla.gpu.triton"] > 0
     assert tpu["seq_len_squared_tensors"] == cuda["seq_len_squared_tensors"] == []
     assert "tpu_custom_call" in (tmp_path / "train_step.tpu.mlir").read_text()
+    for platform in ("tpu", "cuda"):  # the speculative verify step, batch 1 and 8, a 1024-slot KV cache
+        dec = r["lowered"][platform]["decode_step"]
+        assert dec["lowered"] and dec["sharded"], dec
+        assert dec["kv_cache_sharding"] == {1: "P(None, None, 'tensor', None, None)",  # 1 row: whole
+                                            8: "P(None, ('data', 'fsdp'), 'tensor', None, None)"}
+        text = (tmp_path / f"decode_step.{platform}.mlir").read_text()
+        assert text.count("// decode_step batch=") == 2 and "x1024x8xf32>" in text  # [L, B, K, 1024, H]
     cfg.model.attention = "xla"
     xla = plan(cfg, mesh, lower_for=("tpu",), lower_dir=str(tmp_path / "xla"))
     assert any(t.endswith("x1024x1024xf32") for t in xla["lowered"]["tpu"]["seq_len_squared_tensors"])  # scores

@@ -22,10 +22,13 @@ from mtp.config import DEFAULT_DECODE_SETTINGS, DecodeSettings
 from mtp.data.prompts import heldout_prompts, read_prompts
 from mtp.decode import weights as dw
 from mtp.decode.api import PAD_TO, decode_config, encode_prompt
+from mtp.decode.backend import make_backend
 from mtp.decode.generate import generate
 from mtp.decode.settings import settings_from_args
 from mtp.decode.tree import format_nodes, is_node_list
 from mtp.kernels import kernel_status, rows_matmul, rows_matmul_available
+from mtp.plan import parse_mesh
+from mtp.sharding import device_mesh
 from mtp.workdir import load_model
 
 
@@ -59,13 +62,13 @@ def decode_weights_used(loaded, settings: DecodeSettings = DEFAULT_DECODE_SETTIN
     return {"packing": dict(dw.LAST_PACKING), "step_bytes": dw.step_bytes(weights)}
 
 
-def _timed(model, ids, dc, repeats: int):
+def _timed(model, ids, dc, repeats: int, mesh=None):
     """Result and best wall time of ``repeats`` runs after a compile/warm-up run."""
-    r = generate(model, [ids], dc, pad_to=PAD_TO)  # compile (once per prompt-length bucket)
+    r = generate(model, [ids], dc, pad_to=PAD_TO, mesh=mesh)  # compile (once per prompt-length bucket)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        r = generate(model, [ids], dc, pad_to=PAD_TO)
+        r = generate(model, [ids], dc, pad_to=PAD_TO, mesh=mesh)
         best = min(best, time.perf_counter() - t)
     return r, best
 
@@ -80,7 +83,9 @@ def tree_text(tree) -> str | None:
 def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_tokens: int,
                      tree: str | None = None, bandwidth: float | None = None, repeats: int = 1,
                      draft_vocab: int | None = None, log=print, outputs: list | None = None,
-                     settings: DecodeSettings = DEFAULT_DECODE_SETTINGS) -> dict:
+                     settings: DecodeSettings = DEFAULT_DECODE_SETTINGS, mesh=None) -> dict:
+    """Plain greedy against self-speculative decoding, batch 1, on every prompt (``mesh``: decode on
+    this device mesh, ``mtp.sharding.device_mesh``)."""
     heads = heads or loaded.spec.n_future
     if heads < 2:
         raise ValueError(f"{loaded.spec.n_future} head(s): speculative decoding needs heads 2..k to draft."
@@ -95,8 +100,8 @@ def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_t
     exact = True
     for i, text in enumerate(prompts):
         ids = encode_prompt(loaded, text)
-        g, dt_g = _timed(loaded.model, ids, greedy_dc, repeats)
-        s, dt_s = _timed(loaded.model, ids, spec_dc, repeats)
+        g, dt_g = _timed(loaded.model, ids, greedy_dc, repeats, mesh)
+        s, dt_s = _timed(loaded.model, ids, spec_dc, repeats, mesh)
         same = g.tokens[0] == s.tokens[0]
         exact &= same
         if outputs is not None:  # the continuations as text, one record a prompt (--outputs)
@@ -137,6 +142,8 @@ def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_t
         "block_products": block_products(settings),
         "decode_weights": used["packing"],
         "decode_settings": dataclasses.asdict(settings),
+        "decode_backend": make_backend(settings, n_devices=1 if mesh is None else mesh.size).name,
+        "mesh": None if mesh is None else dict(mesh.shape),
     }
 
 
@@ -150,6 +157,7 @@ def block_products(settings: DecodeSettings = DEFAULT_DECODE_SETTINGS) -> str:
 
 def main(args) -> int:
     log = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if args.json else print
+    mesh = device_mesh(parse_mesh(args.mesh)) if getattr(args, "mesh", None) else None
     loaded = load_model(args.workdir)
     if args.prompts:
         prompts = read_prompts(args.prompts)
@@ -162,7 +170,7 @@ def main(args) -> int:
     outputs = [] if args.outputs else None
     result = run_decode_bench(loaded, prompts, heads=args.heads, max_new_tokens=args.max_new_tokens,
                               tree=args.tree, repeats=args.repeats, draft_vocab=args.draft_vocab, log=log,
-                              outputs=outputs, settings=settings_from_args(args))
+                              outputs=outputs, settings=settings_from_args(args), mesh=mesh)
     if outputs is not None:
         with open(args.outputs, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in outputs)

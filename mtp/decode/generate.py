@@ -20,6 +20,7 @@ re-aligned); each row has its own cache length, output count and stop flag (EOS 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -28,18 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp.config import DECODE_MODES, DEFAULT_DECODE_SETTINGS, DecodeSettings
-from mtp.decode.cache import (
-    causal_drafts_layered,
-    compact_cache,
-    forward_layered,
-    init_cache,
-    stack_cache,
-    unstack_cache,
-)
+from mtp.config import DECODE_MODES, DEFAULT_DECODE_SETTINGS, DEFAULT_RULES, DecodeSettings, rules_from_config
+from mtp.decode.backend import make_backend
 from mtp.decode.tree import DraftTree, build_tree, build_tree_nodes, is_node_list
-from mtp.decode.weights import cached_decode_weights, draft_unembed, linear, prefill_weights, project
-from mtp.model.transformer import rms_norm
+from mtp.model.heads import head_kind
+from mtp.sharding import activation_rules, param_shardings, rows_sharding
 
 PAD_TO = 64  # prompts are padded to a multiple of this: one compilation per length bucket
 
@@ -94,7 +88,7 @@ def check_decode_config(dc: DecodeConfig, spec) -> None:
         if sparse and tree.max_depth > dc.heads - 1:
             raise ValueError(f"the sparse tree is {tree.max_depth} deep; with --heads {dc.heads} it may be"
                              f" at most {dc.heads - 1} deep.")
-        if spec.head_type == "causal" and dc.tree is not None and not tree.is_chain:
+        if not head_kind(spec).draft_trees and dc.tree is not None and not tree.is_chain:
             raise ValueError(f"tree {dc.tree}: sequential (causal) heads draft one token each, every"
                              " draft from the one before it; use a chain (no --tree).")
         if dc.tree is not None and not tree.is_chain and not dc.greedy:
@@ -147,18 +141,17 @@ def right_align(tokens_BxP, lengths_B, padding: str):
     return jnp.take_along_axis(tokens_BxP, idx_BxP, axis=1)
 
 
-def _drafts(weights, eps, hidden_HxBxD, tree: DraftTree, draft=None,
-            settings: DecodeSettings = DEFAULT_DECODE_SETTINGS):
+def _drafts(be, model, weights, hidden_HxBxD, tree: DraftTree, draft=None):
     """Candidate tokens ``[B, sum(widths)]``: head d+1's top-w_d at the chosen node, per depth;
-    ``draft``: ``(ids_N, unembed of those N tokens)`` (``draft_unembed``) to draft among them only."""
+    ``draft``: ``be.draft_table`` of a draft vocabulary ``(ids_N, table)`` to draft among it only."""
     if tree.max_depth == 0:
         return jnp.zeros((hidden_HxBxD.shape[1], 0), jnp.int32)
     if draft is None:
-        logits_HxBxV = project(weights, hidden_HxBxD, eps, settings)
+        logits_HxBxV = be.logits(model, weights, hidden_HxBxD)
         cands = [jax.lax.top_k(logits_HxBxV[d], w)[1] for d, w in enumerate(tree.widths)]
     else:
-        ids_N, unembed = draft
-        logits_HxBxN = linear(rms_norm(hidden_HxBxD, weights["final_norm"], eps), unembed, settings)
+        ids_N, table = draft
+        logits_HxBxN = be.draft_logits(model, weights, hidden_HxBxD, table)
         cands = [ids_N[jax.lax.top_k(logits_HxBxN[d], w)[1]] for d, w in enumerate(tree.widths)]
     return jnp.concatenate(cands, axis=-1).astype(jnp.int32)
 
@@ -236,41 +229,65 @@ def _stream_emit(tokens_D, n_new):
         _STREAM_SINK[-1](np.asarray(tokens_D)[:int(n_new)])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "dc"))
-def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: DecodeConfig):
+def verify_step(be, model, weights, cache, block_BxT, lengths_B, key, tree: DraftTree, dc: DecodeConfig,
+                fwd_heads: int):
+    """One speculative step's forward and verification: the block ``[root, drafts...]`` through the
+    model with the cache (head 1 checks every draft), the accepted path, and the cache compacted to
+    it. Returns ``(hidden_HxBxTxD, cache, best_B, n_acc_B, emitted_BxD)``."""
+    hidden_HxBxTxD, cache = be.forward(model, weights, cache, block_BxT, lengths_B, tree.depth, tree.mask, fwd_heads)
+    logits1_BxTxV = be.logits(model, weights, hidden_HxBxTxD[0])
+    if dc.greedy:
+        best_B, n_acc_B, path_BxD, emitted_BxD = _verify_greedy(logits1_BxTxV, block_BxT, tree)
+    else:
+        best_B, n_acc_B, path_BxD, emitted_BxD = _verify_sample(key, logits1_BxTxV, block_BxT, dc)
+    if not tree.is_chain:
+        cache = be.compact(cache, lengths_B, path_BxD)
+    return hidden_HxBxTxD, cache, best_B, n_acc_B, emitted_BxD
+
+
+def cache_len(P: int, dc: DecodeConfig) -> int:
+    """Cache slots of a decode: prompt + new tokens + the room of the widest block (``block_room``)."""
+    return P + dc.max_new_tokens + 1 + block_room(dc.draft_tree().size)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "dc", "be", "mesh", "rules"))
+def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: DecodeConfig, be, mesh=None, rules=()):
+    with activation_rules(mesh, rules) if mesh is not None else contextlib.nullcontext():
+        return _generate_traced(graphdef, params, weights, tokens_BxP, lengths_B, key, dc, be)
+
+
+def _generate_traced(graphdef, params, weights, tokens_BxP, lengths_B, key, dc: DecodeConfig, be):
     model = nnx.merge(graphdef, params)
-    eps = model.spec.norm_eps
     tree = dc.draft_tree()
     B, P = tokens_BxP.shape
-    T, D = tree.size, tree.max_depth + 1
+    D = tree.max_depth + 1
     k_heads = tree.n_heads if dc.speculative else 1
-    S = P + dc.max_new_tokens + 1 + block_room(T)  # the same S for every block size up to 64
+    S = cache_len(P, dc)  # the same S for every block size up to 64
     M = dc.max_new_tokens + D
-    stacked = init_cache(model.spec, B, S, k_heads)  # the layout returned; the loop carries layers
-    cache = unstack_cache(stacked)
+    cache = be.init_cache(model.spec, B, S, k_heads)
     # Sequential heads draft in their own pass (causal_drafts): the verify forward runs head 1 only.
-    sequential = model.spec.head_type == "causal" and k_heads > 1
+    sequential = head_kind(model.spec).sequential and k_heads > 1
     fwd_heads = 1 if sequential else k_heads
     window = 2 * k_heads - 1  # >= accepted + 1 new positions + the k-1 still waiting for their token
     b_B = jnp.arange(B)
-    draft = draft_unembed(weights, dc.draft_ids) if dc.draft_ids and dc.speculative else None
+    draft = be.draft_table(model, weights, dc.draft_ids) if dc.draft_ids and dc.speculative else None
 
     # Prefill: the prompt as one causal block at lengths 0.
     zeros_B = jnp.zeros((B,), jnp.int32)
     causal = np.tril(np.ones((P, P), bool))
-    hidden_HxBxPxD, cache = forward_layered(model, prefill_weights(weights, B * P), cache, tokens_BxP, zeros_B,
-                                            np.arange(P), causal, fwd_heads, dc.settings)
+    hidden_HxBxPxD, cache = be.forward(model, weights, cache, tokens_BxP, zeros_B, np.arange(P), causal, fwd_heads,
+                                       prefill=True)
     last_HxBxD = jnp.take_along_axis(hidden_HxBxPxD, (lengths_B - 1)[None, :, None, None], axis=2)[:, :, 0]
-    logits1_BxV = project(weights, last_HxBxD[0], eps, dc.settings)
+    logits1_BxV = be.logits(model, weights, last_HxBxD[0])
     key, k0 = jax.random.split(key)
     root_B = (jnp.argmax(logits1_BxV, -1).astype(jnp.int32) if dc.greedy
               else _sample(k0, filtered_probs(logits1_BxV, dc)))
     seq_BxS = None  # sequential heads only: tokens by position (prompt, emitted, drafts)
     if sequential:  # heads 2..k over the whole prompt, then the drafts at its last position
         seq_BxS = jnp.zeros((B, S), jnp.int32).at[:, :P].set(tokens_BxP).at[b_B, lengths_B].set(root_B)
-        cands_BxC, cache = causal_drafts_layered(model, weights, cache, seq_BxS, lengths_B, k_heads, P, dc.settings)
+        cands_BxC, cache = be.causal_drafts(model, weights, cache, seq_BxS, lengths_B, k_heads, P)
     else:
-        cands_BxC = _drafts(weights, eps, last_HxBxD[1:], tree, draft, dc.settings)
+        cands_BxC = _drafts(be, model, weights, last_HxBxD[1:], tree, draft)
 
     if dc.stream:
         jax.debug.callback(_stream_emit, root_B[:1], 1, ordered=True)
@@ -279,23 +296,17 @@ def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: Deco
     done_B = (root_B == dc.eos_id) | (n_out_B >= dc.max_new_tokens)
     stats = {"forwards": jnp.ones((), jnp.int32), "steps_B": jnp.zeros((B,), jnp.int32),
              "accepted_BxD": jnp.zeros((B, D), jnp.int32)}
-    depth_T, mask_TxT = tree.depth, tree.mask
 
     def cond(carry):
         return jnp.any(~carry["done_B"])
 
     def body(c):
+        # the loop body is its own trace, and nnx modules (and their Variables) live in one: rebuild
+        model = nnx.merge(graphdef, jax.tree.map(lambda a: a, params))
         block_BxT = _block_tokens(c["root_B"], c["cands_BxC"], tree)
-        hidden_HxBxTxD, cache = forward_layered(model, weights, c["cache"], block_BxT, c["lengths_B"], depth_T,
-                                                mask_TxT, fwd_heads, dc.settings)
-        logits1_BxTxV = project(weights, hidden_HxBxTxD[0], eps, dc.settings)
         key, k_step = jax.random.split(c["key"])
-        if dc.greedy:
-            best_B, n_acc_B, path_BxD, emitted_BxD = _verify_greedy(logits1_BxTxV, block_BxT, tree)
-        else:
-            best_B, n_acc_B, path_BxD, emitted_BxD = _verify_sample(k_step, logits1_BxTxV, block_BxT, dc)
-        if not tree.is_chain:
-            cache = compact_cache(cache, c["lengths_B"], path_BxD)
+        hidden_HxBxTxD, cache, best_B, n_acc_B, emitted_BxD = verify_step(
+            be, model, weights, c["cache"], block_BxT, c["lengths_B"], k_step, tree, dc, fwd_heads)
         root_B = jnp.take_along_axis(emitted_BxD, n_acc_B[:, None], axis=1)[:, 0]
         live_B = ~c["done_B"]
         d_1xD = jnp.arange(D)[None]
@@ -306,11 +317,10 @@ def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: Deco
             in_BxD = (d_1xD <= n_acc_B[:, None]) & live_B[:, None]
             seq_pos_BxD = jnp.where(in_BxD, c["lengths_B"][:, None] + 1 + d_1xD, S)
             seq_BxS = seq_BxS.at[b_B[:, None], seq_pos_BxD].set(emitted_BxD, mode="drop")
-            cands_BxC, cache = causal_drafts_layered(model, weights, cache, seq_BxS, lengths_B, k_heads, window,
-                                                     dc.settings)
+            cands_BxC, cache = be.causal_drafts(model, weights, cache, seq_BxS, lengths_B, k_heads, window)
         else:
             node_HxBxD = jnp.take_along_axis(hidden_HxBxTxD[1:], best_B[None, :, None, None], axis=2)[:, :, 0]
-            cands_BxC = _drafts(weights, eps, node_HxBxD, tree, draft, dc.settings)
+            cands_BxC = _drafts(be, model, weights, node_HxBxD, tree, draft)
         # Outputs: tokens 0..n_acc of ``emitted``, cut at the first EOS, only for live rows.
         valid_BxD = (d_1xD <= n_acc_B[:, None]) & live_B[:, None]
         is_eos_BxD = valid_BxD & (emitted_BxD == dc.eos_id)
@@ -334,7 +344,7 @@ def _generate(graphdef, params, weights, tokens_BxP, lengths_B, key, *, dc: Deco
              "out_BxM": out_BxM, "n_out_B": n_out_B, "done_B": done_B, "key": key, "stats": stats,
              "seq_BxS": seq_BxS}
     carry = jax.lax.while_loop(cond, body, carry)
-    return (carry["out_BxM"], carry["n_out_B"], carry["stats"], stack_cache(carry["cache"], stacked),
+    return (carry["out_BxM"], carry["n_out_B"], carry["stats"], be.stacked(carry["cache"], model.spec),
             carry["lengths_B"])
 
 
@@ -362,12 +372,17 @@ def prompt_bucket(P: int, pad_to: int) -> int:
 
 def generate(model, prompts: list[list[int]] | np.ndarray, dc: DecodeConfig, *, lengths=None,
              padding: str = "right", seed: int = 0, pad_to: int = 1, return_cache: bool = False,
-             on_tokens=None):
+             on_tokens=None, mesh=None, rules=None):
     """Generate for a batch of token-id prompts (lists of different lengths, or a padded array with
     ``lengths`` and ``padding``). ``pad_to`` rounds the prompt length up (fewer recompiles;
     ``prompt_bucket``).
-    ``on_tokens(ids)`` receives row 0's new tokens as they are accepted (set ``dc.stream``)."""
+    ``on_tokens(ids)`` receives row 0's new tokens as they are accepted (set ``dc.stream``).
+    ``mesh``: decode on this device mesh (``mtp.sharding.make_mesh``): parameters and KV cache
+    sharded by the logical-axis ``rules`` of training (``sharding.rules``; default the default rules:
+    heads and MLP over ``tensor``, batch rows over ``data``); the output is the one-device output."""
     check_decode_config(dc, model.spec)
+    n_devices = 1 if mesh is None else mesh.size
+    be = make_backend(dc.settings, n_devices=n_devices)
     if isinstance(prompts, np.ndarray | jax.Array):
         tokens_BxP = np.asarray(prompts, np.int32)
         lengths_B = np.full(len(tokens_BxP), tokens_BxP.shape[1], np.int32) if lengths is None \
@@ -399,11 +414,17 @@ def generate(model, prompts: list[list[int]] | np.ndarray, dc: DecodeConfig, *, 
                          f" exceeds the model's max_seq_len={model.spec.max_seq_len}; shorten the prompt"
                          " or ask for fewer tokens.")
     graphdef, params = nnx.split(model)
+    tokens_BxP, lengths_B = jnp.asarray(tokens_BxP), jnp.asarray(lengths_B)
+    if mesh is not None:
+        rules = rules_from_config(DEFAULT_RULES if rules is None else rules)
+        params = jax.device_put(params, param_shardings(params, mesh, rules))
+        tokens_BxP = jax.device_put(tokens_BxP, rows_sharding(tokens_BxP.shape, mesh, rules))
+        lengths_B = jax.device_put(lengths_B, rows_sharding(lengths_B.shape, mesh, rules))
     _STREAM_SINK.append(on_tokens or (lambda ids: None))
     try:
-        out, n_out, stats, cache, lens = _generate(graphdef, params, cached_decode_weights(model, dc.settings),
-                                                   jnp.asarray(tokens_BxP),
-                                                   jnp.asarray(lengths_B), jax.random.key(seed), dc=dc)
+        out, n_out, stats, cache, lens = _generate(graphdef, params, be.weights(model), tokens_BxP, lengths_B,
+                                                   jax.random.key(seed), dc=dc, be=be, mesh=mesh,
+                                                   rules=rules if mesh is not None else ())
         out = jax.block_until_ready(out)
     finally:
         _STREAM_SINK.pop()
