@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 from helpers import random_tokens, tiny_config, tiny_model
 
+from mtp.config import DecodeSettings
 from mtp.evals.cli import add_parsers
 from mtp.evals.heads_eval import batch_sums_jit, evaluate_batches, greedy_continuations_jit, validation_batches
 from mtp.evals.humaneval import (
@@ -368,14 +369,15 @@ def test_humaneval_cli_canonical_and_decoder_wiring(tmp_path, monkeypatch, capsy
         return [p + "    return None\n" for p in prompts]  # echoes the prompt: stripped
 
     monkeypatch.setattr(cli, "generate_texts", generate_texts)
+    xla = DecodeSettings(backend="xla")  # the decode settings (--decode-* flags) reach the decoder
     fn = cli.make_generate_fn("LOADED", mode="sample", heads=2, max_new_tokens=7, temperature=0.5,
-                              top_p=0.9, top_k=3, seed=10, batch_size=2)
+                              top_p=0.9, top_k=3, seed=10, batch_size=2, settings=xla)
     out = fn(["a", "b", "c"], 2)
     assert out == [["    return None\n"] * 2] * 3
     assert [s[1] for s in seen] == [2, 1, 2, 1]
     assert [s[2]["seed"] for s in seen] == [10, 10, 11, 11]
     assert seen[0][2] == dict(mode="sample", heads=2, max_new_tokens=7, temperature=0.5, top_p=0.9,
-                              top_k=3, seed=10)
+                              top_k=3, seed=10, settings=xla)
     args = _parser().parse_args(["humaneval", "--workdir", str(tmp_path), "--n-samples", "2"])
     with pytest.raises(SystemExit, match="deterministic"):
         args.func(args, [])

@@ -30,6 +30,16 @@ def _bytes(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of threads, or 0 for XLA's CPU thread count")
+    return value
+
+
 def add_decode_settings(parser: argparse.ArgumentParser) -> None:
     """The ``DecodeSettings`` flags, defaults shown, in their own help group."""
     g = parser.add_argument_group(GROUP, "how decoding computes on this machine; none of these changes the"
@@ -58,7 +68,7 @@ def add_decode_settings(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel-min-bytes", type=_bytes, default=DEFAULTS.kernel_min_bytes, metavar="BYTES",
                    help="float32 matrices smaller than this stay with XLA's products (they sit in cache)"
                         " (default %(default)s)")
-    g.add_argument("--kernel-threads", type=int, default=DEFAULTS.kernel_threads, metavar="N",
+    g.add_argument("--kernel-threads", type=_threads, default=DEFAULTS.kernel_threads, metavar="N",
                    help="threads of the CPU kernels, 0: XLA's CPU thread count; fixed at the kernels' first"
                         " call in a process (default %(default)s)")
 

@@ -17,8 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from mtp.config import DECODE_MODES
+from mtp.config import DECODE_MODES, DEFAULT_DECODE_SETTINGS, DecodeSettings
 from mtp.decode.api import generate_texts
+from mtp.decode.settings import add_decode_settings, settings_from_args
 from mtp.evals.heads_eval import evaluate_heads, format_heads_table, write_result
 from mtp.evals.humaneval import (
     ChatTemplateError,
@@ -70,7 +71,8 @@ def cmd_eval(args, overrides=()) -> int:
 
 
 def make_generate_fn(loaded, *, mode: str, heads: int | None, max_new_tokens: int,
-                     temperature: float, top_p: float, top_k: int, seed: int, batch_size: int):
+                     temperature: float, top_p: float, top_k: int, seed: int, batch_size: int,
+                     settings: DecodeSettings = DEFAULT_DECODE_SETTINGS):
     """``generate_fn(prompts, n)`` over ``mtp.decode.api.generate_texts``: sample ``i`` of every
     prompt uses seed ``seed + i``; prompts go ``batch_size`` at a time."""
     def generate_fn(prompts: list[str], n: int) -> list[list[str]]:
@@ -80,7 +82,7 @@ def make_generate_fn(loaded, *, mode: str, heads: int | None, max_new_tokens: in
                 chunk = prompts[start:start + batch_size]
                 texts = generate_texts(loaded, chunk, mode=mode, heads=heads,
                                        max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_p=top_p, top_k=top_k, seed=seed + i)
+                                       top_p=top_p, top_k=top_k, seed=seed + i, settings=settings)
                 for j, (prompt, text) in enumerate(zip(chunk, texts)):
                     if text.startswith(prompt):  # a decoder that echoes the prompt
                         text = text[len(prompt):]
@@ -139,7 +141,7 @@ def cmd_humaneval(args, overrides=()) -> int:
         generate_fn = make_generate_fn(
             loaded, mode=args.mode, heads=args.heads, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-            batch_size=args.batch_size)
+            batch_size=args.batch_size, settings=settings_from_args(args))
         meta.update(workdir=str(Path(args.workdir).absolute()), step=loaded.step, mode=args.mode,
                     heads=args.heads, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -206,4 +208,5 @@ def add_parsers(subparsers) -> None:
     h.add_argument("--canonical", action="store_true",
                    help="use the problems' canonical_solution instead of a model")
     h.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    add_decode_settings(h)
     h.set_defaults(func=cmd_humaneval)
