@@ -106,3 +106,14 @@ def test_bad_override_is_a_clean_error(tmp_path):
                 str(tmp_path / "w"), cache=tmp_path / "cache")
     assert proc.returncode == 2
     assert "model.n_future=0 is invalid" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_failed_calibration_after_training_leaves_a_note_not_an_error(tmp_path, monkeypatch, capsys):
+    """The calibration at the end of ``mtp train`` is auxiliary: when it cannot run (here: no model in
+    the directory) training still succeeds, and the note names the command to run later."""
+    monkeypatch.undo()  # conftest's stand-in for the calibration
+    from mtp.train.loop import calibrate_after_training
+
+    calibrate_after_training(tmp_path)
+    err = capsys.readouterr().err
+    assert "could not be made" in err and f"mtp calibrate --workdir {tmp_path}" in err

@@ -410,7 +410,12 @@ def calibrate_after_training(workdir: Path) -> None:
         log(f"train.calibrate: not in a multi-process run; run `mtp calibrate --workdir {workdir}` on one host.")
         return
     t = time.perf_counter()
-    calibrate_workdir(load_model(workdir), workdir, log=log)
+    try:
+        calibrate_workdir(load_model(workdir), workdir, log=log)
+    except Exception as e:  # noqa: BLE001 - the trained model is saved; the artifacts can be made later
+        log(f"train.calibrate: the decode artifacts could not be made ({type(e).__name__}: {e}). The trained model"
+            f" is saved; fix that and run `mtp calibrate --workdir {workdir}`, or set train.calibrate=False.")
+        return
     log(f"Decode artifacts written in {time.perf_counter() - t:.1f} s (train.calibrate=False skips this;"
         f" `mtp calibrate --workdir {workdir}` redoes it).")
 
