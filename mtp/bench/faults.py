@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 BASE_OVERRIDES = ["--config.train.log_data_hashes=True", "--config.train.tensorboard=False",
-                  "--config.train.log_every=1", "--config.train.eval_batches=1"]
+                  "--config.train.log_every=1", "--config.train.eval_batches=1",
+                  "--config.train.calibrate=False"]  # the runs compare parameters, never decode
 
 
 def _command(config: str, workdir: Path, steps: int, checkpoint_every: int) -> list[str]:
