@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from mtp.config import LOSS_IMPLS, LOSS_TARGETS
+from mtp.model.heads import head_kind
 from mtp.model.transformer import dense, rms_norm
 
 
@@ -277,7 +278,7 @@ def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk
     zero sums and count. Only for training with zero loss weights on the rest (their gradients
     are zero anyway)."""
     spec = model.spec
-    if spec.head_type == "causal":
+    if head_kind(spec).sequential:
         return _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk, targets)
     h, src_N, positions_BxT, mask_Bx1xTxT = model.trunk_features(tokens_BxT, segment_ids_BxT)
     unembed, scale = model.unembed_DxV(), model.final_norm.scale[...]

@@ -11,8 +11,9 @@ from flax import nnx
 from helpers import random_tokens, tiny_config, tiny_model, with_params
 
 from mtp.config import ConfigError, validate
-from mtp.decode.cache import causal_drafts, forward_cached, init_cache
+from mtp.decode.cache import causal_drafts, forward_cached
 from mtp.decode.generate import DecodeConfig, generate
+from mtp.model.cached import init_cache
 
 K = 4  # heads
 

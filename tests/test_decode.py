@@ -8,9 +8,10 @@ from flax import nnx
 from helpers import constant_input_model, heads_like_head1, tiny_model, with_params
 from scipy import stats
 
-from mtp.decode.cache import forward_cached, init_cache
+from mtp.decode.cache import forward_cached
 from mtp.decode.generate import DecodeConfig, filtered_probs, generate
 from mtp.decode.tree import build_tree, parse_tree
+from mtp.model.cached import init_cache
 
 
 def full_forward_greedy(model, prompt, n, width=32):

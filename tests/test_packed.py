@@ -204,7 +204,8 @@ def test_a_float_unembedding_stays_float_while_the_trunk_packs():
 def test_the_fused_decode_layer_matches_the_unfused_one(kind):
     """Batch-1 packed layers run as two fused kernel calls (mtp/kernels/decode_layer.cc): the same
     hidden states and cache entries as the layer built from XLA operations, within float rounding."""
-    from mtp.decode.cache import forward_layered, init_cache, unstack_cache
+    from mtp.decode.cache import forward_layered, unstack_cache
+    from mtp.model.cached import init_cache
 
     model = gguf_like(tiny_model(seed=2, n_future=3), kind)
     weights = dw.cached_decode_weights(model)

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from mtp.config import LAYER_HEADS
 from mtp.convert.layout import (
     SIDECAR_CONFIG,
     SIDECAR_TENSORS,
@@ -42,6 +41,7 @@ from mtp.convert.llama_map import (
     write_workdir,
 )
 from mtp.data.hf_tokenizer import write_tokenizer
+from mtp.model.heads import head_kind
 from mtp.model.spec import ModelSpec
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -294,7 +294,7 @@ def convert_hf(src: str | Path, workdir: str | Path, *, dtype: str = "float32", 
     provenance = {"source": str(src.absolute()), "format": "hf-safetensors" + ("+mtp-heads" if side else ""),
                   "files": sorted({t.path.name for t in table.values()}),
                   "hf_layers": hp.n_layers, "trunk_layers": spec.trunk_layers, "n_future": spec.n_future,
-                  "head_layer": hp.n_layers - 1 if spec.head_type in LAYER_HEADS else None,
+                  "head_layer": hp.n_layers - 1 if head_kind(spec).layer else None,
                   "dtype": dtype, "seconds": round(time.time() - started, 2)}
     if side:
         provenance["mtp_export"] = side.get("source")

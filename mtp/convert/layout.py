@@ -28,9 +28,9 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from mtp.config import LAYER_HEADS
 from mtp.convert.llama_map import GGUF_NAMES, HF_NAMES, LAYER_ROLES, ConvertError, LlamaHParams, check_shape
 from mtp.model import abstract_params
+from mtp.model.heads import head_kind
 from mtp.model.spec import ModelSpec
 
 SIDECAR_TENSORS = "mtp_heads.safetensors"
@@ -96,7 +96,7 @@ def key_parts(key: str) -> list[str]:
 
 def head1_in_llama(spec) -> bool:
     """Head 1 is a transformer layer (exported as the Llama's last layer) for these head types."""
-    return spec.head_type in LAYER_HEADS
+    return head_kind(spec).layer
 
 
 def llama_layers(spec) -> int:
@@ -119,11 +119,11 @@ def place(spec, shapes: dict[str, tuple[int, ...]]) -> tuple[list[Placement], li
         n = shape[0] if shape else 0
         if top == "trunk" and rest in LAYER_ROLES:
             out += [Placement(key, i, "llama", HF_NAMES[rest].format(i=i), rest, shape[1:]) for i in range(n)]
-        elif top == "heads" and spec.head_type in LAYER_HEADS and rest in LAYER_ROLES:
+        elif top == "heads" and head_kind(spec).layer and rest in LAYER_ROLES:
             out.append(Placement(key, 0, "llama", HF_NAMES[rest].format(i=spec.trunk_layers), rest, shape[1:]))
             out += [Placement(key, j, "heads", f"mtp.head.{j + 1}.{_layer_suffix(rest)}", rest, shape[1:])
                     for j in range(1, n)]
-        elif top == "heads" and spec.head_type not in LAYER_HEADS and rest in _SIMPLE:
+        elif top == "heads" and not head_kind(spec).layer and rest in _SIMPLE:
             out += [Placement(key, j, "heads", f"mtp.head.{j + 1}.{_SIMPLE[rest]}", rest, shape[1:])
                     for j in range(n)]
         elif len(parts) == 1 and top in _CAUSAL:

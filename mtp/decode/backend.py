@@ -25,7 +25,6 @@ from mtp.decode import cache as layered
 from mtp.decode.weights import cached_decode_weights, draft_unembed, linear, prefill_weights, project
 from mtp.kernels.cpu import kernel_status, kernels_built
 from mtp.model import cached, kv_cache
-from mtp.model.heads import head_kind
 from mtp.model.transformer import rms_norm
 
 
@@ -60,8 +59,7 @@ class XlaBackend:
         return {}  # the model's parameters are the weights
 
     def init_cache(self, spec, batch: int, max_len: int, n_heads: int) -> dict:
-        kind = head_kind(spec)
-        return kv_cache.init_cache(spec, batch, max_len, n_heads, layer_heads=kind.layer, sequential=kind.sequential)
+        return cached.init_cache(spec, batch, max_len, n_heads)
 
     def forward(self, model, weights, cache, tokens_BxT, lengths_B, depth_T, block_mask_TxT, n_heads: int, *,
                 prefill: bool = False):

@@ -19,39 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp.config import LAYER_HEADS, DecodeSettings
+from mtp.config import DecodeSettings
 from mtp.decode.packed import MATRICES, PackedMatrix
 from mtp.decode.weights import DEFAULT_SETTINGS, decode_weights, linear, project, simple_head
 from mtp.kernels import rows_matmul_available
 from mtp.kernels.cpu import decode_attention, layer_qkv, layer_rest
-from mtp.model.heads import causal_combine
+from mtp.model.heads import causal_combine, head_kind
+from mtp.model.kv_cache import cache_mask, write_rows
 from mtp.model.lm import MTPLM
 from mtp.model.transformer import rms_norm, rope, rope_angles
-
-
-def init_cache(spec, batch: int, max_len: int, n_heads: int) -> dict:
-    K, H, dt = spec.n_kv_heads, spec.resolved_head_dim, jnp.dtype(spec.dtype)
-    L = spec.trunk_layers
-    n_head_layers = n_heads if spec.head_type in LAYER_HEADS else 0
-    cache = {
-        "trunk_k": jnp.zeros((L, batch, K, max_len, H), dt),
-        "trunk_v": jnp.zeros((L, batch, K, max_len, H), dt),
-        "head_k": jnp.zeros((n_head_layers, batch, K, max_len, H), dt),
-        "head_v": jnp.zeros((n_head_layers, batch, K, max_len, H), dt),
-    }
-    if spec.head_type == "causal":  # head 1's output per slot: what sequential head 2 reads
-        cache["h1"] = jnp.zeros((1, batch, max_len, spec.d_model), dt)
-    return cache
-
-
-def cache_mask(lengths_B, block_mask_TxT, max_len: int):
-    """bool ``[B, 1, T, S]``: prefix slots ``< lengths_b`` plus the allowed block slots."""
-    T = block_mask_TxT.shape[0]
-    rel_BxS = jnp.arange(max_len, dtype=jnp.int32)[None, :] - lengths_B[:, None]
-    prefix_BxS = rel_BxS < 0
-    in_block_BxS = (rel_BxS >= 0) & (rel_BxS < T)
-    block_BxTxS = jnp.asarray(block_mask_TxT)[:, jnp.clip(rel_BxS, 0, T - 1)].transpose(1, 0, 2)
-    return (prefix_BxS[:, None, :] | (in_block_BxS[:, None, :] & block_BxTxS))[:, None]
 
 
 def unstack_cache(cache: dict) -> dict:
@@ -66,17 +42,6 @@ def unstack_cache(cache: dict) -> dict:
 def stack_cache(layered: dict, like: dict) -> dict:
     return {name: jnp.stack(layered[name]).reshape(like[name].shape) if layered[name] else like[name]
             for name in like}
-
-
-def _write(c_BxSxX, new_BxTxX, lengths_B, slots_BxT):
-    """New entries at ``lengths_b ..`` of a ``[B, S, ...]`` buffer: an in-place dynamic update for
-    one row, a scatter for more."""
-    new_BxTxX = new_BxTxX.astype(c_BxSxX.dtype)
-    if c_BxSxX.shape[0] == 1:
-        start = (jnp.zeros((), jnp.int32), lengths_B[0]) + (jnp.zeros((), jnp.int32),) * (c_BxSxX.ndim - 2)
-        return jax.lax.dynamic_update_slice(c_BxSxX, new_BxTxX, start)
-    b_Bx1 = jnp.arange(c_BxSxX.shape[0])[:, None]
-    return c_BxSxX.at[b_Bx1, slots_BxT].set(new_BxTxX, mode="drop")
 
 
 def _write_kv(c_CxSxH, new_BxTxKxH, lengths_B, slots_BxT):
@@ -213,7 +178,7 @@ def forward_layered(model: MTPLM, weights: dict, cache: dict, tokens_BxT, length
     head_k, head_v, hidden = list(cache["head_k"]), list(cache["head_v"]), []
     for i in range(n_heads):
         hw = weights["heads"][i]
-        if spec.head_type in LAYER_HEADS:
+        if head_kind(spec).layer:
             h_i, head_k[i], head_v[i] = _block_step(hw, spec, head_in[i], positions_BxT, mask, head_k[i],
                                                     head_v[i], lengths_B, slots_BxT, tables, settings)
         else:
@@ -222,7 +187,7 @@ def forward_layered(model: MTPLM, weights: dict, cache: dict, tokens_BxT, length
     hidden_NxBxTxD = jnp.stack(hidden)
     new = {"trunk_k": trunk_k, "trunk_v": trunk_v, "head_k": head_k, "head_v": head_v}
     if "h1" in cache:
-        new["h1"] = [_write(cache["h1"][0], hidden_NxBxTxD[0], lengths_B, slots_BxT)]
+        new["h1"] = [write_rows(cache["h1"][0], hidden_NxBxTxD[0], lengths_B, slots_BxT)]
     return hidden_NxBxTxD, new
 
 
@@ -290,7 +255,7 @@ def compact_cache(cache: dict, lengths_B, path_BxD):
     dst_BxD = lengths_B[:, None] + jnp.arange(path_BxD.shape[1], dtype=jnp.int32)[None, :]
 
     def move(c_BxSxX):
-        return _write(c_BxSxX, c_BxSxX[b_Bx1, src_BxD], lengths_B, dst_BxD)
+        return write_rows(c_BxSxX, c_BxSxX[b_Bx1, src_BxD], lengths_B, dst_BxD)
 
     def move_kv(c_CxSxH):
         c_BxKxSxH = c_CxSxH.reshape(lengths_B.shape[0], -1, *c_CxSxH.shape[1:])

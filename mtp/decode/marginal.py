@@ -39,8 +39,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mtp.decode.cache import forward_cached, init_cache
+from mtp.decode.cache import forward_cached
 from mtp.decode.weights import cached_decode_weights
+from mtp.model.cached import init_cache
 
 TRUNCATIONS = ("per_step", "beam")
 PAD_TO = 64  # contexts are padded to a multiple of this: one compilation per length bucket

@@ -31,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp.config import DEFAULT_DECODE_SETTINGS, LAYER_HEADS, DecodeSettings
+from mtp.config import DEFAULT_DECODE_SETTINGS, DecodeSettings
 from mtp.decode.packed import PackedMatrix, activations_int8, may_pack, pack_decode_weights, packing_enabled
 from mtp.kernels import packed_matmul, rows_matmul, rows_matmul_available
+from mtp.model.heads import head_kind
 from mtp.model.transformer import rms_norm
 
 CACHE_RESIDENT_BYTES = 1 << 20  # an MLP matrix below this stays in cache from token to token
@@ -135,11 +136,11 @@ def decode_weights(model, out_in: bool | None = None, settings: DecodeSettings =
         "final_norm": model.final_norm.scale[...],
         "trunk": _layers(model.trunk, spec, dt, out_in),
     }
-    if spec.head_type in LAYER_HEADS:
+    if head_kind(spec).layer:
         out["heads"] = _layers(model.heads, spec, dt, out_in)
     else:  # linear / medusa: x + f(x @ W), W square: kept [in, out]
         w = model.heads.w[...].astype(dt)
-        b = model.heads.b[...].astype(dt) if spec.head_type == "medusa" else None
+        b = model.heads.b[...].astype(dt) if head_kind(spec).bias else None
         out["heads"] = [{"w": w[i], **({"b": b[i]} if b is not None else {})} for i in range(w.shape[0])]
     return out
 

@@ -12,9 +12,16 @@ import jax
 import jax.numpy as jnp
 
 from mtp.model.heads import causal_combine, head_kind
-from mtp.model.kv_cache import CacheStep, cache_mask, cache_step, causal_block_mask, write_rows
+from mtp.model.kv_cache import CacheStep, cache_mask, cache_step, causal_block_mask, write_rows, zeros_cache
 from mtp.model.transformer import dense, scan_cached_blocks
 from mtp.sharding import constrain
+
+
+def init_cache(spec, batch: int, max_len: int, n_heads: int) -> dict:
+    """An empty KV cache (``mtp.model.kv_cache``) of ``batch`` rows and ``max_len`` slots for the trunk
+    and the first ``n_heads`` heads of a model of this spec."""
+    kind = head_kind(spec)
+    return zeros_cache(spec, batch, max_len, n_heads, layer_heads=kind.layer, sequential=kind.sequential)
 
 
 def cached_forward(model, cache: dict, tokens_BxT, lengths_B, depth_T, block_mask_TxT, n_heads: int, *,

@@ -77,6 +77,7 @@ class HeadKind:
     module: type
     layer: bool
     sequential: bool = False
+    bias: bool = False  # a simple head with a bias vector besides its D x D matrix (medusa)
 
     @property
     def draft_trees(self) -> bool:
@@ -87,7 +88,7 @@ class HeadKind:
 HEAD_KINDS = {
     "transformer": HeadKind("transformer", Block, layer=True),
     "linear": HeadKind("linear", LinearHead, layer=False),
-    "medusa": HeadKind("medusa", MedusaHead, layer=False),
+    "medusa": HeadKind("medusa", MedusaHead, layer=False, bias=True),
     "causal": HeadKind("causal", Block, layer=True, sequential=True),
 }
 assert tuple(HEAD_KINDS) == HEAD_TYPES and tuple(k for k, v in HEAD_KINDS.items() if v.layer) == LAYER_HEADS

@@ -61,7 +61,7 @@ def cache_step(lengths_B, depth_T, block_mask_TxT, max_len: int, *, prefill: boo
     return positions_BxT, CacheStep(lengths_B, slots_BxT, cache_mask(lengths_B, block_mask_TxT, max_len), prefill)
 
 
-def init_cache(spec, batch: int, max_len: int, n_heads: int, *, layer_heads: bool, sequential: bool) -> dict:
+def zeros_cache(spec, batch: int, max_len: int, n_heads: int, *, layer_heads: bool, sequential: bool) -> dict:
     """Zeros in the cache layout for ``n_heads`` heads (``layer_heads``: the heads are transformer
     layers with keys and values; ``sequential``: head 1's outputs are kept for head 2)."""
     K, H, dt = spec.n_kv_heads, spec.resolved_head_dim, jnp.dtype(spec.dtype)

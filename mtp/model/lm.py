@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp.model.heads import apply_heads, causal_combine, make_heads
+from mtp.model.heads import apply_heads, causal_combine, head_kind, make_heads
 from mtp.model.spec import ModelSpec
 from mtp.model.transformer import (
     RMSNorm,
@@ -65,7 +65,7 @@ class MTPLM(nnx.Module):
         if spec.hidden_mix == "weighted":
             init = nnx.with_partitioning(mix_logits_init(spec), ("mtp_heads", None))
             self.mix_logits = nnx.Param(init(None, (spec.n_future, spec.trunk_layers + 1), jnp.float32))
-        if spec.head_type == "causal":  # heads 2..n: [norm(h); norm(embed)] @ W, W: [2D, D]
+        if head_kind(spec).sequential:  # heads 2..n: [norm(h); norm(embed)] @ W, W: [2D, D]
             K, D = spec.n_future - 1, spec.d_model
             self.causal_proj = param(rngs, (K, 2 * D, D), ("mtp_heads", None, "embed_out"), spec.std(2 * D), pd)
             ones = nnx.with_partitioning(nnx.initializers.ones, ("mtp_heads", "norm"))
@@ -183,7 +183,7 @@ class MTPLM(nnx.Module):
     def all_head_hidden(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
         """Every head's output ``[n_future, B, T, D]`` (before the shared norm + unembedding)."""
         h, src_N, positions_BxT, mask_Bx1xTxT = self.trunk_features(tokens_BxT, segment_ids_BxT)
-        if self.spec.head_type == "causal":
+        if head_kind(self.spec).sequential:
             return self.causal_head_hidden(h, tokens_BxT, positions_BxT, mask_Bx1xTxT)
         return self.head_hidden(h, positions_BxT, mask_Bx1xTxT, src_N)
 

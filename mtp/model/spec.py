@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from mtp.config import LAYER_HEADS, ModelConfig
+from mtp.config import ModelConfig
+from mtp.model.heads import head_kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +56,16 @@ class ModelSpec(ModelConfig):
         return self.lora_rank * per_rank
 
     def head_params(self) -> int:
-        if self.head_type in LAYER_HEADS:
+        if head_kind(self).layer:
             per = self.layer_params() + self.lora_layer_params()
         else:
-            per = self.d_model ** 2 + (self.d_model if self.head_type == "medusa" else 0)
+            per = self.d_model ** 2 + (self.d_model if head_kind(self).bias else 0)
         return self.n_future * per + self.causal_params()
 
     def causal_params(self) -> int:
         """Sequential heads 2..n: a [2D, D] combining projection and two norms each."""
         D = self.d_model
-        return (self.n_future - 1) * (2 * D * D + 2 * D) if self.head_type == "causal" else 0
+        return (self.n_future - 1) * (2 * D * D + 2 * D) if head_kind(self).sequential else 0
 
     def mix_params(self) -> int:
         return self.n_future * (self.trunk_layers + 1) if self.hidden_mix == "weighted" else 0
@@ -82,7 +83,7 @@ class ModelSpec(ModelConfig):
         layer_mm = self.layer_params() - 2 * D + self.lora_layer_params()
         attn_scores = 2 * 2 * self.n_heads * H * seq_len / 2  # QK^T and AV, causal half
         layer = 2 * layer_mm + attn_scores
-        head = layer if self.head_type in LAYER_HEADS else 2 * D * D
+        head = layer if head_kind(self).layer else 2 * D * D
         forward = self.trunk_layers * layer + self.n_future * (head + 2 * D * self.vocab_size)
-        forward += (self.n_future - 1) * 2 * 2 * D * D if self.head_type == "causal" else 0
+        forward += (self.n_future - 1) * 2 * 2 * D * D if head_kind(self).sequential else 0
         return 3.0 * forward
