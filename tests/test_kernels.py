@@ -59,7 +59,7 @@ def test_a_changed_decode_setting_compiles_a_new_program():
     from flax import nnx
 
     from mtp.decode import generate as gen
-    from mtp.decode import weights as dw
+    from mtp.decode.backend import make_backend
 
     model = tiny_model(seed=1, n_future=2)
     graphdef, params = nnx.split(model)
@@ -67,8 +67,9 @@ def test_a_changed_decode_setting_compiles_a_new_program():
     outs = {}
     for backend in ("auto", "xla"):
         dc = DecodeConfig("speculative", 2, max_new_tokens=6, settings=DecodeSettings(backend, kernel_min_bytes=0))
-        args = (graphdef, params, dw.cached_decode_weights(model, dc.settings), tokens, lengths, jax.random.key(0))
-        hlo = gen._generate.lower(*args, dc=dc).as_text()
+        be = make_backend(dc.settings)
+        args = (graphdef, params, be.weights(model), tokens, lengths, jax.random.key(0))
+        hlo = gen._generate.lower(*args, dc=dc, be=be).as_text()
         assert ("mtp_rows_matmul" in hlo and "mtp_decode_attention" in hlo) == (backend == "auto"), backend
         outs[backend] = generate(model, [[5, 9, 11, 2]], dc).tokens
     assert outs["auto"] == outs["xla"]
