@@ -54,6 +54,7 @@ from mtp.distributed import initialize
 from mtp.evals.cli import add_parsers as add_evals
 from mtp.extras import MissingExtra
 from mtp.plan import PlanError, format_plan, parse_mesh, parse_platform, parse_platforms, plan
+from mtp.sharding import device_mesh
 from mtp.study import add_parser as add_study
 from mtp.sweep.cli import add_parser as add_sweep
 from mtp.sweep.grid import SweepError
@@ -181,7 +182,8 @@ def cmd_generate(args, overrides) -> int:
             sys.stdout.write(text)
         streamer = TextStreamer(loaded.tokenizer, dc.eos_id)
         t = time.perf_counter()
-        r = generate(loaded.model, [ids], dc, seed=args.seed, pad_to=64, on_tokens=streamer)
+        r = generate(loaded.model, [ids], dc, seed=args.seed, pad_to=64, on_tokens=streamer,
+                     mesh=decode_mesh_arg(args))
         dt = time.perf_counter() - t
     except ValueError as e:
         raise SystemExit(f"mtp generate: {e}") from None
@@ -190,6 +192,16 @@ def cmd_generate(args, overrides) -> int:
     print(f"[{n} tokens, {r.forwards} forwards ({n / r.forwards:.2f} tokens/forward), {dt:.2f} s incl."
           f" compile, mode={dc.mode}, heads={dc.heads}]", file=sys.stderr)
     return 0
+
+
+MESH_HELP = ("decode on a device mesh, e.g. data=2,tensor=4: parameters and KV cache sharded like training"
+             " (attention heads and MLP over tensor, batch rows over data); the output is the one-device output."
+             " On a CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N")
+
+
+def decode_mesh_arg(args):
+    """The ``--mesh`` of a decoding command as a Mesh (None: one device)."""
+    return device_mesh(parse_mesh(args.mesh)) if args.mesh else None
 
 
 def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
@@ -270,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--outputs", default=None,
                    help='write FILE.jsonl: one {"prompt", "greedy", "speculative", "identical"} line per prompt')
     d.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    d.add_argument("--mesh", default=None, help=MESH_HELP)
     add_decode_settings(d)
     d.set_defaults(func=cmd_bench_decode)
     pe = bench.add_parser("peers", help="our greedy + speculative decoding vs transformers and llama.cpp")
@@ -340,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
+    g.add_argument("--mesh", default=None, help=MESH_HELP)
     add_decode_settings(g)
     g.set_defaults(func=cmd_generate)
     ca = sub.add_parser("calibrate", help="a workdir's decode artifacts: draft trees (--tree auto) and the draft"

@@ -118,8 +118,7 @@ class CpuKernelBackend:
     def draft_table(self, model, weights, ids):
         return draft_unembed(weights, ids)
 
-    def draft_logits(self, model, weights, hidden_xD, table):
-        _, unembed = table
+    def draft_logits(self, model, weights, hidden_xD, unembed):
         return linear(rms_norm(hidden_xD, weights["final_norm"], model.spec.norm_eps), unembed, self.settings)
 
     def compact(self, cache, lengths_B, path_BxD):
