@@ -65,16 +65,20 @@ def test_a_draft_vocabulary_from_the_workdir_keeps_the_text(workdir, capsys):
 
 
 def test_generate_streams_the_same_text_in_every_greedy_mode(workdir, capsys):
-    """... and with any decode settings (speculative here runs on XLA's operations, [out, in] matrices)."""
+    """... with any decode settings (speculative here runs on XLA's operations, [out, in] matrices),
+    and on a device mesh (the model's layers, sharded over 2 devices)."""
     texts = []
     for mode, settings in (("greedy", []), ("speculative", ["--decode-backend", "xla", "--decode-layout", "out_in",
-                                                            "--no-fused-layers", "--kernel-threads", "1"])):
+                                                            "--no-fused-layers", "--kernel-threads", "1"]),
+                           ("speculative", ["--mesh", "data=1,tensor=2"])):
         assert main(["generate", "--workdir", str(workdir), "--prompt", "x = ", "--mode", mode,
                      "--max-new-tokens", "12", "--ignore-eos", *settings]) == 0
         captured = capsys.readouterr()
         texts.append(captured.out)
         assert "12 tokens" in captured.err
-    assert texts[0] == texts[1] and texts[0].startswith("x = ")
+    assert texts[0] == texts[1] == texts[2] and texts[0].startswith("x = ")
+    with pytest.raises(SystemExit, match="tensor=16 needs 16 devices; this process has 8"):
+        main(["generate", "--workdir", str(workdir), "--prompt", "x", "--mesh", "tensor=16"])
     with pytest.raises(SystemExit):  # argparse names the flag and its choices
         main(["generate", "--workdir", str(workdir), "--prompt", "x", "--packed-activations", "int4"])
     assert "--packed-activations: invalid choice: 'int4'" in capsys.readouterr().err

@@ -160,13 +160,15 @@ def test_a_draft_vocabulary_changes_drafts_not_the_output(tmp_path):
         spec = generate(model, prompts, DecodeConfig("speculative", 3, tree, max_new_tokens=12, draft_ids=ids),
                         pad_to=16)
         assert spec.tokens == plain.tokens
-    from mtp.decode.generate import _drafts, draft_unembed
+    from mtp.decode.backend import CpuKernelBackend, XlaBackend
+    from mtp.decode.generate import _drafts
     from mtp.decode.tree import build_tree
 
-    weights = dw.cached_decode_weights(model)
     hidden = jax.random.normal(jax.random.key(0), (2, 1, 32))
-    cands = np.asarray(_drafts(weights, 1e-5, hidden, build_tree((3, 2)), draft_unembed(weights, ids)))
-    assert set(cands.ravel()) <= set(ids)
+    for be in (CpuKernelBackend(), XlaBackend()):  # both backends draft among the ids only
+        weights = be.weights(model)
+        cands = np.asarray(_drafts(be, model, weights, hidden, build_tree((3, 2)), be.draft_table(model, weights, ids)))
+        assert set(cands.ravel()) <= set(ids)
     for bad in ((5, 3), (1, 200), (4,)):
         with pytest.raises(ValueError, match="draft_ids"):
             generate(model, prompts, DecodeConfig("speculative", 3, (2, 1), max_new_tokens=4, draft_ids=bad))

@@ -376,13 +376,17 @@ def generate(model, prompts: list[list[int]] | np.ndarray, dc: DecodeConfig, *, 
     """Generate for a batch of token-id prompts (lists of different lengths, or a padded array with
     ``lengths`` and ``padding``). ``pad_to`` rounds the prompt length up (fewer recompiles;
     ``prompt_bucket``).
-    ``on_tokens(ids)`` receives row 0's new tokens as they are accepted (set ``dc.stream``).
+    ``on_tokens(ids)`` receives row 0's new tokens as they are accepted (set ``dc.stream``; on a
+    mesh, all at once at the end: ordered host callbacks need one device).
     ``mesh``: decode on this device mesh (``mtp.sharding.make_mesh``): parameters and KV cache
     sharded by the logical-axis ``rules`` of training (``sharding.rules``; default the default rules:
     heads and MLP over ``tensor``, batch rows over ``data``); the output is the one-device output."""
     check_decode_config(dc, model.spec)
     n_devices = 1 if mesh is None else mesh.size
     be = make_backend(dc.settings, n_devices=n_devices)
+    # ordered host callbacks (streaming) run on one device only: on a mesh the tokens come at the end
+    stream_at_end = dc.stream and n_devices > 1
+    dc = dataclasses.replace(dc, stream=False) if stream_at_end else dc
     if isinstance(prompts, np.ndarray | jax.Array):
         tokens_BxP = np.asarray(prompts, np.int32)
         lengths_B = np.full(len(tokens_BxP), tokens_BxP.shape[1], np.int32) if lengths is None \
@@ -430,6 +434,8 @@ def generate(model, prompts: list[list[int]] | np.ndarray, dc: DecodeConfig, *, 
         _STREAM_SINK.pop()
     out, n_out = np.asarray(out), np.asarray(n_out)
     tokens = [out[i, :min(int(n_out[i]), dc.max_new_tokens)].tolist() for i in range(len(out))]
+    if stream_at_end and on_tokens is not None:
+        on_tokens(np.asarray(tokens[0], np.int32))
     return GenerateResult(tokens, int(stats["forwards"]), np.asarray(stats["steps_B"]),
                           np.asarray(stats["accepted_BxD"]),
                           cache if return_cache else None, np.asarray(lens) if return_cache else None)
