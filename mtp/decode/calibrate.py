@@ -33,6 +33,7 @@ from mtp.data.prompts import heldout_prompts
 from mtp.decode import draft_vocab
 from mtp.decode.generate import PAD_TO, DecodeConfig, generate
 from mtp.decode.tree import format_nodes
+from mtp.model.heads import head_kind
 
 DEFAULT_NODES = 16
 TREES_FILE = "draft_trees.json"
@@ -127,7 +128,7 @@ def _tree_key(step: int, heads: int, n_nodes: int) -> str:
 
 
 def _check_tree_heads(loaded, heads: int) -> None:
-    if loaded.spec.head_type == "causal":
+    if not head_kind(loaded.spec).draft_trees:
         raise ValueError("--tree auto: sequential (causal) heads draft one token after another; they"
                          " verify chains only (drop --tree).")
     if heads < 2:
@@ -198,7 +199,7 @@ def calibrate_workdir(loaded, workdir: str | Path, heads=None, node_counts=(DEFA
             raise ValueError(f"--heads {k}: this model has {n_future} heads; use 2..{n_future}.")
     if vocab:
         draft_vocab.write_order(loaded, log=log)
-    if loaded.spec.head_type == "causal":
+    if not head_kind(loaded.spec).draft_trees:
         log("Sequential (causal) heads verify chains only: no draft trees to calibrate.")
         return
     for k in heads or (n_future,):
