@@ -286,9 +286,8 @@ def write_workdir(workdir: str | Path, cfg, params, write_tokenizer: Callable[[P
 
 
 def progress(total: int, desc: str):
-    """A tqdm bar on stderr (disabled when stderr is not a terminal and MTP_PROGRESS is unset)."""
-    enabled = sys.stderr.isatty() or bool(os.environ.get("MTP_PROGRESS"))
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr)
+    """A tqdm bar on stderr (when stderr is a terminal)."""
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not sys.stderr.isatty(), file=sys.stderr)
 
 
 def default_name(stem: str) -> str:
