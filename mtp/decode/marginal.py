@@ -39,23 +39,22 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mtp.decode.cache import forward_cached
-from mtp.decode.weights import cached_decode_weights
-from mtp.model.cached import init_cache
+from mtp.config import DEFAULT_DECODE_SETTINGS, DecodeSettings
+from mtp.decode.backend import make_backend
 
 TRUNCATIONS = ("per_step", "beam")
 PAD_TO = 64  # contexts are padded to a multiple of this: one compilation per length bucket
 
 
 # --- device functions ------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "S"))
-def _prefill(graphdef, params, weights, tokens_1xP, *, S: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "S", "be"))
+def _prefill(graphdef, params, weights, tokens_1xP, *, S: int, be):
     """Cache row holding the (padded) context, and head 1's hidden state at every position."""
     model = nnx.merge(graphdef, params)
     P = tokens_1xP.shape[1]
-    cache = init_cache(model.spec, 1, S, 1)
-    hidden_1x1xPxD, cache = forward_cached(model, cache, tokens_1xP, jnp.zeros((1,), jnp.int32), np.arange(P),
-                                           np.tril(np.ones((P, P), bool)), 1, weights)
+    cache = be.init_cache(model.spec, 1, S, 1)
+    hidden_1x1xPxD, cache = be.forward(model, weights, cache, tokens_1xP, jnp.zeros((1,), jnp.int32), np.arange(P),
+                                       np.tril(np.ones((P, P), bool)), 1, prefill=True)
     return cache, hidden_1x1xPxD[0, 0]
 
 
@@ -68,13 +67,13 @@ def _root(graphdef, params, h_D, *, topm: int):
     return top_tok, top_logp, jnp.exp(logp_V)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "topm"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "topm", "be"))
 def _chunk(graphdef, params, weights, cache, length_1, tokens_1xT, depth_T, mask_TxT, leaf_C, logw_C, member_CxM, *,
-           topm: int):
+           topm: int, be):
     """One tree block on top of the prefix row: for each leaf c (a path), the top-m continuations
     of ``p(. | ctx, path_c)`` and ``acc[i] = sum_c member[c, i] exp(logw_c) p(. | ctx, path_c)``."""
     model = nnx.merge(graphdef, params)
-    hidden_1x1xTxD, _ = forward_cached(model, cache, tokens_1xT, length_1, depth_T, mask_TxT, 1, weights)
+    hidden_1x1xTxD, _ = be.forward(model, weights, cache, tokens_1xT, length_1, depth_T, mask_TxT, 1)
     h_CxD = hidden_1x1xTxD[0, 0][leaf_C]
     logp_CxV = jax.nn.log_softmax(model.project(h_CxD).astype(jnp.float32), axis=-1)
     top_logp, top_tok = jax.lax.top_k(logp_CxV, topm)
@@ -119,11 +118,12 @@ def _trie_chunks(paths_NxJ: np.ndarray, chunk: int):
 class _Runner:
     """A model split once, plus the chunked tree evaluation on top of one prefix cache row."""
 
-    def __init__(self, model, chunk: int):
+    def __init__(self, model, chunk: int, settings: DecodeSettings = DEFAULT_DECODE_SETTINGS):
         if chunk < 8:
             raise ValueError(f"chunk={chunk} must be >= 8 block tokens.")
         self.graphdef, self.params = nnx.split(model)
-        self.weights = cached_decode_weights(model)
+        self.be = make_backend(settings)  # the CPU kernels' decode layout on a CPU, the model's layers elsewhere
+        self.weights = self.be.weights(model)
         self.V = model.spec.vocab_size
         self.chunk = chunk
         self.forwards = 0  # tree-block forwards (prefills excluded)
@@ -134,7 +134,8 @@ class _Runner:
         P_pad = -(-P // PAD_TO) * PAD_TO
         padded = np.zeros((1, P_pad), np.int32)
         padded[0, :P] = tokens
-        return _prefill(self.graphdef, self.params, self.weights, jnp.asarray(padded), S=P_pad + max(self.chunk, extra))
+        return _prefill(self.graphdef, self.params, self.weights, jnp.asarray(padded),
+                        S=P_pad + max(self.chunk, extra), be=self.be)
 
     def topk(self, topm: int) -> int:
         return min(self.V, _bucket(topm, self.V))  # compiled top-k width; results are cut to topm
@@ -170,7 +171,7 @@ class _Runner:
             member[:C, :M] = member_NxM[first:last]
             t, lp, a = _chunk(self.graphdef, self.params, self.weights, cache, length_1, jnp.asarray(tok_T[None]),
                               jnp.asarray(depth_T), jnp.asarray(mask), jnp.asarray(leaf), jnp.asarray(logw),
-                              jnp.asarray(member), topm=self.topk(topm))
+                              jnp.asarray(member), topm=self.topk(topm), be=self.be)
             top_tok[first:last] = np.asarray(t)[:C, :topm]
             top_logp[first:last] = np.asarray(lp)[:C, :topm]
             acc += np.asarray(a, np.float64)[:M]
