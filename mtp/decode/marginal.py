@@ -18,9 +18,9 @@ is exact over all ``V^(k-1)`` paths. Two truncations:
   renormalized; ``m = 1`` is again the greedy chain, but ``m = V`` is exact only for k = 2.
 
 How it runs (all from ONE prefill): the context is prefilled once into a single KV-cache row with
-``forward_cached`` (head 1 only); every depth's new nodes are then evaluated as tree blocks on top of
+the decode backend's cached forward (head 1 only); every depth's new nodes are then evaluated as tree blocks on top of
 that row -- a chunk of paths is laid out as its trie (shared prefixes once, ancestor-only attention
-mask, exactly like ``tree.DraftTree``), one ``forward_cached`` call per chunk at ``lengths = len(ctx)``.
+mask, exactly like ``tree.DraftTree``), one cached forward per chunk at ``lengths = len(ctx)``.
 The returned cache is dropped, so the prefix cache is reused unchanged by every chunk (no copies of
 it per path). A chunk holds at most ``chunk`` block tokens, which caps memory; a trie recomputes a
 path's ancestors only once per chunk. The marginal sums are accumulated on device per chunk, so no
