@@ -2,6 +2,8 @@
 
 Run:     mtp train --config configs/tiny.py --workdir /tmp/mtp-tiny
 Expect:  ~30 s; every head's loss falls from ~ln(512)=6.2 to below ~5 within 40 steps.
+         No decode artifacts at the end (train.calibrate=False: the tests train it dozens of times;
+         `mtp calibrate --workdir /tmp/mtp-tiny` makes them, or pass --config.train.calibrate=True).
 """
 
 from mtp.config import base_config
@@ -27,6 +29,7 @@ def get_config():
     c.train.checkpoint_every = 20
     c.train.eval_batches = 4
     c.train.tensorboard = True
+    c.train.calibrate = False
     c.optim.lr = 1e-2
     c.optim.warmup_steps = 5
     c.loss.chunk_size = 16

@@ -26,7 +26,7 @@ def _mtp(*args, cache, timeout=600):
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     proc = _mtp("train", "--config", "configs/tiny.py", "--workdir", str(root / "w"),
-                cache=root / "cache")
+                "--config.train.calibrate=True", cache=root / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, proc
 
