@@ -36,6 +36,7 @@ def get_config():
     c.train.log_every = 10
     c.train.checkpoint_every = 125
     c.train.eval_batches = 4
+    c.train.calibrate = False  # no decode-tree calibration at the end (not part of the experiment)
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 30
     c.loss.chunk_size = 64
