@@ -157,7 +157,8 @@ def test_wrong_types_and_missing_keys_are_refused():
 
 def test_base_and_every_shipped_config_validate():
     validate(base_config(), n_devices=8)
-    fits = {"smollm2_heads": ["mesh.data=4", "mesh.tensor=2"]}  # batch 4: 4-way data parallel at most
+    fits = {"smollm2_heads": ["mesh.data=4", "mesh.tensor=2"],  # batch 4: 4-way data parallel at most
+            "paper_induction": ["mesh.data=4", "mesh.tensor=2"]}  # batch 12: 4-way at most
     names = [p.stem for p in sorted((ROOT / "configs").glob("*.py")) if "def get_config" in p.read_text()]
     assert len(names) >= 12
     for name in names:
