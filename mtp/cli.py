@@ -183,7 +183,7 @@ def cmd_generate(args, overrides) -> int:
         streamer = TextStreamer(loaded.tokenizer, dc.eos_id)
         t = time.perf_counter()
         r = generate(loaded.model, [ids], dc, seed=args.seed, pad_to=64, on_tokens=streamer,
-                     mesh=decode_mesh_arg(args))
+                     mesh=decode_mesh_arg(args), rules=loaded.cfg.sharding.rules)
         dt = time.perf_counter() - t
     except ValueError as e:
         raise SystemExit(f"mtp generate: {e}") from None

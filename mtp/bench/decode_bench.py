@@ -62,13 +62,13 @@ def decode_weights_used(loaded, settings: DecodeSettings = DEFAULT_DECODE_SETTIN
     return {"packing": dict(dw.LAST_PACKING), "step_bytes": dw.step_bytes(weights)}
 
 
-def _timed(model, ids, dc, repeats: int, mesh=None):
+def _timed(model, ids, dc, repeats: int, mesh=None, rules=None):
     """Result and best wall time of ``repeats`` runs after a compile/warm-up run."""
-    r = generate(model, [ids], dc, pad_to=PAD_TO, mesh=mesh)  # compile (once per prompt-length bucket)
+    r = generate(model, [ids], dc, pad_to=PAD_TO, mesh=mesh, rules=rules)  # compile (once per prompt-length bucket)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        r = generate(model, [ids], dc, pad_to=PAD_TO, mesh=mesh)
+        r = generate(model, [ids], dc, pad_to=PAD_TO, mesh=mesh, rules=rules)
         best = min(best, time.perf_counter() - t)
     return r, best
 
@@ -100,8 +100,9 @@ def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_t
     exact = True
     for i, text in enumerate(prompts):
         ids = encode_prompt(loaded, text)
-        g, dt_g = _timed(loaded.model, ids, greedy_dc, repeats, mesh)
-        s, dt_s = _timed(loaded.model, ids, spec_dc, repeats, mesh)
+        rules = loaded.cfg.sharding.rules  # the run's own logical-axis rules
+        g, dt_g = _timed(loaded.model, ids, greedy_dc, repeats, mesh, rules)
+        s, dt_s = _timed(loaded.model, ids, spec_dc, repeats, mesh, rules)
         same = g.tokens[0] == s.tokens[0]
         exact &= same
         if outputs is not None:  # the continuations as text, one record a prompt (--outputs)
