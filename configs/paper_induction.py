@@ -15,6 +15,8 @@ Expect:  measured (2-4 min a point on a 2-core CPU at load 4-7, all 18 points): 
          (chance 1/26 = 0.038) d=32: 0.040 (n=1) / 0.035 (n=2); d=64: 0.047 / 0.043; d=128:
          0.059 +- 0.005 / 0.042 +- 0.003, controls 0.033-0.046. At 250 steps copying has only
          begun, and only with n=1; the head-1 loss is equal for n=1 and 2 (0.44 nats/byte at d=128).
+         With --config.train.steps=750 (d=128, seed 0) both copy: 0.514 (n=1) / 0.506 (n=2) at
+         step 750, 0.491 / 0.507 at step 500 (docs/experiments.md, "Steps probe").
 """
 
 from mtp.config import base_config
