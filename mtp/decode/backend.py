@@ -126,17 +126,9 @@ class CpuKernelBackend:
 
     def stacked(self, cache, spec):
         """The per-layer caches (``[B*K, S, H]`` each) in the stacked layout of ``mtp.model.kv_cache``."""
-        K = spec.n_kv_heads
-        C, S, H = cache["trunk_k"][0].shape
-
-        def stack(name, layers):
-            if name == "h1":
-                return jnp.stack(layers)
-            if not layers:  # no head layers (linear / medusa heads)
-                return jnp.zeros((0, C // K, K, S, H), cache["trunk_k"][0].dtype)
-            return jnp.stack([c.reshape(C // K, K, S, H) for c in layers])
-
-        return {name: stack(name, layers) for name, layers in cache.items()}
+        C, S, _ = cache["trunk_k"][0].shape
+        like = cached.init_cache(spec, C // spec.n_kv_heads, S, max(len(cache["head_k"]), 1))
+        return layered.stack_cache(cache, like)
 
 
 def make_backend(settings: DecodeSettings, *, n_devices: int = 1):
