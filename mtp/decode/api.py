@@ -87,7 +87,7 @@ def tokens_per_forward(loaded, prompts: list[str], heads: int, max_new_tokens: i
     """Self-speculative greedy tokens per model forward (prefill included), batch 1 per prompt."""
     if heads <= 1 or loaded.spec.n_future < 2:
         return 1.0
-    dc = decode_config(loaded, mode="speculative", heads=min(heads, loaded.spec.n_future), tree=tree,
+    dc = decode_config(loaded, mode="speculative", heads=min(heads, loaded.spec.max_decode_heads), tree=tree,
                        max_new_tokens=max_new_tokens, stop_at_eos=False)
     tokens = forwards = 0
     for p in prompts:

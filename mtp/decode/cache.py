@@ -177,7 +177,7 @@ def forward_layered(model: MTPLM, weights: dict, cache: dict, tokens_BxT, length
         head_in = [h_BxTxD] * n_heads
     head_k, head_v, hidden = list(cache["head_k"]), list(cache["head_v"]), []
     for i in range(n_heads):
-        hw = weights["heads"][i]
+        hw = weights["heads"][head_kind(spec).param_index(i)]
         if head_kind(spec).layer:
             h_i, head_k[i], head_v[i] = _block_step(hw, spec, head_in[i], positions_BxT, mask, head_k[i],
                                                     head_v[i], lengths_B, slots_BxT, tables, settings)
@@ -226,11 +226,10 @@ def causal_drafts_layered(model: MTPLM, weights: dict, cache: dict, seq_BxS, len
     head_k, head_v, drafts = list(cache["head_k"]), list(cache["head_v"]), []
     for k in range(2, n_heads + 1):
         tok_BxW = seq_BxS[b_Bx1, jnp.minimum(pos_BxW + k - 1, S - 1)]
-        x = causal_combine(prev_BxWxD, weights["embed"][tok_BxW], model.causal_proj[k - 2],
-                           model.causal_h_norm[k - 2], model.causal_e_norm[k - 2], spec.norm_eps)
+        x = causal_combine(prev_BxWxD, weights["embed"][tok_BxW], *model.combine_params(k), spec.norm_eps)
+        hw = weights["heads"][head_kind(spec).param_index(k - 1)]
         prev_BxWxD, head_k[k - 1], head_v[k - 1] = _block_step(
-            weights["heads"][k - 1], spec, x, pos_BxW, mask, head_k[k - 1], head_v[k - 1], start_B, pos_BxW,
-            settings=settings)
+            hw, spec, x, pos_BxW, mask, head_k[k - 1], head_v[k - 1], start_B, pos_BxW, settings=settings)
         last_BxD = jnp.take_along_axis(prev_BxWxD, last_B[:, None, None], axis=1)[:, 0]
         d_B = jnp.argmax(project(weights, last_BxD, spec.norm_eps, settings), -1).astype(jnp.int32)
         seq_BxS = seq_BxS.at[jnp.arange(B), lengths_B + k - 1].set(d_B, mode="drop")

@@ -77,9 +77,10 @@ def check_decode_config(dc: DecodeConfig, spec) -> None:
     if dc.mode not in DECODE_MODES:
         raise ValueError(f"mode={dc.mode!r} is unknown; use one of {DECODE_MODES}.")
     if dc.speculative:
-        if not 2 <= dc.heads <= spec.n_future:
+        if not 2 <= dc.heads <= spec.max_decode_heads:
+            shared = " and a shared head drafts as deep as that" if spec.max_decode_heads > spec.n_future else ""
             raise ValueError(f"Speculative decoding uses heads 2..k to draft: --heads must be in"
-                             f" 2..{spec.n_future} (this model has n_future={spec.n_future}).")
+                             f" 2..{spec.max_decode_heads} (this model has n_future={spec.n_future}{shared}).")
         sparse = dc.tree is not None and is_node_list(dc.tree)
         if dc.tree is not None and not sparse and len(dc.tree) != dc.heads - 1:
             raise ValueError(f"tree {dc.tree} has {len(dc.tree)} depths; with --heads {dc.heads} it"

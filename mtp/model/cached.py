@@ -80,8 +80,7 @@ def cached_causal_drafts(model, cache: dict, seq_BxS, lengths_B, n_heads: int, w
     head_k, head_v, drafts = cache["head_k"], cache["head_v"], []
     for k in range(2, n_heads + 1):
         tok_BxW = seq_BxS[b_Bx1, jnp.minimum(pos_BxW + k - 1, S - 1)]
-        x_BxWxD = causal_combine(prev_BxWxD, embed_VxD[tok_BxW], model.causal_proj[k - 2],
-                                 model.causal_h_norm[k - 2], model.causal_e_norm[k - 2], spec.norm_eps)
+        x_BxWxD = causal_combine(prev_BxWxD, embed_VxD[tok_BxW], *model.combine_params(k), spec.norm_eps)
         prev_BxWxD, k_i, v_i = model.head_layer(k - 1).cached(x_BxWxD, pos_BxW, head_k[k - 1], head_v[k - 1], step)
         head_k, head_v = head_k.at[k - 1].set(k_i), head_v.at[k - 1].set(v_i)
         last_BxD = jnp.take_along_axis(prev_BxWxD, last_B[:, None, None], axis=1)[:, 0]

@@ -10,6 +10,9 @@ through the shared unembedding) and learns from there. ``'causal'``: sequential 
 (DeepSeek-V3's MTP modules): head 1 is a transformer layer on the trunk output; head k >= 2 reads
 ``[norm(h^{k-1}_t) ; norm(embed(x_{t+k-1}))] @ W_k`` (head k-1's output at t and the embedding of
 the token before the one it predicts) through its own transformer layer; see ``MTPLM.causal_head_hidden``.
+``'shared_causal'``: the same, with ONE layer, projection and norms shared by every depth k >= 2
+(FastMTP, Megatron's repeated MTP layer): ``n_future`` is the depth trained, and decoding may draft
+deeper (``HeadKind.max_heads``), each depth with its own KV cache.
 
 Head 1 reads the trunk's final output; heads 2..n read the same, or (``model.branch_layer`` /
 ``model.hidden_mix``) an earlier layer's output or a learned mix of all layers (``MTPLM.trunk_features``).
@@ -60,6 +63,9 @@ def causal_combine(prev_xD, emb_xD, w_2DxD, h_norm_D, e_norm_D, eps: float) -> j
     return dense(x, w_2DxD.astype(prev_xD.dtype))
 
 
+MAX_SHARED_DEPTH = 16  # shared_causal: the deepest draft chain decoding accepts (acceptance decays long before)
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadKind:
     """What the rest of the code needs to know of a ``model.head_type`` (one place, instead of
@@ -78,6 +84,21 @@ class HeadKind:
     layer: bool
     sequential: bool = False
     bias: bool = False  # a simple head with a bias vector besides its D x D matrix (medusa)
+    shared: bool = False  # sequential heads 2..n share ONE layer and combine (FastMTP / repeated MTP layer)
+
+    def n_stacked(self, n_future: int) -> int:
+        """How many head layers the model stores: ``n_future``, or 2 for shared heads (head 1 and the
+        one layer every depth >= 2 reuses)."""
+        return min(n_future, 2) if self.shared else n_future
+
+    def max_heads(self, n_future: int) -> int:
+        """The most heads decoding may use: ``n_future``, or ``MAX_SHARED_DEPTH`` for a shared head
+        (it drafts as deep as asked: every depth reuses the one layer, with its own KV cache)."""
+        return max(n_future, MAX_SHARED_DEPTH) if self.shared else n_future
+
+    def param_index(self, k: int) -> int:
+        """The stored head (0-based) that head ``k`` (0-based) runs: ``k``, or ``min(k, 1)`` if shared."""
+        return min(k, 1) if self.shared else k
 
     @property
     def draft_trees(self) -> bool:
@@ -90,6 +111,7 @@ HEAD_KINDS = {
     "linear": HeadKind("linear", LinearHead, layer=False),
     "medusa": HeadKind("medusa", MedusaHead, layer=False, bias=True),
     "causal": HeadKind("causal", Block, layer=True, sequential=True),
+    "shared_causal": HeadKind("shared_causal", Block, layer=True, sequential=True, shared=True),
 }
 assert tuple(HEAD_KINDS) == HEAD_TYPES and tuple(k for k, v in HEAD_KINDS.items() if v.layer) == LAYER_HEADS
 
@@ -105,7 +127,7 @@ def head_kind(spec_or_name) -> HeadKind:
 def make_heads(spec, *, rngs: nnx.Rngs) -> nnx.Module:
     kind = head_kind(spec)
     if kind.layer:
-        return stacked_blocks(spec, spec.n_future, "mtp_heads", rngs=rngs, lora_rank=spec.lora_rank)
+        return stacked_blocks(spec, kind.n_stacked(spec.n_future), "mtp_heads", rngs=rngs, lora_rank=spec.lora_rank)
 
     @nnx.split_rngs(splits=spec.n_future)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "mtp_heads"})

@@ -65,8 +65,8 @@ class MTPLM(nnx.Module):
         if spec.hidden_mix == "weighted":
             init = nnx.with_partitioning(mix_logits_init(spec), ("mtp_heads", None))
             self.mix_logits = nnx.Param(init(None, (spec.n_future, spec.trunk_layers + 1), jnp.float32))
-        if head_kind(spec).sequential:  # heads 2..n: [norm(h); norm(embed)] @ W, W: [2D, D]
-            K, D = spec.n_future - 1, spec.d_model
+        if head_kind(spec).sequential:  # heads 2..n: [norm(h); norm(embed)] @ W, W: [2D, D] (one if shared)
+            K, D = head_kind(spec).n_stacked(spec.n_future) - 1, spec.d_model
             self.causal_proj = param(rngs, (K, 2 * D, D), ("mtp_heads", None, "embed_out"), spec.std(2 * D), pd)
             ones = nnx.with_partitioning(nnx.initializers.ones, ("mtp_heads", "norm"))
             self.causal_h_norm = nnx.Param(ones(None, (K, D), pd))
@@ -151,16 +151,25 @@ class MTPLM(nnx.Module):
 
     def head_layer(self, i: int):
         """Head ``i`` (0-based) alone: the stacked heads sliced at ``i`` (a view, for running heads
-        one at a time with plain 2-D matmuls)."""
+        one at a time with plain 2-D matmuls). Shared heads (``shared_causal``): every ``i >= 1`` is
+        the one stored MTP layer."""
         head_def, head_state = nnx.split(self.heads)
-        return nnx.merge(head_def, jax.tree.map(lambda a: a[i], head_state))
+        j = head_kind(self.spec).param_index(i)
+        return nnx.merge(head_def, jax.tree.map(lambda a: a[j], head_state))
+
+    def combine_params(self, k: int):
+        """Sequential head ``k``'s (1-based, ``k >= 2``) combining projection ``[2D, D]`` and its two
+        norms: ``(W, h_norm, e_norm)``; the same ones for every depth when shared."""
+        j = head_kind(self.spec).param_index(k - 1) - 1
+        return self.causal_proj[j], self.causal_h_norm[j], self.causal_e_norm[j]
 
     def causal_head_hidden(self, h_BxTxD, tokens_BxT, positions_BxT, mask_Bx1xTxT) -> jax.Array:
         """``head_type='causal'`` (sequential heads, DeepSeek-V3's MTP modules): every head's output
         ``[n_future, B, T, D]``. Head 1 is a transformer layer on the trunk output; head k >= 2 at
         position t reads ``[norm(h^{k-1}_t) ; norm(embed(x_{t+k-1}))] @ W_k`` (teacher forcing: the
         true token before the one it predicts; 0 past the end, where its targets are masked anyway)
-        through its own transformer layer. A ``lax.scan`` over heads 2..n carries ``h^{k-1}``."""
+        through its own transformer layer. A ``lax.scan`` over heads 2..n carries ``h^{k-1}``.
+        ``shared_causal``: the same layer, projection and norms at every depth >= 2 (FastMTP)."""
         spec, N = self.spec, self.spec.n_future
         h1_BxTxD = self.head_layer(0)(h_BxTxD, positions_BxT, mask_Bx1xTxT)
         if N == 1:
@@ -169,6 +178,7 @@ class MTPLM(nnx.Module):
         embed = self.embed[...].astype(spec.dtype)
         e_KxBxTxD = jnp.stack([embed[jnp.pad(tokens_BxT[:, k:], ((0, 0), (0, k)))] for k in range(1, N)])
         rest = jax.tree.map(lambda a: a[1:], head_state)
+        combine = (self.causal_proj[...], self.causal_h_norm[...], self.causal_e_norm[...])
 
         def body(prev_BxTxD, xs):
             state, w, hn, en, e_BxTxD = xs
@@ -176,8 +186,11 @@ class MTPLM(nnx.Module):
             out = nnx.merge(head_def, state)(x_BxTxD, positions_BxT, mask_Bx1xTxT)
             return out, out
 
-        _, rest_KxBxTxD = jax.lax.scan(body, h1_BxTxD, (rest, self.causal_proj[...], self.causal_h_norm[...],
-                                                        self.causal_e_norm[...], e_KxBxTxD))
+        if head_kind(spec).shared:  # one stored layer for every depth: a closure, not a scanned input
+            shared = jax.tree.map(lambda a: a[0], (rest, *combine))
+            _, rest_KxBxTxD = jax.lax.scan(lambda prev, e: body(prev, (*shared, e)), h1_BxTxD, e_KxBxTxD)
+        else:
+            _, rest_KxBxTxD = jax.lax.scan(body, h1_BxTxD, (rest, *combine, e_KxBxTxD))
         return jnp.concatenate([h1_BxTxD[None], rest_KxBxTxD])
 
     def all_head_hidden(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None) -> jax.Array:

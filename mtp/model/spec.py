@@ -60,12 +60,18 @@ class ModelSpec(ModelConfig):
             per = self.layer_params() + self.lora_layer_params()
         else:
             per = self.d_model ** 2 + (self.d_model if head_kind(self).bias else 0)
-        return self.n_future * per + self.causal_params()
+        stored = head_kind(self).n_stacked(self.n_future) if head_kind(self).layer else self.n_future
+        return stored * per + self.causal_params()
 
     def causal_params(self) -> int:
-        """Sequential heads 2..n: a [2D, D] combining projection and two norms each."""
-        D = self.d_model
-        return (self.n_future - 1) * (2 * D * D + 2 * D) if head_kind(self).sequential else 0
+        """Sequential heads 2..n: a [2D, D] combining projection and two norms each (one if shared)."""
+        D, kind = self.d_model, head_kind(self)
+        return (kind.n_stacked(self.n_future) - 1) * (2 * D * D + 2 * D) if kind.sequential else 0
+
+    @property
+    def max_decode_heads(self) -> int:
+        """The most heads speculative decoding may use (``HeadKind.max_heads``)."""
+        return head_kind(self).max_heads(self.n_future)
 
     def mix_params(self) -> int:
         return self.n_future * (self.trunk_layers + 1) if self.hidden_mix == "weighted" else 0

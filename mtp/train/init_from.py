@@ -29,14 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp.config import TRAINABLE_MODES, ConfigError
+from mtp.config import LAYER_HEADS, TRAINABLE_MODES, ConfigError
 from mtp.convert.gguf_import import convert_gguf
 from mtp.convert.hf_import import convert_hf
 from mtp.distributed import process_zero_first
 from mtp.log import log
 from mtp.workdir import checkpoint_steps, load_config_json, restore_flat
 
-FRESH_OK = ("_lora_a']", "_lora_b']", "['mix_logits']")  # keys a source may lack (fresh init kept)
+CAUSAL_KEYS = ("causal_proj", "causal_h_norm", "causal_e_norm")  # sequential heads' [K, ...] combine params
+FRESH_OK = ("_lora_a']", "_lora_b']", "['mix_logits']",  # keys a source may lack (fresh init kept)
+            *(f"['{k}']" for k in CAUSAL_KEYS))
 
 
 def _fresh_ok(key: str) -> bool:
@@ -100,6 +102,9 @@ def check_source_model(src: Path, model_cfg) -> int:
     keys = ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "rope_theta",
             "norm_eps", "tie_embeddings", "head_type")
     diff = {k: (theirs[k], model_cfg[k]) for k in keys if theirs[k] != model_cfg[k]}
+    if set(diff) == {"head_type"} and int(theirs.n_future) == 1 \
+            and {theirs.head_type, model_cfg.head_type} <= set(LAYER_HEADS):
+        diff = {}  # a next-token model's head 1 is one transformer layer under every layer head type
     trunk = lambda m: m.n_layers - (m.n_future - 1) if m.parameter_matched else m.n_layers
     if trunk(theirs) != trunk(model_cfg):
         diff["trunk layers"] = (trunk(theirs), trunk(model_cfg))
@@ -128,7 +133,8 @@ def init_params(src: Path, abstract_params, new_heads: str):
         value = np.asarray(flat[key])
         want = tuple(abstract.shape)
         if value.shape != want:
-            is_head = key.startswith(("['params']['heads']", "['params']['mix_logits']"))  # [n_future, ...]
+            is_head = key.startswith(("['params']['heads']", "['params']['mix_logits']",  # [n_future, ...]
+                                      *(f"['params']['{k}']" for k in CAUSAL_KEYS)))
             if not (is_head and value.shape[1:] == want[1:] and value.shape[0] < want[0]):
                 raise ConfigError(f"init: parameter {key} is {value.shape} in {src} but this config"
                                   f" needs {want}.")
@@ -172,6 +178,9 @@ def trainable_masks(abstract_params, trainable: str, n_source_heads: int, n_futu
     def is_head(path):
         return name(path[0]) == "heads"
 
+    def is_combine(path):  # sequential heads' combine params: row j belongs to head j + 2
+        return name(path[0]) in CAUSAL_KEYS
+
     def is_mix(path):
         return name(path[0]) == "mix_logits"
 
@@ -183,19 +192,24 @@ def trainable_masks(abstract_params, trainable: str, n_source_heads: int, n_futu
     if trainable == "all":
         if backbone_scale == 1.0:
             return None, None
-        scales = [jnp.asarray(1.0 if is_head(p) or is_mix(p) else backbone_scale, x.dtype) for p, x in leaves]
+        scales = [jnp.asarray(1.0 if is_head(p) or is_mix(p) or is_combine(p) else backbone_scale, x.dtype)
+                  for p, x in leaves]
         return None, jax.tree.unflatten(treedef, scales)
     lora = trainable == "lora"
-    train = [is_head(p) or is_mix(p) or (lora and is_lora(p)) for p, _ in leaves]
+    train = [is_head(p) or is_mix(p) or is_combine(p) or (lora and is_lora(p)) for p, _ in leaves]
     if trainable == "heads" or n_source_heads == 0:
         return jax.tree.unflatten(treedef, train), None
 
     def per_head(p):  # only the heads the source lacks train (their LoRA too, unless 'lora')
         return is_head(p) and not (lora and is_lora(p))
 
-    scale_N = (np.arange(n_future) >= n_source_heads).astype(np.float32)
-    scales = [jnp.asarray(scale_N.reshape(-1, *([1] * (len(x.shape) - 1))) if per_head(p) else 1.0, x.dtype)
-              for p, x in leaves]
+    def scale(p, x):  # per stored head (leading axis): 1 for the heads the source lacks, else 0
+        if not (per_head(p) or is_combine(p)):
+            return 1.0
+        head_N = np.arange(x.shape[0]) + (1 if is_combine(p) else 0)
+        return ((head_N >= n_source_heads).astype(np.float32)).reshape(-1, *([1] * (len(x.shape) - 1)))
+
+    scales = [jnp.asarray(scale(p, x), x.dtype) for p, x in leaves]
     return jax.tree.unflatten(treedef, train), jax.tree.unflatten(treedef, scales)
 
 
