@@ -16,6 +16,7 @@
     mtp sweep --config PATH|NAME --sweep model.n_future=1,2,4 [--sweep KEY=V,...] [--parameter-matched] --workdir W
     mtp generate --workdir DIR --prompt TEXT [--mode greedy|sample|speculative|speculative_sample]
                  [--heads K] [--tree 3,2,1|auto] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+    mtp distill [--config PATH|NAME] [--workdir DIR] [--config.KEY=VALUE ...]
     mtp calibrate --workdir DIR [--heads 2,3] [--tree-nodes 16,32] [--step N] [--no-draft-vocab]
     mtp bench peers --workdir DIR [--gguf FILE] [--max-new-tokens 128] [--json]
     mtp bench decode --workdir DIR --prompts FILE.jsonl [--heads K] [--max-new-tokens N] [--tree SPEC] [--json]
@@ -34,12 +35,14 @@ import json
 import sys
 import time
 
+import jax
+
 from mtp.bench.data_bench import run_data_bench
 from mtp.bench.decode_bench import main as bench_main
 from mtp.bench.faults import run_faults_bench
 from mtp.bench.peers_bench import main as peers_main
 from mtp.bench.train_bench import run_parameter_matched_bench, run_train_bench
-from mtp.config import DECODE_MODES, ConfigError, load_config
+from mtp.config import DECODE_MODES, ConfigError, load_config, validate
 from mtp.config_files import resolve_config_path
 from mtp.convert.cli import add_parser as add_convert
 from mtp.convert.export_cli import add_parser as add_export
@@ -59,6 +62,7 @@ from mtp.study import add_parser as add_study
 from mtp.sweep.cli import add_parser as add_sweep
 from mtp.sweep.grid import SweepError
 from mtp.train.checkpoint import CheckpointError
+from mtp.train.distill import distill_dir, ensure_distilled
 from mtp.train.loop import train
 from mtp.workdir import WorkdirError, load_model
 
@@ -116,6 +120,15 @@ def cmd_data_tokenize(args, overrides) -> int:
     cfg = _load(args, overrides)
     tokenize_corpus(cfg.data, args.out, workers=args.workers,
                     shard_bytes=int(args.shard_mb * 2**20) if args.shard_mb else None)
+    return 0
+
+
+def cmd_distill(args, overrides) -> int:
+    cfg = _load(args, overrides)
+    validate(cfg, jax.device_count(), jax.process_count())
+    index = ensure_distilled(cfg)
+    print(json.dumps({"dir": str(distill_dir(cfg)), **{s: {k: index["splits"][s][k] for k in ("documents", "tokens")}
+                                                       for s in ("train", "validation")}}))
     return 0
 
 
@@ -338,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--workers", type=int, default=1, help="processes tokenizing input files in parallel")
     dt.add_argument("--shard-mb", type=float, default=None, help="input MB per shard (default 64)")
     dt.set_defaults(func=cmd_data_tokenize)
+    di = sub.add_parser("distill", help="the self-distillation rows of distill.* (corpus prefixes continued by the"
+                        " init.workdir model) into distill.dir or WORKDIR/distill; resumable")
+    di.add_argument("--config", default=None, help="config file or name in configs/")
+    di.add_argument("--workdir", default=None, help="the run's workdir (the rows go to WORKDIR/distill unless"
+                    " distill.dir is set)")
+    di.set_defaults(func=cmd_distill)
     g = sub.add_parser("generate", help="continue a prompt with a workdir's model, streaming the text")
     g.add_argument("--workdir", required=True)
     g.add_argument("--prompt", default=None, help="text to continue (default: read stdin)")

@@ -115,8 +115,9 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return batch(texts) if batch else [tokenizer.encode(text) for text in texts]
 
 
-class _Chunk:
-    """One chunk's writers (per split, temporary names until `finish`)."""
+class ShardChunk:
+    """One chunk's writers (per split, temporary names until `finish`): the shared writer of `mtp data
+    tokenize` and `mtp distill` (mtp/train/distill.py)."""
 
     def __init__(self, out: pathlib.Path, unit: int, chunk: int, first: int):
         self.out, self.stem, self.first = out, f"u{unit:05d}-c{chunk:04d}", first
@@ -144,18 +145,18 @@ class _Chunk:
             os.replace(self._tmp(split), self.out / f"{name}.arrayrecord")
             marker["splits"][split] = {"file": f"{name}.arrayrecord", "documents": len(self.lengths[split]),
                                        "tokens": int(sum(self.lengths[split]))}
-        _write_json(self.out / "parts" / f"{self.stem}.json", marker)
+        write_json(self.out / "parts" / f"{self.stem}.json", marker)
         return marker
 
 
-def _write_json(path: pathlib.Path, obj: dict) -> None:
+def write_json(path: pathlib.Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     partial.write_text(json.dumps(obj, indent=1))
     os.replace(partial, path)
 
 
-def _done_chunks(out: pathlib.Path, unit: int) -> list[dict]:
+def done_chunks(out: pathlib.Path, unit: int) -> list[dict]:
     """This unit's finished chunks, in order, up to the first gap."""
     done = []
     while (path := out / "parts" / f"u{unit:05d}-c{len(done):04d}.json").exists():
@@ -169,9 +170,9 @@ def _tokenize_unit(source: RecordSource, unit_index: int, tokenizer, out: pathli
     if (out / "parts" / f"u{unit_index:05d}.done").exists():
         return
     unit = source.units[unit_index]
-    done = _done_chunks(out, unit_index)
+    done = done_chunks(out, unit_index)
     position = done[-1]["end_record"] if done else 0
-    chunk = _Chunk(out, unit_index, len(done), position)
+    chunk = ShardChunk(out, unit_index, len(done), position)
     bad = BadRecords(bad_records)
     pending: list[tuple[str, str]] = []
     eos = tokenizer.eos_id
@@ -206,7 +207,7 @@ def _tokenize_unit(source: RecordSource, unit_index: int, tokenizer, out: pathli
             flush()
             chunk.finish(position, bad.count, bad.examples)
             bad = BadRecords(bad_records)
-            chunk = _Chunk(out, unit_index, int(chunk.stem[-4:]) + 1, position)
+            chunk = ShardChunk(out, unit_index, int(chunk.stem[-4:]) + 1, position)
         if progress is not None:
             progress.maybe_print()
     flush()
@@ -232,6 +233,34 @@ def _worker_run(args: tuple[int, str, int]) -> int:
     return unit_index
 
 
+def open_shard_dir(out: pathlib.Path, manifest: dict, tokenizer, new_dir_fix: str) -> dict | None:
+    """Starts or resumes writing ``manifest``'s shards in ``out``: the finished index when ``out`` already
+    holds them, else None (the manifest and the tokenizer file are in place). A directory written for
+    another manifest, or one that is not a shard directory, is an error (nothing is deleted);
+    ``new_dir_fix`` says how to pick another directory."""
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old != manifest:
+            differ = sorted(k for k in manifest if old.get(k) != manifest[k])
+            raise DataError(f"{out} holds token shards of another run (different {', '.join(differ)}; see"
+                            f" {manifest_path}). Fix: {new_dir_fix}, or delete that directory to start over.")
+        if (out / "index.json").exists():
+            return json.loads((out / "index.json").read_text())
+    elif out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not a token-shard directory (no manifest.json). Fix: {new_dir_fix}"
+                        " (a new or empty directory).")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(manifest_path, manifest)
+    info = manifest["tokenizer"]
+    if info["file"] and not (out / info["file"]).exists():
+        shutil.copyfile(tokenizer.path, out / info["file"])
+        config = pathlib.Path(tokenizer.path).with_name("tokenizer_config.json")
+        if info["kind"] == "pretrained" and config.exists():
+            shutil.copyfile(config, out / config.name)
+    return None
+
+
 def write_shards(data_cfg: ml_collections.ConfigDict, source: RecordSource, tokenizer, out: pathlib.Path, *,
                  workers: int = 1, shard_bytes: int = SHARD_BYTES, progress: bool = True) -> dict:
     """Tokenizes every record of ``source`` into shards under ``out`` and returns the index. Resumes a
@@ -241,28 +270,12 @@ def write_shards(data_cfg: ml_collections.ConfigDict, source: RecordSource, toke
                 "shard_bytes": shard_bytes,  # not bad_records: a chunk written under 'stop' is valid under 'skip'
                 "sources": [{"source": source.source, "name": source.name,
                              "inputs": [u.fingerprint for u in source.units]}]}
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if old != manifest:
-            differ = sorted(k for k in manifest if old.get(k) != manifest[k])
-            raise DataError(f"{out} holds token shards of another run (different {', '.join(differ)}). Fix: pass a"
-                            " new --out, or delete that directory to start over.")
-        if (out / "index.json").exists():
-            return json.loads((out / "index.json").read_text())
-    elif out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} exists and is not a token-shard directory (no manifest.json). Fix: pass a new or"
-                        " empty --out.")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(manifest_path, manifest)
+    finished = open_shard_dir(out, manifest, tokenizer, "pass a new --out")
+    if finished is not None:
+        return finished
     info = manifest["tokenizer"]
-    if info["file"] and not (out / info["file"]).exists():
-        shutil.copyfile(tokenizer.path, out / info["file"])
-        config = pathlib.Path(tokenizer.path).with_name("tokenizer_config.json")
-        if info["kind"] == "pretrained" and config.exists():
-            shutil.copyfile(config, out / config.name)
     pending = [u for u in range(len(source.units)) if not (out / "parts" / f"u{u:05d}.done").exists()]
-    before = sum(c["bytes"] for u in pending for c in _done_chunks(out, u))
+    before = sum(c["bytes"] for u in pending for c in done_chunks(out, u))
     before += sum(source.units[u].size for u in range(len(source.units)) if u not in pending)
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
@@ -285,7 +298,7 @@ def write_shards(data_cfg: ml_collections.ConfigDict, source: RecordSource, toke
                 result.wait(_PROGRESS_EVERY_S)
                 bar.maybe_print()
             result.get()  # re-raises a worker's DataError
-    index = _write_index(out, source, manifest)
+    index = write_index(out, len(source.units), source.source, manifest)
     elapsed = time.perf_counter() - start
     bar.maybe_print(force=True)
     totals = {s: index["splits"][s]["tokens"] for s in SPLITS}
@@ -294,11 +307,13 @@ def write_shards(data_cfg: ml_collections.ConfigDict, source: RecordSource, toke
     return index
 
 
-def _write_index(out: pathlib.Path, source: RecordSource, manifest: dict) -> dict:
+def write_index(out: pathlib.Path, n_units: int, name: str, manifest: dict) -> dict:
+    """``index.json`` (written last: the directory is complete) from the finished chunks of units
+    0..n_units-1; ``name`` is what errors call the input."""
     splits = {s: {"documents": 0, "tokens": 0, "shards": []} for s in SPLITS}
     skipped, examples = 0, []
-    for u in range(len(source.units)):
-        for chunk in _done_chunks(out, u):
+    for u in range(n_units):
+        for chunk in done_chunks(out, u):
             skipped += chunk["skipped"]
             examples += chunk["skipped_examples"][: 3 - len(examples)]
             for split, entry in chunk["splits"].items():
@@ -308,10 +323,10 @@ def _write_index(out: pathlib.Path, source: RecordSource, manifest: dict) -> dic
     for split, entry in splits.items():
         if not entry["documents"]:
             counts = {s: splits[s]["documents"] for s in SPLITS}
-            raise DataError(f"{source.source}: no document fell into the {split!r} split ({counts})."
+            raise DataError(f"{name}: no document fell into the {split!r} split ({counts})."
                             " Fix: add documents, or raise data.val_fraction for a tiny corpus.")
     index = {**manifest, "splits": splits, "skipped": skipped, "skipped_examples": examples}
-    _write_json(out / "index.json", index)
+    write_json(out / "index.json", index)
     return index
 
 

@@ -33,6 +33,7 @@ from mtp.distributed import process_zero_first
 from mtp.log import log
 from mtp.perf import peak_flops
 from mtp.train.checkpoint import Checkpointer, NoUsableCheckpoint, save_json
+from mtp.train.distill import distill_data_config, distill_dir, ensure_distilled
 from mtp.train.init_from import (
     check_source_model,
     ensure_source,
@@ -149,6 +150,9 @@ def prepare(cfg) -> Run:
     n_source_heads = check_source_model(source, cfg.model) if source else 0
     with process_zero_first("prepare_data"):  # process 0 builds the shared cache; the rest reuse it
         data = prepare_data(cfg.data)
+    if cfg.distill.enabled:  # train on the model's own continuations (mtp/train/distill.py), generated first
+        ensure_distilled(cfg, data=data)
+        data = prepare_data(distill_data_config(cfg.data, distill_dir(cfg)))
     if data.tokenizer.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"The tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size="
                           f"{cfg.model.vocab_size}. Set model.vocab_size={data.tokenizer.vocab_size}.")
