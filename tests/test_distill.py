@@ -17,7 +17,7 @@ from mtp.data.errors import DataError
 from mtp.data.prepare import prepare_data
 from mtp.data.shards import open_tokens, read_index
 from mtp.decode.api import decode_config
-from mtp.decode.generate import generate
+from mtp.decode.generate import GenerateResult, generate
 from mtp.model import MTPLM
 from mtp.model.spec import ModelSpec
 from mtp.train import distill as distill_mod
@@ -102,9 +102,23 @@ def test_rows_are_the_models_own_greedy_continuations(setup):
     assert [p.tolist() for p in other] != [p.tolist() for p in again]
 
 
-def test_rows_stop_at_eos():
+def test_rows_stop_at_eos(setup, tmp_path, monkeypatch):
     assert row_document([5, 6], [7, 2, 9, 2], eos_id=2).tolist() == [5, 6, 7, 2]
     assert row_document([5, 6], [7, 8], eos_id=2).tolist() == [5, 6, 7, 8]  # cut at new_tokens: no eos added
+    # through the writer: a model that writes eos after its third token in every other row
+    root, src, _, _ = setup
+    eos = load_model(src).tokenizer.eos_id
+
+    def fake(model, prompts, dc, **kw):
+        assert dc.eos_id == eos and dc.max_new_tokens == NEW
+        rows = [[40, 41, 42, eos] if i % 2 else [43] * NEW for i in range(len(prompts))]
+        return GenerateResult(rows, 0, np.zeros(len(prompts)), np.zeros((len(prompts), 1)))
+
+    monkeypatch.setattr(distill_mod, "generate", fake)
+    ensure_distilled(_config(root, src, dir=str(tmp_path / "eos")))
+    rows = _docs(tmp_path / "eos", "train")
+    assert [r[PREFIX:] for r in rows] == [[43] * NEW, [40, 41, 42, eos]] * 4
+    assert open_tokens(tmp_path / "eos", "train").lengths.tolist() == [PREFIX + NEW, PREFIX + 4] * 4
 
 
 def test_reads_back_through_the_data_pipeline(setup):

@@ -401,7 +401,8 @@ def train(cfg, restart: bool = False) -> TrainResult:
         result["params_sha1"] = params_digest(state["params"])
     if jax.process_index() == 0:
         save_json(run.workdir / "eval.json", result)
-        print(f"\nHeld-out split ({cfg.data.source}, validation), step {step}:\n{format_table(result)}")
+        source = f"tokens:{distill_dir(cfg)}" if cfg.distill.enabled else cfg.data.source
+        print(f"\nHeld-out split ({source}, validation), step {step}:\n{format_table(result)}")
     if t.calibrate and spec.n_future >= 2:
         calibrate_after_training(run.workdir)
     return TrainResult(step, False, run.workdir, result)
