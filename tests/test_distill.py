@@ -249,3 +249,15 @@ def test_cli_and_train_use_the_rows(setup, tmp_path, capsys, monkeypatch):
     assert _docs(tmp_path / "run" / "distill", "validation") == _docs(distill_dir(cfg), "validation")
     assert result.step == 2 and len(result.evaluation["loss"]) == 2
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["source"] == cfg.data.source
+
+
+def test_multi_process_runs_only_reuse(setup, tmp_path, monkeypatch):
+    root, src, cfg, index = setup
+    loaded, data = load_generator(cfg), prepare_data(cfg.data)
+    monkeypatch.setattr(distill_mod.jax, "process_count", lambda: 2)
+    assert ensure_distilled(cfg, loaded=loaded, data=data)["splits"] == index["splits"]  # finished: read
+    with pytest.raises(DataError, match="run `mtp distill` with this config on one process first"):
+        ensure_distilled(_config(root, src, dir=str(tmp_path / "none")), loaded=loaded, data=data)
+    with pytest.raises(DataError, match=r"another model, settings or corpus \(distill\)"):
+        ensure_distilled(_config(root, src, seed=5), loaded=loaded, data=data)
+    assert not (tmp_path / "none").exists()
