@@ -251,10 +251,11 @@ def _memory_flat_heads(head_def, eps: float, chunk: int, sourced: bool = False, 
 
 
 def _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int,
-                     targets: str = "data"):
+                     targets: str = "data", active=None):
     """``head_type='causal'``: head k reads head k-1's output, so the head forwards run in sequence
     (``MTPLM.causal_head_hidden``) under plain autodiff; the cross-entropies still go one head at a
-    time (``lax.scan``, chunked), so only one head's logits are ever alive."""
+    time (``lax.scan``, chunked), so only one head's logits are ever alive, and only for the
+    ``active`` heads (a frozen head 1 with weight 0 still runs: head 2 reads its output)."""
     spec = model.spec
     hidden_NxBxTxD = model.all_head_hidden(tokens_BxT, segment_ids_BxT)
     unembed, scale = model.unembed_DxV(), model.final_norm.scale[...]
@@ -266,8 +267,15 @@ def _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N
         hidden, targets, mask = xs
         return None, chunked_ce(hidden, scale, spec.norm_eps, unembed, targets, mask, chunk)
 
-    _, (sum_ce_N, sum_correct_N) = jax.lax.scan(body, None, (hidden_NxBxTxD, targets_NxBxT, mask_NxBxT))
-    count_N = mask_NxBxT.sum((1, 2)).astype(jnp.float32)
+    idx = None if active is None or len(active) == spec.n_future else np.asarray(active, np.int32)
+    if idx is None:
+        _, (sum_ce_N, sum_correct_N) = jax.lax.scan(body, None, (hidden_NxBxTxD, targets_NxBxT, mask_NxBxT))
+        count_N = mask_NxBxT.sum((1, 2)).astype(jnp.float32)
+    else:  # back to n_future slots; skipped heads report nothing
+        _, sums = jax.lax.scan(body, None, (hidden_NxBxTxD[idx], targets_NxBxT[idx], mask_NxBxT[idx]))
+        zeros = jnp.zeros((spec.n_future,), jnp.float32)
+        sum_ce_N, sum_correct_N = (zeros.at[idx].set(x) for x in sums)
+        count_N = zeros.at[idx].set(mask_NxBxT[idx].sum((1, 2)).astype(jnp.float32))
     return _finish(sum_ce_N, sum_correct_N, count_N, jnp.asarray(weights_N, jnp.float32),
                    jnp.asarray(normalizer_N, jnp.float32))
 
@@ -279,7 +287,8 @@ def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk
     are zero anyway)."""
     spec = model.spec
     if head_kind(spec).sequential:
-        return _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk, targets)
+        return _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk, targets,
+                                active)
     h, src_N, positions_BxT, mask_Bx1xTxT = model.trunk_features(tokens_BxT, segment_ids_BxT)
     unembed, scale = model.unembed_DxV(), model.final_norm.scale[...]
 

@@ -173,6 +173,22 @@ def test_on_policy_self_targets_count_only_the_models_own_prefixes():
     assert 0 < int(want[2]) < int(want[1]) < int(want[0])  # some prefixes are the model's, not all
 
 
+def test_sequential_heads_skip_the_zero_weight_heads_cross_entropy():
+    """Sequential heads: head 1 still runs (head 2 reads it) but its loss is not computed when its
+    weight is 0; the loss and every head's gradient are unchanged."""
+    model = tiny_model(n_future=3, head_type="shared_causal")
+    tokens = random_tokens(9, (2, 16))
+    seg = jnp.ones_like(tokens)
+    weights = jnp.array([0.0, 1.0, 0.5])
+    (l_full, aux_full), g_full = _grads_with(model, tokens, seg, weights)
+    (l_fast, aux_fast), g_fast = _grads_with(model, tokens, seg, weights, active=(1, 2))
+    np.testing.assert_allclose(l_full, l_fast, rtol=1e-6)
+    np.testing.assert_allclose(aux_full["sum_ce"][1:], aux_fast["sum_ce"][1:], rtol=1e-6)
+    assert float(aux_fast["count"][0]) == 0.0 < float(aux_full["count"][0])
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_fast)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_skipping_zero_weight_heads_and_the_frozen_unembedding_keeps_the_gradients():
     """Training a frozen model's new heads: running only the heads with nonzero weight and not
     computing the (frozen) unembedding's gradient give the same loss and head gradients."""
