@@ -156,6 +156,8 @@ def base_config() -> ml_collections.ConfigDict:
     lo.chunk_size = 128  # sequence chunk of the 'scan' cross-entropy
     lo.targets = "data"  # 'data' (corpus tokens) | 'self' (the model's own greedy tokens: heads on a
     #  pretrained model, distilled for self-speculative decoding; mtp/losses.py)
+    lo.draft_vocab = 0  # > 0: heads 2..n learn over the N most frequent train tokens only, the draft
+    #  vocabulary decoding drafts among (written to <workdir>/draft_vocab.npy); needs head 1's weight 0
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "stdlib"
@@ -544,7 +546,14 @@ def _check_loss(lo, n_future: int, init_workdir: str) -> None:
     _check(lo.targets == "data" or bool(init_workdir), "loss.targets", lo.targets,
            "'self' distills the heads from the model's own next-token head, which is untrained here:"
            " set init.workdir to a pretrained model (or use 'data').")
-    head_weights(lo, n_future)
+    weights = head_weights(lo, n_future)
+    _check(lo.draft_vocab >= 0, "loss.draft_vocab", lo.draft_vocab,
+           "use 0 (every head over the whole vocabulary) or a number of tokens, e.g. 8192.")
+    if lo.draft_vocab:
+        _check(weights[0] == 0 and n_future >= 2, "loss.draft_vocab", lo.draft_vocab,
+               "heads 2..n learn over a draft vocabulary but head 1 (the model's next-token head) needs"
+               " the whole one: set loss.head_weights=(0, ...) (a frozen head 1) or loss.draft_vocab=0.")
+        _check(lo.impl == "scan", "loss.draft_vocab", lo.draft_vocab, "it needs loss.impl='scan'.")
 
 
 def _check_data(d) -> None:

@@ -29,6 +29,11 @@ Training-only savings of the ``'scan'`` loss (exact: the same gradients for ever
 nothing), and ``train_unembed=False`` skips the gradient of the shared unembedding and final norm
 (a frozen trunk's): per head that is one ``[B*T, D] x [D, V]`` product less.
 
+``loss.draft_vocab = M`` (frozen head 1, heads 2..n only): each head's cross-entropy runs over the M
+most frequent train tokens, the draft vocabulary decoding drafts among (``mtp.decode.draft_vocab``),
+targets outside it masked: per head a ``[B*T, D] x [D, M]`` product instead of ``[D, V]`` (SmolLM2:
+8192 of 49152 tokens), the same thing learned for every token a draft can propose.
+
 Both return ``(loss, aux)``: ``loss = sum_i w_i * sum_ce_i / count_i`` where ``count_i`` is the
 number of valid targets of head i in the WHOLE batch (``normalizer_N``; with gradient accumulation
 the micro-batch losses then add up to the full-batch loss exactly), and ``aux`` holds the per-head
@@ -115,6 +120,15 @@ def loss_targets(kind: str, tokens_BxT, segment_ids_BxT, n_future: int, greedy_f
         targets_NxBxT, mask_NxBxT = head_targets(own_BxT, segment_ids_BxT, n_future)
         return targets_NxBxT, mask_NxBxT & on_policy_mask(tokens_BxT, own_BxT, n_future)
     raise ValueError(f"loss.targets={kind!r} is unknown; use one of {LOSS_TARGETS}.")
+
+
+def draft_vocab_targets(targets_NxBxT, mask_NxBxT, vocab_ids_M, vocab_size: int):
+    """Targets as indices into the draft vocabulary ``vocab_ids_M`` (``loss.draft_vocab``); a target
+    outside it is masked (no draft could propose it; head 1 verifies over the whole vocabulary)."""
+    M = vocab_ids_M.shape[0]
+    lut_V = jnp.full((vocab_size,), -1, jnp.int32).at[vocab_ids_M].set(jnp.arange(M, dtype=jnp.int32))
+    sub_NxBxT = lut_V[targets_NxBxT]
+    return jnp.maximum(sub_NxBxT, 0), mask_NxBxT & (sub_NxBxT >= 0)
 
 
 def _ce_sums(logits_xV, targets_x, mask_x):
@@ -251,7 +265,7 @@ def _memory_flat_heads(head_def, eps: float, chunk: int, sourced: bool = False, 
 
 
 def _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int,
-                     targets: str = "data", active=None):
+                     targets: str = "data", active=None, vocab_ids=None):
     """``head_type='causal'``: head k reads head k-1's output, so the head forwards run in sequence
     (``MTPLM.causal_head_hidden``) under plain autodiff; the cross-entropies still go one head at a
     time (``lax.scan``, chunked), so only one head's logits are ever alive, and only for the
@@ -262,6 +276,9 @@ def _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N
     targets_NxBxT, mask_NxBxT = loss_targets(
         targets, tokens_BxT, segment_ids_BxT, spec.n_future,
         lambda: greedy_tokens(hidden_NxBxTxD[0], scale, spec.norm_eps, unembed, chunk))
+    if vocab_ids is not None:  # only heads 2..n run (head 1's weight is 0): all over the draft vocabulary
+        targets_NxBxT, mask_NxBxT = draft_vocab_targets(targets_NxBxT, mask_NxBxT, vocab_ids, spec.vocab_size)
+        unembed = unembed[:, vocab_ids]
 
     def body(_, xs):
         hidden, targets, mask = xs
@@ -281,14 +298,18 @@ def _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N
 
 
 def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int = 128,
-              targets: str = "data", active=None, train_unembed: bool = True):
+              targets: str = "data", active=None, train_unembed: bool = True, vocab_ids=None):
     """``active``: static 0-based indices of the heads to run (default: all); the others report
     zero sums and count. Only for training with zero loss weights on the rest (their gradients
-    are zero anyway)."""
+    are zero anyway). ``vocab_ids`` (``loss.draft_vocab``; ``active`` must exclude head 1): the
+    heads' cross-entropy over these token ids only, targets outside them masked."""
     spec = model.spec
+    if vocab_ids is not None and (active is None or 0 in active):
+        raise ValueError("a draft-vocabulary loss (loss.draft_vocab) is for heads 2..n only: head 1's loss"
+                         " weight must be 0.")
     if head_kind(spec).sequential:
         return _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk, targets,
-                                active)
+                                active, vocab_ids)
     h, src_N, positions_BxT, mask_Bx1xTxT = model.trunk_features(tokens_BxT, segment_ids_BxT)
     unembed, scale = model.unembed_DxV(), model.final_norm.scale[...]
 
@@ -297,6 +318,9 @@ def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk
         return greedy_tokens(h1, scale, spec.norm_eps, unembed, chunk)
 
     targets_NxBxT, mask_NxBxT = loss_targets(targets, tokens_BxT, segment_ids_BxT, spec.n_future, greedy)
+    if vocab_ids is not None:  # after greedy(): head 1's own tokens come from the whole vocabulary
+        targets_NxBxT, mask_NxBxT = draft_vocab_targets(targets_NxBxT, mask_NxBxT, vocab_ids, spec.vocab_size)
+        unembed = unembed[:, vocab_ids]
     head_def, head_state = nnx.split(model.heads)
     heads = _memory_flat_heads(head_def, spec.norm_eps, chunk, sourced=src_N is not None,
                                train_unembed=train_unembed)
@@ -317,12 +341,16 @@ def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk
 
 
 def compute_loss(impl: str, model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N,
-                 chunk: int = 128, targets: str = "data", active=None, train_unembed: bool = True):
+                 chunk: int = 128, targets: str = "data", active=None, train_unembed: bool = True,
+                 vocab_ids=None):
     """The per-head loss of ``impl``; ``targets``, ``active`` and ``train_unembed`` as in the module
-    docstring (the last two only change what the 'scan' loss computes, never its result)."""
+    docstring (the last two only change what the 'scan' loss computes, never its result);
+    ``vocab_ids``: the draft-vocabulary loss of heads 2..n ('scan' only, ``loss_scan``)."""
     if impl == "vmap":
+        if vocab_ids is not None:
+            raise ValueError("loss.draft_vocab needs loss.impl='scan'.")
         return loss_vmap(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, targets)
     if impl == "scan":
         return loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk, targets,
-                         active, train_unembed)
+                         active, train_unembed, vocab_ids)
     raise ValueError(f"loss.impl={impl!r} is unknown; use one of {LOSS_IMPLS}.")

@@ -62,6 +62,9 @@ def test_unknown_key_in_a_config_file(tmp_path):
     (["loss.impl='fast'"], 1, r"loss.impl='fast' is invalid"),
     (["loss.head_weights=(1.0,)"], 1, r"loss.head_weights has 1 entries but model.n_future=3"),
     (["model.parameter_matched=True"], 1, r"leaving 0"),
+    (["loss.draft_vocab=40"], 1, r"loss.draft_vocab=40 is invalid: .*head 1 .* loss.head_weights=\(0, ...\)"),
+    (["loss.draft_vocab=40", "loss.head_weights=(0.0, 1.0, 1.0)", "loss.impl='vmap'"], 1,
+     r"loss.draft_vocab=40 is invalid: it needs loss.impl='scan'"),
 ])
 def test_bad_config_raises_a_clear_message(overrides, n_devices, message):
     cfg = apply_overrides(tiny_config(), overrides)

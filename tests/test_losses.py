@@ -205,3 +205,29 @@ def test_skipping_zero_weight_heads_and_the_frozen_unembedding_keeps_the_gradien
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
     assert max(float(jnp.abs(a[1:]).max()) for a in jax.tree.leaves(g_fast["heads"])) > 1e-3
     assert all(float(jnp.abs(a[0]).max()) == 0.0 for a in jax.tree.leaves(g_fast["heads"]))
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "shared_causal"])
+def test_draft_vocab_loss_is_the_cross_entropy_over_those_tokens(head_type):
+    """loss.draft_vocab: heads 2..n's cross-entropy over the given token ids only (logits restricted
+    to them, targets outside masked), the same as restricting the full logits by hand."""
+    model = tiny_model(n_future=3, head_type=head_type)
+    tokens = random_tokens(11, (2, 16), vocab=30)  # ids < 30: some targets inside the draft vocabulary
+    seg = jnp.ones_like(tokens)
+    ids = np.sort(np.random.default_rng(0).choice(97, 40, replace=False)).astype(np.int32)
+    weights = jnp.array([0.0, 1.0, 0.5])
+    targets, mask = head_targets(tokens, seg, 3)
+    normalizer = mask.sum((1, 2)).astype(jnp.float32)
+    loss, aux = compute_loss("scan", model, tokens, seg, weights, normalizer, 4, "data", (1, 2), True, ids)
+    logits = model(tokens, seg)[:, :, :, ids].astype(jnp.float32)
+    inside = np.isin(np.asarray(targets), ids) & np.asarray(mask)
+    sub = np.searchsorted(ids, np.clip(np.asarray(targets), 0, None))
+    sub = np.where(inside, sub, 0)
+    ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, jnp.asarray(sub)[..., None], -1)[..., 0]
+    want = (np.asarray(ce) * inside).sum((1, 2))
+    np.testing.assert_allclose(np.asarray(aux["sum_ce"])[1:], want[1:], rtol=2e-5)
+    np.testing.assert_array_equal(np.asarray(aux["count"])[1:], inside.sum((1, 2))[1:])
+    assert 0 < inside[1].sum() < np.asarray(mask[1]).sum()  # some targets inside, some masked
+    np.testing.assert_allclose(float(loss), float((weights[1:] * want[1:] / normalizer[1:]).sum()), rtol=2e-5)
+    with pytest.raises(ValueError, match="head 1's loss weight must be 0"):
+        compute_loss("scan", model, tokens, seg, weights, normalizer, 4, "data", None, True, ids)

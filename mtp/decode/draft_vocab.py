@@ -29,30 +29,62 @@ AUTO_SIZE = 8192  # the default draft vocabulary for models whose vocabulary is 
 AUTO_MIN_RATIO = 4
 
 
-def frequency_order(data_cfg, vocab_size: int) -> np.ndarray:
-    """Every token id, most frequent on the train split first (ties: lower id first)."""
-    data = prepare_data(data_cfg)
-    tokens = np.asarray(data.tokens["train"].tokens)
-    if tokens.size == 0:
+MAX_COUNTED = 50_000_000  # tokens counted at most (documents in order): plenty for a frequency ranking
+
+
+def split_order(split_tokens, vocab_size: int) -> np.ndarray:
+    """Every token id, most frequent in ``split_tokens`` (a prepared split: one flat token array, or
+    a sequence of documents, e.g. ``tokens:`` shards) first; ties: lower id first."""
+    if hasattr(split_tokens, "tokens"):
+        tokens = np.asarray(split_tokens.tokens)[:MAX_COUNTED]
+        counts = np.bincount(tokens, minlength=vocab_size) if tokens.size else np.zeros(0, np.int64)
+        top = int(tokens.max()) if tokens.size else -1
+    else:
+        counts, seen, top = np.zeros(vocab_size, np.int64), 0, -1
+        for doc in split_tokens:
+            doc = np.asarray(doc)
+            if doc.size:
+                top = max(top, int(doc.max()))
+                if top < vocab_size:
+                    counts += np.bincount(doc, minlength=vocab_size)
+            seen += doc.size
+            if seen >= MAX_COUNTED or top >= vocab_size:
+                break
+    if top < 0:
         raise ValueError("the train split has no tokens to count; a draft vocabulary needs data.")
-    if tokens.max() >= vocab_size:
-        raise ValueError(f"the data's token ids reach {tokens.max()}, beyond the model's vocabulary"
+    if top >= vocab_size:
+        raise ValueError(f"the data's token ids reach {top}, beyond the model's vocabulary"
                          f" ({vocab_size}): the data config's tokenizer is not the model's.")
-    counts = np.bincount(tokens, minlength=vocab_size)
     return np.argsort(-counts, kind="stable").astype(np.int32)
 
 
+def frequency_order(data_cfg, vocab_size: int) -> np.ndarray:
+    """Every token id, most frequent on the train split of ``data_cfg`` first (ties: lower id first)."""
+    return split_order(prepare_data(data_cfg).tokens["train"], vocab_size)
+
+
+def save_order(workdir, order: np.ndarray) -> Path:
+    """``order`` as the workdir's ``FILE`` (atomically)."""
+    path = Path(workdir) / FILE
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, np.asarray(order, np.int32))
+    os.replace(tmp, path)
+    return path
+
+
 def write_order(loaded, log=None) -> Path:
-    """Counts the workdir's token frequencies on the train split and saves them (``FILE``)."""
+    """Counts the workdir's token frequencies on the train split and saves them (``FILE``). A model
+    whose heads trained over a draft vocabulary (``loss.draft_vocab``) keeps the order training wrote:
+    decoding must draft among exactly the tokens the heads learned."""
     _need_workdir(loaded)
     log = log or (lambda *a: print(*a, file=sys.stderr))
     path = Path(loaded.workdir) / FILE
+    if int(loaded.cfg.loss.get("draft_vocab", 0)) and load_order(loaded) is not None:
+        log(f"Draft vocabulary: keeping {path} (the heads trained over its first"
+            f" {int(loaded.cfg.loss.draft_vocab)} tokens, loss.draft_vocab)")
+        return path
     log(f"Counting token frequencies on the train split for the draft vocabulary -> {path}")
-    order = frequency_order(loaded.cfg.data, loaded.spec.vocab_size)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, order)
-    os.replace(tmp, path)
-    return path
+    return save_order(loaded.workdir, frequency_order(loaded.cfg.data, loaded.spec.vocab_size))
 
 
 def _need_workdir(loaded) -> None:

@@ -29,6 +29,7 @@ from mtp.config import ConfigError, validate
 from mtp.data.pipeline import make_dataset
 from mtp.data.prepare import PreparedData, prepare_data
 from mtp.decode.calibrate import calibrate_workdir
+from mtp.decode.draft_vocab import save_order, split_order
 from mtp.distributed import process_zero_first
 from mtp.log import log
 from mtp.perf import peak_flops
@@ -102,6 +103,7 @@ class Run:
     data: PreparedData
     program: TrainProgram
     source: Path | None
+    token_order: np.ndarray | None = None  # loss.draft_vocab: train token ids, most frequent first
 
     def dataset(self, split: str, seed: int) -> Iterator[dict]:
         # Every process builds the same global batches and keeps its own rows: the run is the same
@@ -157,8 +159,11 @@ def prepare(cfg) -> Run:
         raise ConfigError(f"The tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size="
                           f"{cfg.model.vocab_size}. Set model.vocab_size={data.tokenizer.vocab_size}.")
     _check_corpus_size(cfg, data)
-    program = build_program(cfg, n_source_heads=n_source_heads)
-    return Run(cfg, workdir, data, program, source)
+    order = None
+    if cfg.loss.draft_vocab:  # heads 2..n learn over the N most frequent train tokens (draft_vocab.npy)
+        order = split_order(data.tokens["train"], cfg.model.vocab_size)
+    program = build_program(cfg, n_source_heads=n_source_heads, token_order=order)
+    return Run(cfg, workdir, data, program, source, order)
 
 
 def _check_corpus_size(cfg, data: PreparedData) -> None:
@@ -334,6 +339,9 @@ def train(cfg, restart: bool = False) -> TrainResult:
     if data_state:
         train_iter.set_state(data_state["per_process"][jax.process_index()] if per_process else data_state)
     write_run_files(run.workdir, cfg, run.data.tokenizer)  # only now: a failed start leaves nothing behind
+    if run.token_order is not None and jax.process_index() == 0:  # what decoding drafts among
+        log(f"loss.draft_vocab: heads 2..n learn over the {cfg.loss.draft_vocab} most frequent train tokens"
+            f" ({save_order(run.workdir, run.token_order)})")
 
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     log(f"Model: {n_params / 1e6:.2f}M parameters, n_future={spec.n_future} ({spec.head_type} heads),"

@@ -58,12 +58,14 @@ class TrainProgram:
 
 
 def build_program(cfg, mesh: Mesh | None = None, *, n_source_heads: int = 0,
-                  lower_for: str | None = None) -> TrainProgram:
+                  lower_for: str | None = None, token_order=None) -> TrainProgram:
     """The train program of ``cfg`` (already validated) on ``mesh`` (default: ``cfg.mesh`` over
     this process's devices). ``n_source_heads``: heads the init.workdir model already has, which
     ``train.trainable='new_heads'`` keeps frozen. ``lower_for``: a platform ('tpu', 'cuda') the
     program is only lowered for: ``model.attention`` is resolved for it instead of this backend
-    (a choice the platform cannot run is refused here, before anything compiles)."""
+    (a choice the platform cannot run is refused here, before anything compiles). ``token_order``:
+    the train split's token ids, most frequent first (``loss.draft_vocab`` takes its first N; without
+    it, as for benchmarks and plans, the first N ids: the same cost)."""
     spec = ModelSpec.from_config(cfg.model)
     attention = resolve_attention(spec.attention, lower_for, interpret=spec.attention_interpret,
                                   lowering=lower_for is not None)
@@ -80,7 +82,12 @@ def build_program(cfg, mesh: Mesh | None = None, *, n_source_heads: int = 0,
     layout, init = make_layout(spec, tx, mesh, rules, cfg.seed, model_abstract)
     batch_sh = batch_sharding(mesh, rules)
     weights_N = head_weights(cfg.loss, spec.n_future)
-    train_step = make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sh, trainable)
+    vocab_ids = None
+    if cfg.loss.draft_vocab and cfg.loss.draft_vocab < spec.vocab_size:
+        order = np.arange(spec.vocab_size) if token_order is None else np.asarray(token_order)
+        vocab_ids = np.sort(order[: cfg.loss.draft_vocab]).astype(np.int32)
+    train_step = make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sh, trainable,
+                                 vocab_ids)
     eval_step = make_eval_step(layout, mesh, rules, cfg, batch_sh)
     return TrainProgram(cfg, spec, mesh, rules, tx, schedule, layout, init, batch_sh, np.asarray(weights_N),
                         trainable, update_scale, train_step, eval_step)

@@ -39,12 +39,14 @@ def unembed_trains(trainable) -> bool:
     return any(t and str(getattr(p[0], "key", p[0])) in ("embed", "unembed", "final_norm") for p, t in leaves)
 
 
-def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sharding, trainable=None):
+def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sharding, trainable=None,
+                    vocab_ids=None):
     """Returns ``step(state, batch) -> (state, metrics)``, jitted over the mesh. ``trainable``
     (bool pytree like the params): frozen leaves are wrapped in stop_gradient, so nothing is
     back-propagated into a frozen trunk (its activations are computed once, forward only); a
     frozen unembedding gets no gradient computed, and heads with loss weight 0 are not run (no
-    metrics are logged for them)."""
+    metrics are logged for them). ``vocab_ids``: heads 2..n learn over these tokens only
+    (``loss.draft_vocab``; ``mtp.losses.loss_scan``)."""
     graphdef, n_future = layout.graphdef, cfg.model.n_future
     impl, chunk, n_micro = cfg.loss.impl, cfg.loss.chunk_size, cfg.train.grad_accum
     targets = cfg.loss.targets
@@ -57,7 +59,7 @@ def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sha
             params = jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), trainable, params)
         model = nnx.merge(graphdef, params)
         return compute_loss(impl, model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk,
-                            targets, active, train_unembed)
+                            targets, active, train_unembed, vocab_ids)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
