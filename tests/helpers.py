@@ -52,6 +52,14 @@ def with_params(model, pure: dict):
     return nnx.merge(graphdef, state)
 
 
+def argmax_zero_model(model):
+    """The model with its final norm scale zeroed: every logit of every head is 0, so every argmax
+    (head 1's and every draft) is token 0 and every draft is right."""
+    pure = nnx.to_pure_dict(nnx.state(model))
+    pure["final_norm"]["scale"] = jnp.zeros_like(pure["final_norm"]["scale"])
+    return with_params(model, pure)
+
+
 def heads_like_head1(model, noise=0.0, seed=0):
     """Copy head 1's layer into every head (+ optional noise): drafts then track head 1."""
     pure = nnx.to_pure_dict(nnx.state(model))

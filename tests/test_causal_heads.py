@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import random_tokens, tiny_config, tiny_model, with_params
+from helpers import argmax_zero_model, random_tokens, tiny_config, tiny_model
 
 from mtp.config import ConfigError, validate
 from mtp.decode.cache import causal_drafts, forward_cached
@@ -94,10 +94,8 @@ def test_speculative_greedy_equals_greedy(model, heads):
 
 
 def test_drafts_that_are_always_right_are_all_accepted(model):
-    pure = nnx.to_pure_dict(nnx.state(model))
-    pure["final_norm"]["scale"] = np.zeros_like(pure["final_norm"]["scale"])  # every logit 0: argmax 0
-    const = with_params(model, pure)
-    out = generate(const, [[5, 6, 7]], DecodeConfig(mode="speculative", heads=K, max_new_tokens=1 + 4 * K))
+    out = generate(argmax_zero_model(model), [[5, 6, 7]],
+                   DecodeConfig(mode="speculative", heads=K, max_new_tokens=1 + 4 * K))
     assert out.tokens[0] == [0] * (1 + 4 * K)
     assert out.forwards == 1 + 4 and out.accepted[0].tolist() == [4] * K  # K tokens per forward
 

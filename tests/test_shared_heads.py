@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import random_tokens, tiny_model, with_params
+from helpers import argmax_zero_model, random_tokens, tiny_model, with_params
 
 from mtp.decode.generate import DecodeConfig, generate
 from mtp.model.lm import MTPLM, abstract_params
@@ -55,10 +55,8 @@ def test_speculative_greedy_deeper_than_trained_equals_greedy(model):
 
 
 def test_always_right_drafts_are_all_accepted_at_every_depth(model):
-    pure = nnx.to_pure_dict(nnx.state(model))
-    pure["final_norm"]["scale"] = np.zeros_like(pure["final_norm"]["scale"])  # every logit 0: argmax 0
-    const = with_params(model, pure)
-    out = generate(const, [[5, 6, 7]], DecodeConfig(mode="speculative", heads=DEEP, max_new_tokens=1 + 2 * DEEP))
+    out = generate(argmax_zero_model(model), [[5, 6, 7]],
+                   DecodeConfig(mode="speculative", heads=DEEP, max_new_tokens=1 + 2 * DEEP))
     assert out.tokens[0] == [0] * (1 + 2 * DEEP)
     assert out.forwards == 1 + 2 and out.accepted[0].tolist() == [2] * DEEP  # DEEP tokens a forward
 
