@@ -6,11 +6,10 @@ expressions (the earlier 500 steps on 20,000 never left the answer-format floor 
 Run:     mtp sweep --config paper_polynomial --sweep seed=0,1,2 --sweep model.size=xs \
              --sweep model.n_future=1,2,4 --workdir /work/runs/paper_polynomial_3k --no-tpf --in-process
          (9 points; resumable: rerun the same command; docs/experiments.md has the tables)
-Expect:  measured for seeds 0 and 1 on a shared 2-core CPU (11 min a point on a quiet core for n=1,
-         18-28 min under load): exact match (teacher forced = greedy) ~0.19-0.25 in distribution and
-         0.014-0.027 out of distribution at every n, seed spread larger than the n effect (n=1
-         0.219, n=2 0.223 mean in distribution). `--sweep model.size=xs,s` adds the larger size
-         (~4x a step's cost).
+Expect:  measured for 7 of the 9 points on a shared 2-core CPU (10-28 min a point): exact match
+         (teacher forced = greedy) ~0.15-0.25 in distribution and 0.014-0.027 out of distribution
+         at every n, the seed spread larger than the n effect (means n=1 0.199 over 3 seeds, n=2
+         0.223 and n=4 0.180 over 2). `--sweep model.size=xs,s` adds the larger size (~4x a step).
 """
 
 from mtp.config import load_config_file
