@@ -122,13 +122,25 @@ def loss_targets(kind: str, tokens_BxT, segment_ids_BxT, n_future: int, greedy_f
     raise ValueError(f"loss.targets={kind!r} is unknown; use one of {LOSS_TARGETS}.")
 
 
-def draft_vocab_targets(targets_NxBxT, mask_NxBxT, vocab_ids_M, vocab_size: int):
-    """Targets as indices into the draft vocabulary ``vocab_ids_M`` (``loss.draft_vocab``); a target
-    outside it is masked (no draft could propose it; head 1 verifies over the whole vocabulary)."""
-    M = vocab_ids_M.shape[0]
-    lut_V = jnp.full((vocab_size,), -1, jnp.int32).at[vocab_ids_M].set(jnp.arange(M, dtype=jnp.int32))
+def to_draft_vocab(targets_NxBxT, mask_NxBxT, unembed_DxV, vocab_ids_M):
+    """``loss.draft_vocab``: the targets as indices into the draft vocabulary ``vocab_ids_M``, a target
+    outside it masked (no draft could propose it; head 1 verifies over the whole vocabulary), and the
+    unembedding's columns of those tokens: ``(targets, mask, unembed_DxM)``."""
+    V, M = unembed_DxV.shape[1], vocab_ids_M.shape[0]
+    lut_V = jnp.full((V,), -1, jnp.int32).at[vocab_ids_M].set(jnp.arange(M, dtype=jnp.int32))
     sub_NxBxT = lut_V[targets_NxBxT]
-    return jnp.maximum(sub_NxBxT, 0), mask_NxBxT & (sub_NxBxT >= 0)
+    return jnp.maximum(sub_NxBxT, 0), mask_NxBxT & (sub_NxBxT >= 0), unembed_DxV[:, vocab_ids_M]
+
+
+def _active_index(active, n_future: int):
+    """``active`` as a static index array, or None when every head runs."""
+    return None if active is None or len(active) == n_future else np.asarray(active, np.int32)
+
+
+def _to_all_heads(idx, n_future: int, *sums_A):
+    """Per-active-head sums back in ``n_future`` slots (skipped heads report 0)."""
+    zeros = jnp.zeros((n_future,), jnp.float32)
+    return tuple(zeros.at[idx].set(x) for x in sums_A)
 
 
 def _ce_sums(logits_xV, targets_x, mask_x):
@@ -277,22 +289,20 @@ def _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N
         targets, tokens_BxT, segment_ids_BxT, spec.n_future,
         lambda: greedy_tokens(hidden_NxBxTxD[0], scale, spec.norm_eps, unembed, chunk))
     if vocab_ids is not None:  # only heads 2..n run (head 1's weight is 0): all over the draft vocabulary
-        targets_NxBxT, mask_NxBxT = draft_vocab_targets(targets_NxBxT, mask_NxBxT, vocab_ids, spec.vocab_size)
-        unembed = unembed[:, vocab_ids]
+        targets_NxBxT, mask_NxBxT, unembed = to_draft_vocab(targets_NxBxT, mask_NxBxT, unembed, vocab_ids)
 
     def body(_, xs):
         hidden, targets, mask = xs
         return None, chunked_ce(hidden, scale, spec.norm_eps, unembed, targets, mask, chunk)
 
-    idx = None if active is None or len(active) == spec.n_future else np.asarray(active, np.int32)
+    idx = _active_index(active, spec.n_future)
     if idx is None:
         _, (sum_ce_N, sum_correct_N) = jax.lax.scan(body, None, (hidden_NxBxTxD, targets_NxBxT, mask_NxBxT))
         count_N = mask_NxBxT.sum((1, 2)).astype(jnp.float32)
-    else:  # back to n_future slots; skipped heads report nothing
+    else:
         _, sums = jax.lax.scan(body, None, (hidden_NxBxTxD[idx], targets_NxBxT[idx], mask_NxBxT[idx]))
-        zeros = jnp.zeros((spec.n_future,), jnp.float32)
-        sum_ce_N, sum_correct_N = (zeros.at[idx].set(x) for x in sums)
-        count_N = zeros.at[idx].set(mask_NxBxT[idx].sum((1, 2)).astype(jnp.float32))
+        count_A = mask_NxBxT[idx].sum((1, 2)).astype(jnp.float32)
+        sum_ce_N, sum_correct_N, count_N = _to_all_heads(idx, spec.n_future, *sums, count_A)
     return _finish(sum_ce_N, sum_correct_N, count_N, jnp.asarray(weights_N, jnp.float32),
                    jnp.asarray(normalizer_N, jnp.float32))
 
@@ -319,24 +329,21 @@ def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk
 
     targets_NxBxT, mask_NxBxT = loss_targets(targets, tokens_BxT, segment_ids_BxT, spec.n_future, greedy)
     if vocab_ids is not None:  # after greedy(): head 1's own tokens come from the whole vocabulary
-        targets_NxBxT, mask_NxBxT = draft_vocab_targets(targets_NxBxT, mask_NxBxT, vocab_ids, spec.vocab_size)
-        unembed = unembed[:, vocab_ids]
+        targets_NxBxT, mask_NxBxT, unembed = to_draft_vocab(targets_NxBxT, mask_NxBxT, unembed, vocab_ids)
     head_def, head_state = nnx.split(model.heads)
     heads = _memory_flat_heads(head_def, spec.norm_eps, chunk, sourced=src_N is not None,
                                train_unembed=train_unembed)
     src_N = jnp.zeros(spec.n_future, jnp.int32) if src_N is None else jnp.asarray(src_N, jnp.int32)
     per_head = (targets_NxBxT, mask_NxBxT, jnp.asarray(weights_N, jnp.float32),
                 jnp.asarray(normalizer_N, jnp.float32), src_N)
-    idx = None if active is None or len(active) == spec.n_future else np.asarray(active, np.int32)
+    idx = _active_index(active, spec.n_future)
     if idx is not None:
         head_state = jax.tree.map(lambda a: a[idx], head_state)
         per_head = tuple(x[idx] for x in per_head)
     loss, sum_ce_N, sum_correct_N = heads(h, head_state, unembed, scale, positions_BxT, mask_Bx1xTxT, *per_head)
     count_N = mask_NxBxT.sum((1, 2)).astype(jnp.float32)
     if idx is not None:  # back to n_future slots; skipped heads report nothing
-        zeros = jnp.zeros((spec.n_future,), jnp.float32)
-        sum_ce_N, sum_correct_N = zeros.at[idx].set(sum_ce_N), zeros.at[idx].set(sum_correct_N)
-        count_N = zeros.at[idx].set(count_N[idx])
+        sum_ce_N, sum_correct_N, count_N = _to_all_heads(idx, spec.n_future, sum_ce_N, sum_correct_N, count_N[idx])
     return loss, {"sum_ce": sum_ce_N, "sum_correct": sum_correct_N, "count": count_N}
 
 
