@@ -25,8 +25,9 @@ from pathlib import Path
 import ml_collections
 
 # --- allowed values ---------------------------------------------------------------------------
-HEAD_TYPES = ("transformer", "linear", "medusa", "causal", "shared_causal")  # model.head_type (mtp/model/heads.py)
-LAYER_HEADS = ("transformer", "causal", "shared_causal")  # head types made of transformer layers (with a KV cache)
+# model.head_type (mtp/model/heads.py)
+HEAD_TYPES = ("transformer", "linear", "medusa", "causal", "shared_causal", "mask")
+LAYER_HEADS = ("transformer", "causal", "shared_causal", "mask")  # head types with transformer layers (a KV cache)
 HIDDEN_MIXES = ("none", "weighted")  # model.hidden_mix (mtp/model/lm.py)
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype, model.param_dtype
 REMATS = ("none", "full", "dots", "dots_no_batch")  # model.remat
@@ -158,6 +159,9 @@ def base_config() -> ml_collections.ConfigDict:
     #  pretrained model, distilled for self-speculative decoding; mtp/losses.py)
     lo.draft_vocab = 0  # > 0: heads 2..n learn over the N most frequent train tokens only, the draft
     #  vocabulary decoding drafts among (written to <workdir>/draft_vocab.npy); needs head 1's weight 0
+    # head_type='mask' (mask tokens with gated LoRA; mtp/model/masked.py):
+    lo.mask_anchors = 64  # positions per row that get k mask tokens in training (0 = every position)
+    lo.consistency = 1.0  # weight of the KL from head 1's distribution at t+j-1 to mask j's (0 = off)
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "stdlib"
@@ -528,6 +532,14 @@ def _check_retrofit(m, trunk: int, trainable: str) -> None:
     _check(not causal or (branch == 0 and mix == "none"), "model.head_type", m.head_type,
            "causal heads read head k-1's output, not the trunk: set model.branch_layer=0 and"
            " model.hidden_mix='none', or use head_type='transformer'.")
+    masked = m.head_type == "mask"
+    _check(not masked or m.n_future >= 2, "model.n_future", m.n_future,
+           "head_type='mask' appends n_future-1 mask tokens that predict tokens t+2..t+n: use n_future >= 2.")
+    _check(not masked or (branch == 0 and mix == "none"), "model.head_type", m.head_type,
+           "mask tokens run through the whole model: set model.branch_layer=0 and model.hidden_mix='none'.")
+    _check(not masked or rank > 0, "model.lora_rank", rank,
+           "head_type='mask' learns through LoRA adapters gated to the mask tokens: set model.lora_rank > 0"
+           " (e.g. 16) and train.trainable='lora'.")
     _check(rank >= 0, "model.lora_rank", rank, "use 0 (no LoRA) or a positive rank.")
     _check(m.lora_alpha > 0, "model.lora_alpha", m.lora_alpha,
            "use a positive LoRA scale numerator (scale = alpha / rank).")
@@ -554,6 +566,10 @@ def _check_loss(lo, n_future: int, init_workdir: str) -> None:
                "heads 2..n learn over a draft vocabulary but head 1 (the model's next-token head) needs"
                " the whole one: set loss.head_weights=(0, ...) (a frozen head 1) or loss.draft_vocab=0.")
         _check(lo.impl == "scan", "loss.draft_vocab", lo.draft_vocab, "it needs loss.impl='scan'.")
+    _check(lo.get("mask_anchors", 0) >= 0, "loss.mask_anchors", lo.get("mask_anchors"),
+           "use 0 (mask tokens after every position) or a number of positions per row, e.g. 64.")
+    _check(lo.get("consistency", 0.0) >= 0, "loss.consistency", lo.get("consistency"),
+           "use 0 (off) or a positive weight of the mask tokens' KL to head 1, e.g. 1.0.")
 
 
 def _check_data(d) -> None:

@@ -34,6 +34,11 @@ most frequent train tokens, the draft vocabulary decoding drafts among (``mtp.de
 targets outside it masked: per head a ``[B*T, D] x [D, M]`` product instead of ``[D, V]`` (SmolLM2:
 8192 of 49152 tokens), the same thing learned for every token a draft can propose.
 
+``head_type='mask'`` (``mtp.model.masked``) has its own loss, whichever ``impl``: every head at
+``loss.mask_anchors`` positions per row (head 1 included, at the same positions), plus
+``loss.consistency`` times the KL from head 1's distribution at t+i-1 to head i's at t (the
+distribution that verification checks head i's draft against).
+
 Both return ``(loss, aux)``: ``loss = sum_i w_i * sum_ce_i / count_i`` where ``count_i`` is the
 number of valid targets of head i in the WHOLE batch (``normalizer_N``; with gradient accumulation
 the micro-batch losses then add up to the full-batch loss exactly), and ``aux`` holds the per-head
@@ -48,6 +53,7 @@ import numpy as np
 from flax import nnx
 
 from mtp.config import LOSS_IMPLS, LOSS_TARGETS
+from mtp.model import masked
 from mtp.model.heads import head_kind
 from mtp.model.transformer import dense, rms_norm
 
@@ -307,6 +313,65 @@ def _loss_sequential(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N
                    jnp.asarray(normalizer_N, jnp.float32))
 
 
+def loss_normalizer(spec, tokens_BxT, segment_ids_BxT, mask_anchors: int = 0) -> jax.Array:
+    """Valid targets per head in the whole batch ``[N]`` (the loss divides each head's sum by it);
+    mask heads count their anchors only."""
+    _, mask_NxBxT = head_targets(tokens_BxT, segment_ids_BxT, spec.n_future)
+    if head_kind(spec).masked:
+        mask_NxBxT = mask_NxBxT[:, :, masked.mask_anchors(tokens_BxT.shape[1], mask_anchors)]
+    return mask_NxBxT.sum((1, 2)).astype(jnp.float32)
+
+
+def _kl_sums(hidden_BxPxD, teacher_BxPxD, norm_scale_D, eps, unembed_DxV, mask_BxP):
+    """Sum over valid positions of ``KL(softmax(teacher logits) || softmax(logits))`` (float32; no
+    gradient into the teacher)."""
+    def logp(h):
+        return jax.nn.log_softmax(dense(rms_norm(h, norm_scale_D, eps), unembed_DxV).astype(jnp.float32), -1)
+
+    logp_t = jax.lax.stop_gradient(logp(teacher_BxPxD))
+    kl_BxP = jnp.sum(jnp.exp(logp_t) * (logp_t - logp(hidden_BxPxD)), axis=-1)
+    return jnp.sum(kl_BxP * mask_BxP)
+
+
+def _loss_masked(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int, targets: str,
+                 active, vocab_ids, mask_anchors: int, consistency: float):
+    """``head_type='mask'``: the heads' outputs at the anchors (``masked.mask_head_hidden``), the
+    targets of ``loss_targets`` there, cross-entropy plus ``consistency`` x KL to head 1 one head at
+    a time (``lax.scan``), only for the ``active`` heads."""
+    spec = model.spec
+    N, T, eps = spec.n_future, tokens_BxT.shape[1], spec.norm_eps
+    anchors_P = masked.mask_anchors(T, mask_anchors)
+    hidden_NxBxPxD, h1_BxTxD = masked.mask_head_hidden(model, tokens_BxT, segment_ids_BxT, anchors_P)
+    unembed, scale = model.unembed_DxV(), model.final_norm.scale[...]
+    targets_NxBxT, mask_NxBxT = loss_targets(targets, tokens_BxT, segment_ids_BxT, N,
+                                             lambda: greedy_tokens(h1_BxTxD, scale, eps, unembed, chunk))
+    targets_NxBxP, mask_NxBxP = targets_NxBxT[:, :, anchors_P], mask_NxBxT[:, :, anchors_P]
+    if vocab_ids is not None:
+        targets_NxBxP, mask_NxBxP, unembed = to_draft_vocab(targets_NxBxP, mask_NxBxP, unembed, vocab_ids)
+    # head i+1 (0-based i) drafts token t+i+1, which head 1 predicts at position t+i
+    teacher_NxBxPxD = jnp.stack([h1_BxTxD[:, np.minimum(anchors_P + i, T - 1)] for i in range(N)])
+
+    def body(_, xs):
+        hidden, teacher, tgt, mask = xs
+        ce, correct = chunked_ce(hidden, scale, eps, unembed, tgt, mask, chunk)
+        kl = _kl_sums(hidden, teacher, scale, eps, unembed, mask) if consistency else jnp.zeros((), jnp.float32)
+        return None, (ce, correct, kl)
+
+    per_head = (hidden_NxBxPxD, teacher_NxBxPxD, targets_NxBxP, mask_NxBxP)
+    idx = _active_index(active, N)
+    if idx is not None:
+        per_head = tuple(x[idx] for x in per_head)
+    _, (ce_A, correct_A, kl_A) = jax.lax.scan(body, None, per_head)
+    count_A = per_head[3].sum((1, 2)).astype(jnp.float32)
+    if idx is None:
+        sum_ce_N, sum_correct_N, kl_N, count_N = ce_A, correct_A, kl_A, count_A
+    else:
+        sum_ce_N, sum_correct_N, kl_N, count_N = _to_all_heads(idx, N, ce_A, correct_A, kl_A, count_A)
+    weights_N, normalizer_N = jnp.asarray(weights_N, jnp.float32), jnp.asarray(normalizer_N, jnp.float32)
+    loss = jnp.sum(weights_N * (sum_ce_N + consistency * kl_N) / jnp.maximum(normalizer_N, 1.0))
+    return loss, {"sum_ce": sum_ce_N, "sum_correct": sum_correct_N, "count": count_N}
+
+
 def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk: int = 128,
               targets: str = "data", active=None, train_unembed: bool = True, vocab_ids=None):
     """``active``: static 0-based indices of the heads to run (default: all); the others report
@@ -349,10 +414,14 @@ def loss_scan(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk
 
 def compute_loss(impl: str, model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N,
                  chunk: int = 128, targets: str = "data", active=None, train_unembed: bool = True,
-                 vocab_ids=None):
+                 vocab_ids=None, mask_anchors: int = 0, consistency: float = 0.0):
     """The per-head loss of ``impl``; ``targets``, ``active`` and ``train_unembed`` as in the module
     docstring (the last two only change what the 'scan' loss computes, never its result);
-    ``vocab_ids``: the draft-vocabulary loss of heads 2..n ('scan' only, ``loss_scan``)."""
+    ``vocab_ids``: the draft-vocabulary loss of heads 2..n ('scan' only, ``loss_scan``);
+    ``mask_anchors`` / ``consistency``: ``head_type='mask'``'s loss (``_loss_masked``)."""
+    if head_kind(model.spec).masked:
+        return _loss_masked(model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk, targets, active,
+                            vocab_ids, mask_anchors, consistency)
     if impl == "vmap":
         if vocab_ids is not None:
             raise ValueError("loss.draft_vocab needs loss.impl='scan'.")

@@ -143,7 +143,7 @@ def run_decode_bench(loaded, prompts: list[str], *, heads: int | None, max_new_t
         "block_products": block_products(settings),
         "decode_weights": used["packing"],
         "decode_settings": dataclasses.asdict(settings),
-        "decode_backend": make_backend(settings, n_devices=1 if mesh is None else mesh.size).name,
+        "decode_backend": make_backend(settings, n_devices=1 if mesh is None else mesh.size, spec=loaded.spec).name,
         "mesh": None if mesh is None else dict(mesh.shape),
     }
 

@@ -25,6 +25,7 @@ from mtp.decode import cache as layered
 from mtp.decode.weights import cached_decode_weights, draft_unembed, linear, prefill_weights, project
 from mtp.kernels.cpu import kernel_status, kernels_built
 from mtp.model import cached, kv_cache
+from mtp.model.heads import head_kind
 from mtp.model.transformer import rms_norm
 
 
@@ -131,6 +132,13 @@ class CpuKernelBackend:
         return layered.stack_cache(cache, like)
 
 
-def make_backend(settings: DecodeSettings, *, n_devices: int = 1):
+def make_backend(settings: DecodeSettings, *, n_devices: int = 1, spec=None):
+    """The backend ``settings`` name; mask heads (``head_type='mask'``: gated LoRA, which the CPU
+    kernels' merged decode layout cannot express) always run the model's own layers (``'xla'``)."""
+    if spec is not None and head_kind(spec).masked:
+        if settings.backend == "cpu_kernels":
+            raise ValueError("head_type='mask' decodes with the model's own layers (its LoRA adapters act on"
+                             " the mask tokens only): use --decode-backend xla (or auto).")
+        return XlaBackend(settings)
     name = resolve_backend(settings, n_devices=n_devices)
     return (CpuKernelBackend if name == "cpu_kernels" else XlaBackend)(settings)

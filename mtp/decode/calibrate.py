@@ -129,7 +129,7 @@ def _tree_key(step: int, heads: int, n_nodes: int) -> str:
 
 def _check_tree_heads(loaded, heads: int) -> None:
     if not head_kind(loaded.spec).draft_trees:
-        raise ValueError("--tree auto: sequential (causal) heads draft one token after another; they"
+        raise ValueError(f"--tree auto: {loaded.spec.head_type} heads draft one token after another; they"
                          " verify chains only (drop --tree).")
     if heads < 2:
         raise ValueError("--tree auto needs --heads 2 or more (heads 2..k draft).")
@@ -200,7 +200,7 @@ def calibrate_workdir(loaded, workdir: str | Path, heads=None, node_counts=(DEFA
     if vocab:
         draft_vocab.write_order(loaded, log=log)
     if not head_kind(loaded.spec).draft_trees:
-        log("Sequential (causal) heads verify chains only: no draft trees to calibrate.")
+        log(f"{loaded.spec.head_type} heads verify chains only: no draft trees to calibrate.")
         return
     for k in heads or (n_future,):
         calibrate_trees(loaded, workdir, k, node_counts, log=log)

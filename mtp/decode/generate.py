@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from mtp.config import DECODE_MODES, DEFAULT_DECODE_SETTINGS, DEFAULT_RULES, DecodeSettings, rules_from_config
+from mtp.decode import mask_drafts
 from mtp.decode.backend import make_backend
 from mtp.decode.tree import DraftTree, build_tree, build_tree_nodes, is_node_list
 from mtp.model.heads import head_kind
@@ -89,8 +90,10 @@ def check_decode_config(dc: DecodeConfig, spec) -> None:
         if sparse and tree.max_depth > dc.heads - 1:
             raise ValueError(f"the sparse tree is {tree.max_depth} deep; with --heads {dc.heads} it may be"
                              f" at most {dc.heads - 1} deep.")
+        if head_kind(spec).masked and dc.heads > 8:
+            raise ValueError(f"--heads {dc.heads}: a mask-head block holds heads^2 tokens; use at most 8 heads.")
         if not head_kind(spec).draft_trees and dc.tree is not None and not tree.is_chain:
-            raise ValueError(f"tree {dc.tree}: sequential (causal) heads draft one token each, every"
+            raise ValueError(f"tree {dc.tree}: {spec.head_type} heads draft one token each, every"
                              " draft from the one before it; use a chain (no --tree).")
         if dc.tree is not None and not tree.is_chain and not dc.greedy:
             raise ValueError("Tree drafts are verified greedily; use --mode speculative (greedy) with"
@@ -231,12 +234,15 @@ def _stream_emit(tokens_D, n_new):
 
 
 def verify_step(be, model, weights, cache, block_BxT, lengths_B, key, tree: DraftTree, dc: DecodeConfig,
-                fwd_heads: int):
+                fwd_heads: int, layout: mask_drafts.MaskLayout | None = None):
     """One speculative step's forward and verification: the block ``[root, drafts...]`` through the
     model with the cache (head 1 checks every draft), the accepted path, and the cache compacted to
-    it. Returns ``(hidden_HxBxTxD, cache, best_B, n_acc_B, emitted_BxD)``."""
-    hidden_HxBxTxD, cache = be.forward(model, weights, cache, block_BxT, lengths_B, tree.depth, tree.mask, fwd_heads)
-    logits1_BxTxV = be.logits(model, weights, hidden_HxBxTxD[0])
+    it. ``layout``: mask heads' block (the chain, then mask tokens that are not verified).
+    Returns ``(hidden_HxBxTxD, cache, best_B, n_acc_B, emitted_BxD)``."""
+    depth, mask = (tree.depth, tree.mask) if layout is None else (layout.depth, layout.mask)
+    hidden_HxBxTxD, cache = be.forward(model, weights, cache, block_BxT, lengths_B, depth, mask, fwd_heads)
+    block_BxT = block_BxT[:, :tree.size]
+    logits1_BxTxV = be.logits(model, weights, hidden_HxBxTxD[0, :, :tree.size])
     if dc.greedy:
         best_B, n_acc_B, path_BxD, emitted_BxD = _verify_greedy(logits1_BxTxV, block_BxT, tree)
     else:
@@ -246,9 +252,11 @@ def verify_step(be, model, weights, cache, block_BxT, lengths_B, key, tree: Draf
     return hidden_HxBxTxD, cache, best_B, n_acc_B, emitted_BxD
 
 
-def cache_len(P: int, dc: DecodeConfig) -> int:
-    """Cache slots of a decode: prompt + new tokens + the room of the widest block (``block_room``)."""
-    return P + dc.max_new_tokens + 1 + block_room(dc.draft_tree().size)
+def cache_len(P: int, dc: DecodeConfig, masked: bool = False) -> int:
+    """Cache slots of a decode: prompt + new tokens + the room of the widest block (``block_room``;
+    ``masked``: a mask-head block, the chain's size squared)."""
+    size = dc.draft_tree().size
+    return P + dc.max_new_tokens + 1 + block_room(size * size if masked and dc.speculative else size)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "dc", "be", "mesh", "rules"))
@@ -263,12 +271,14 @@ def _generate_traced(graphdef, params, weights, tokens_BxP, lengths_B, key, dc: 
     B, P = tokens_BxP.shape
     D = tree.max_depth + 1
     k_heads = tree.n_heads if dc.speculative else 1
-    S = cache_len(P, dc)  # the same S for every block size up to 64
+    masked = head_kind(model.spec).masked
+    S = cache_len(P, dc, masked)  # the same S for every block size up to 64
     M = dc.max_new_tokens + D
     cache = be.init_cache(model.spec, B, S, k_heads)
     # Sequential heads draft in their own pass (causal_drafts): the verify forward runs head 1 only.
     sequential = head_kind(model.spec).sequential and k_heads > 1
-    fwd_heads = 1 if sequential else k_heads
+    layout = mask_drafts.mask_layout(k_heads - 1) if masked and k_heads > 1 else None  # mask heads
+    fwd_heads = 1 if sequential or layout else k_heads
     window = 2 * k_heads - 1  # >= accepted + 1 new positions + the k-1 still waiting for their token
     b_B = jnp.arange(B)
     draft = be.draft_table(model, weights, dc.draft_ids) if dc.draft_ids and dc.speculative else None
@@ -287,6 +297,8 @@ def _generate_traced(graphdef, params, weights, tokens_BxP, lengths_B, key, dc: 
     if sequential:  # heads 2..k over the whole prompt, then the drafts at its last position
         seq_BxS = jnp.zeros((B, S), jnp.int32).at[:, :P].set(tokens_BxP).at[b_B, lengths_B].set(root_B)
         cands_BxC, cache = be.causal_drafts(model, weights, cache, seq_BxS, lengths_B, k_heads, P)
+    elif layout:  # masks after the prompt's last token: one more forward
+        cands_BxC, cache = mask_drafts.first_drafts(be, model, weights, cache, lengths_B, root_B, layout.m, draft)
     else:
         cands_BxC = _drafts(be, model, weights, last_HxBxD[1:], tree, draft)
 
@@ -295,7 +307,7 @@ def _generate_traced(graphdef, params, weights, tokens_BxP, lengths_B, key, dc: 
     out_BxM = jnp.full((B, M), -1, jnp.int32).at[:, 0].set(root_B)
     n_out_B = jnp.ones((B,), jnp.int32)
     done_B = (root_B == dc.eos_id) | (n_out_B >= dc.max_new_tokens)
-    stats = {"forwards": jnp.ones((), jnp.int32), "steps_B": jnp.zeros((B,), jnp.int32),
+    stats = {"forwards": jnp.full((), 2 if layout else 1, jnp.int32), "steps_B": jnp.zeros((B,), jnp.int32),
              "accepted_BxD": jnp.zeros((B, D), jnp.int32)}
 
     def cond(carry):
@@ -305,9 +317,11 @@ def _generate_traced(graphdef, params, weights, tokens_BxP, lengths_B, key, dc: 
         # the loop body is its own trace, and nnx modules (and their Variables) live in one: rebuild
         model = nnx.merge(graphdef, jax.tree.map(lambda a: a, params))
         block_BxT = _block_tokens(c["root_B"], c["cands_BxC"], tree)
+        if layout:
+            block_BxT = mask_drafts.block_tokens(block_BxT, model.spec.vocab_size, layout.m)
         key, k_step = jax.random.split(c["key"])
         hidden_HxBxTxD, cache, best_B, n_acc_B, emitted_BxD = verify_step(
-            be, model, weights, c["cache"], block_BxT, c["lengths_B"], k_step, tree, dc, fwd_heads)
+            be, model, weights, c["cache"], block_BxT, c["lengths_B"], k_step, tree, dc, fwd_heads, layout)
         root_B = jnp.take_along_axis(emitted_BxD, n_acc_B[:, None], axis=1)[:, 0]
         live_B = ~c["done_B"]
         d_1xD = jnp.arange(D)[None]
@@ -319,6 +333,9 @@ def _generate_traced(graphdef, params, weights, tokens_BxP, lengths_B, key, dc: 
             seq_pos_BxD = jnp.where(in_BxD, c["lengths_B"][:, None] + 1 + d_1xD, S)
             seq_BxS = seq_BxS.at[b_B[:, None], seq_pos_BxD].set(emitted_BxD, mode="drop")
             cands_BxC, cache = be.causal_drafts(model, weights, cache, seq_BxS, lengths_B, k_heads, window)
+        elif layout:  # the masks after the last accepted node, with the token just emitted
+            group_BxMxD = mask_drafts.group_rows(hidden_HxBxTxD[0], best_B, layout.m)
+            cands_BxC = mask_drafts.sampler_drafts(be, model, weights, group_BxMxD, root_B, draft)
         else:
             node_HxBxD = jnp.take_along_axis(hidden_HxBxTxD[1:], best_B[None, :, None, None], axis=2)[:, :, 0]
             cands_BxC = _drafts(be, model, weights, node_HxBxD, tree, draft)
@@ -384,7 +401,7 @@ def generate(model, prompts: list[list[int]] | np.ndarray, dc: DecodeConfig, *, 
     heads and MLP over ``tensor``, batch rows over ``data``); the output is the one-device output."""
     check_decode_config(dc, model.spec)
     n_devices = 1 if mesh is None else mesh.size
-    be = make_backend(dc.settings, n_devices=n_devices)
+    be = make_backend(dc.settings, n_devices=n_devices, spec=model.spec)
     # ordered host callbacks (streaming) run on one device only: on a mesh the tokens come at the end
     stream_at_end = dc.stream and n_devices > 1
     dc = dataclasses.replace(dc, stream=False) if stream_at_end else dc

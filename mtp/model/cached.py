@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from mtp.model.heads import causal_combine, head_kind
 from mtp.model.kv_cache import CacheStep, cache_mask, cache_step, causal_block_mask, write_rows, zeros_cache
+from mtp.model.masked import embed_ids
 from mtp.model.transformer import dense, scan_cached_blocks
 from mtp.sharding import constrain
 
@@ -32,10 +33,12 @@ def cached_forward(model, cache: dict, tokens_BxT, lengths_B, depth_T, block_mas
     spec, kind = model.spec, head_kind(model.spec)
     S = cache["trunk_k"].shape[3]
     positions_BxT, step = cache_step(lengths_B, depth_T, block_mask_TxT, S, prefill=prefill)
-    x_BxTxD = constrain(model.embed[...].astype(spec.dtype)[tokens_BxT], ("batch", "seq", None))
+    x_BxTxD = constrain(embed_ids(model, tokens_BxT), ("batch", "seq", None))
+    gate_BxT = tokens_BxT >= spec.vocab_size if kind.masked else None  # mask tokens: LoRA on (mtp.model.masked)
     states = not model.shared_head_input
     h_BxTxD, trunk_k, trunk_v, *outs = scan_cached_blocks(model.trunk, x_BxTxD, positions_BxT, cache["trunk_k"],
-                                                          cache["trunk_v"], step, return_states=states)
+                                                          cache["trunk_v"], step, return_states=states,
+                                                          gate_BxT=gate_BxT)
     if states and n_heads > 1:  # the head inputs of MTPLM.trunk_features
         sources, src_N = model.head_sources(x_BxTxD, outs[0])
         head_in = [sources[src_N[i]] for i in range(n_heads)]
@@ -45,7 +48,7 @@ def cached_forward(model, cache: dict, tokens_BxT, lengths_B, depth_T, block_mas
     for i in range(n_heads):
         head = model.head_layer(i)
         if kind.layer:
-            h_i, k_i, v_i = head.cached(head_in[i], positions_BxT, head_k[i], head_v[i], step)
+            h_i, k_i, v_i = head.cached(head_in[i], positions_BxT, head_k[i], head_v[i], step, gate_BxT)
             head_k, head_v = head_k.at[i].set(k_i), head_v.at[i].set(v_i)
         else:
             h_i = head(head_in[i], positions_BxT, None)

@@ -13,6 +13,10 @@ the token before the one it predicts) through its own transformer layer; see ``M
 ``'shared_causal'``: the same, with ONE layer, projection and norms shared by every depth k >= 2
 (FastMTP, Megatron's repeated MTP layer): ``n_future`` is the depth trained, and decoding may draft
 deeper (``HeadKind.max_heads``), each depth with its own KV cache.
+``'mask'``: no head layers of its own (Samragh et al. 2025, "Your LLM Knows the Future"): n_future-1
+mask tokens appended after position t run through the model's own layers, with LoRA adapters gated
+to act on the mask tokens only, and a small sampler reads each mask's output with the token before
+the one it predicts; head 1 (the model) is bitwise unchanged; see ``mtp.model.masked``.
 
 Head 1 reads the trunk's final output; heads 2..n read the same, or (``model.branch_layer`` /
 ``model.hidden_mix``) an earlier layer's output or a learned mix of all layers (``MTPLM.trunk_features``).
@@ -85,10 +89,13 @@ class HeadKind:
     sequential: bool = False
     bias: bool = False  # a simple head with a bias vector besides its D x D matrix (medusa)
     shared: bool = False  # sequential heads 2..n share ONE layer and combine (FastMTP / repeated MTP layer)
+    masked: bool = False  # heads 2..n are mask tokens through the model itself (mtp.model.masked)
 
     def n_stacked(self, n_future: int) -> int:
-        """How many head layers the model stores: ``n_future``, or 2 for shared heads (head 1 and the
-        one layer every depth >= 2 reuses)."""
+        """How many head layers the model stores: ``n_future``, 2 for shared heads (head 1 and the
+        one layer every depth >= 2 reuses), 1 for mask heads (head 1; the masks run through it)."""
+        if self.masked:
+            return 1
         return min(n_future, 2) if self.shared else n_future
 
     def max_heads(self, n_future: int) -> int:
@@ -103,7 +110,7 @@ class HeadKind:
     @property
     def draft_trees(self) -> bool:
         """Whether the heads can draft a tree (independent heads: top-w of each at once)."""
-        return not self.sequential
+        return not (self.sequential or self.masked)
 
 
 HEAD_KINDS = {
@@ -112,6 +119,7 @@ HEAD_KINDS = {
     "medusa": HeadKind("medusa", MedusaHead, layer=False, bias=True),
     "causal": HeadKind("causal", Block, layer=True, sequential=True),
     "shared_causal": HeadKind("shared_causal", Block, layer=True, sequential=True, shared=True),
+    "mask": HeadKind("mask", Block, layer=True, masked=True),
 }
 assert tuple(HEAD_KINDS) == HEAD_TYPES and tuple(k for k, v in HEAD_KINDS.items() if v.layer) == LAYER_HEADS
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtp.model import masked
 from mtp.model.heads import apply_heads, causal_combine, head_kind, make_heads
 from mtp.model.spec import ModelSpec
 from mtp.model.transformer import (
@@ -71,6 +72,8 @@ class MTPLM(nnx.Module):
             ones = nnx.with_partitioning(nnx.initializers.ones, ("mtp_heads", "norm"))
             self.causal_h_norm = nnx.Param(ones(None, (K, D), pd))
             self.causal_e_norm = nnx.Param(ones(None, (K, D), pd))
+        if head_kind(spec).masked:  # mask embeddings + the sampler (mtp.model.masked)
+            masked.init_mask_params(self, spec, rngs)
 
     # --- pieces, used separately by the memory-flat loss and the cached decoder --------------------
     def embed_tokens(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None):
@@ -195,6 +198,8 @@ class MTPLM(nnx.Module):
 
     def all_head_hidden(self, tokens_BxT: jax.Array, segment_ids_BxT: jax.Array | None = None) -> jax.Array:
         """Every head's output ``[n_future, B, T, D]`` (before the shared norm + unembedding)."""
+        if head_kind(self.spec).masked:
+            return masked.mask_head_hidden(self, tokens_BxT, segment_ids_BxT)[0]
         h, src_N, positions_BxT, mask_Bx1xTxT = self.trunk_features(tokens_BxT, segment_ids_BxT)
         if head_kind(self.spec).sequential:
             return self.causal_head_hidden(h, tokens_BxT, positions_BxT, mask_Bx1xTxT)

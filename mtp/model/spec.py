@@ -61,7 +61,12 @@ class ModelSpec(ModelConfig):
         else:
             per = self.d_model ** 2 + (self.d_model if head_kind(self).bias else 0)
         stored = head_kind(self).n_stacked(self.n_future) if head_kind(self).layer else self.n_future
-        return stored * per + self.causal_params()
+        return stored * per + self.causal_params() + self.mask_params()
+
+    def mask_params(self) -> int:
+        """head_type='mask': the mask embeddings and the sampler (``mtp.model.masked``)."""
+        D = self.d_model
+        return (self.n_future - 1) * D + 3 * D * D + 2 * D if head_kind(self).masked else 0
 
     def causal_params(self) -> int:
         """Sequential heads 2..n: a [2D, D] combining projection and two norms each (one if shared)."""

@@ -80,7 +80,11 @@ class LoRA:
     computed as ``x @ W + ((x @ A) * alpha/r) @ B`` (no merged ``[I, O]`` weight, so a frozen base
     weight gets no weight gradient). ``A`` ``[*in, r]`` ~ normal(1/sqrt(fan_in)), ``B`` ``[r, *out]``
     = 0: the adapted layer starts as an exact no-op. Base weights keep their names and shapes (so
-    checkpoints and converters still load); the factors are ``{name}_lora_a`` / ``{name}_lora_b``."""
+    checkpoints and converters still load); the factors are ``{name}_lora_a`` / ``{name}_lora_b``.
+
+    Gated LoRA (``head_type='mask'``, Samragh et al. 2025): with ``gate_xT`` (bool, x's shape without
+    the last axis) the adapter term is added only where the gate is set, so every other row is
+    ``x @ W`` bit for bit: the base model's next-token outputs stay unchanged."""
 
     def add_lora(self, rngs, name: str, in_shape, out_shape, in_axes, out_axes, cfg, pd):
         fan_in = math.prod(in_shape)
@@ -88,16 +92,17 @@ class LoRA:
                                               cfg.std(fan_in), pd))
         setattr(self, f"{name}_lora_b", zeros_param((self.lora_rank, *out_shape), (None, *out_axes), pd))
 
-    def proj(self, x_xI: jax.Array, name: str) -> jax.Array:
+    def proj(self, x_xI: jax.Array, name: str, gate_xT: jax.Array | None = None) -> jax.Array:
         """``x @ W`` for weight ``name`` flattened to ``[I, O]`` (``I`` = x's last axis), plus the
-        LoRA term when the module has adapters."""
+        LoRA term when the module has adapters (where ``gate_xT`` is set, if given)."""
         dt, n_in = self.dtype, x_xI.shape[-1]
         y = dense(x_xI, getattr(self, name)[...].astype(dt).reshape(n_in, -1))
         if not self.lora_rank:
             return y
         a_IxR = getattr(self, f"{name}_lora_a")[...].astype(dt).reshape(n_in, -1)
         b_RxO = getattr(self, f"{name}_lora_b")[...].astype(dt).reshape(self.lora_rank, -1)
-        return y + dense(dense(x_xI, a_IxR) * jnp.asarray(self.lora_scale, dt), b_RxO)
+        lora = dense(dense(x_xI, a_IxR) * jnp.asarray(self.lora_scale, dt), b_RxO)
+        return y + lora if gate_xT is None else jnp.where(gate_xT[..., None], y + lora, y)
 
 
 class Attention(nnx.Module, LoRA):
@@ -119,35 +124,35 @@ class Attention(nnx.Module, LoRA):
                               ("q_heads" if name == "wq" else "kv_heads", "head_dim"), cfg, pd)
             self.add_lora(rngs, "wo", (N, H), (D,), ("q_heads", "head_dim"), ("embed",), cfg, pd)
 
-    def qkv(self, x_BxTxD, positions_BxT):
+    def qkv(self, x_BxTxD, positions_BxT, gate_BxT=None):
         """Rotated queries ``[B,T,N,H]`` and keys ``[B,T,K,H]``, and values ``[B,T,K,H]``."""
         B, T, _ = x_BxTxD.shape
         N, K = self.n_heads, self.n_kv_heads
-        q_BxTxNxH = self.proj(x_BxTxD, "wq").reshape(B, T, N, -1)
-        k_BxTxKxH = self.proj(x_BxTxD, "wk").reshape(B, T, K, -1)
-        v_BxTxKxH = self.proj(x_BxTxD, "wv").reshape(B, T, K, -1)
+        q_BxTxNxH = self.proj(x_BxTxD, "wq", gate_BxT).reshape(B, T, N, -1)
+        k_BxTxKxH = self.proj(x_BxTxD, "wk", gate_BxT).reshape(B, T, K, -1)
+        v_BxTxKxH = self.proj(x_BxTxD, "wv", gate_BxT).reshape(B, T, K, -1)
         q_BxTxNxH = rope(q_BxTxNxH, positions_BxT, self.theta)
         return q_BxTxNxH, rope(k_BxTxKxH, positions_BxT, self.theta), v_BxTxKxH
 
-    def out(self, out_BxTxNxH):
+    def out(self, out_BxTxNxH, gate_BxT=None):
         B, T = out_BxTxNxH.shape[:2]
-        return self.proj(out_BxTxNxH.reshape(B, T, -1), "wo")
+        return self.proj(out_BxTxNxH.reshape(B, T, -1), "wo", gate_BxT)
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
+    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, gate_BxT=None):
         """``mask_Bx1xTxT``: the bool mask (model.attention='xla'), or segment ids ``[B, T]`` (a kernel;
-        see mtp/model/attention.py)."""
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.qkv(x_BxTxD, positions_BxT)
+        see mtp/model/attention.py). ``gate_BxT``: gated LoRA (``LoRA.proj``)."""
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.qkv(x_BxTxD, positions_BxT, gate_BxT)
         out_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, impl=self.attention,
                                 interpret=self.interpret)
-        return self.out(out_BxTxNxH)
+        return self.out(out_BxTxNxH, gate_BxT)
 
-    def cached(self, x_BxTxD, positions_BxT, k_BxKxSxH, v_BxKxSxH, step: CacheStep):
+    def cached(self, x_BxTxD, positions_BxT, k_BxKxSxH, v_BxKxSxH, step: CacheStep, gate_BxT=None):
         """The same layer over ``T`` new tokens with a KV cache (``mtp.model.kv_cache``): their keys
         and values are written at ``step.slots_BxT`` and they attend to what ``step.mask_Bx1xTxS``
         allows. A prefill (empty cache) runs the training attention on the new tokens alone:
         ``model.attention``'s kernel where the length tiles it (a multiple of 128 tokens), else XLA.
         Returns ``(out_BxTxD, k_cache, v_cache)``."""
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.qkv(x_BxTxD, positions_BxT)
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.qkv(x_BxTxD, positions_BxT, gate_BxT)
         k_BxKxSxH = write_kv(k_BxKxSxH, k_BxTxKxH, step)
         v_BxKxSxH = write_kv(v_BxKxSxH, v_BxTxKxH, step)
         if step.prefill:
@@ -158,7 +163,7 @@ class Attention(nnx.Module, LoRA):
                                     impl=self.attention if kernel else "xla", interpret=self.interpret)
         else:
             out_BxTxNxH = cache_attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, step.mask_Bx1xTxS)
-        return self.out(out_BxTxNxH), k_BxKxSxH, v_BxKxSxH
+        return self.out(out_BxTxNxH, gate_BxT), k_BxKxSxH, v_BxKxSxH
 
 
 class SwiGLU(nnx.Module, LoRA):
@@ -176,16 +181,17 @@ class SwiGLU(nnx.Module, LoRA):
             self.add_lora(rngs, "w_up", (D,), (F,), ("embed",), ("mlp",), cfg, pd)
             self.add_lora(rngs, "w_down", (F,), (D,), ("mlp",), ("embed",), cfg, pd)
 
-    def __call__(self, x_BxTxD):
-        gate_BxTxF = self.proj(x_BxTxD, "w_gate")
-        up_BxTxF = self.proj(x_BxTxD, "w_up")
+    def __call__(self, x_BxTxD, gate_BxT=None):
+        gate_BxTxF = self.proj(x_BxTxD, "w_gate", gate_BxT)
+        up_BxTxF = self.proj(x_BxTxD, "w_up", gate_BxT)
         h_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "seq", "mlp"))
-        return self.proj(h_BxTxF, "w_down")
+        return self.proj(h_BxTxF, "w_down", gate_BxT)
 
 
 class Block(nnx.Module):
     """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)). ``lora_rank > 0``
-    adds LoRA adapters to every attention and MLP projection."""
+    adds LoRA adapters to every attention and MLP projection; ``gate_BxT`` (bool, optional) applies
+    them only to the rows where it is set (gated LoRA, ``LoRA.proj``)."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, lora_rank: int = 0):
         pd = jnp.dtype(cfg.param_dtype)
@@ -194,19 +200,19 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd)
         self.mlp = SwiGLU(cfg, rngs=rngs, lora_rank=lora_rank)
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT):
-        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_Bx1xTxT)
-        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+    def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxT, gate_BxT=None):
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, mask_Bx1xTxT, gate_BxT)
+        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD), gate_BxT)
         return constrain(x_BxTxD, ("batch", "seq", None))
 
-    def cached(self, x_BxTxD, positions_BxT, k_BxKxSxH, v_BxKxSxH, step: CacheStep):
+    def cached(self, x_BxTxD, positions_BxT, k_BxKxSxH, v_BxKxSxH, step: CacheStep, gate_BxT=None):
         """This layer for decoding (prefill, one-token step, a draft chain or tree): ``__call__``'s
         computation with the attention over a KV cache (``Attention.cached``). Returns
         ``(x_BxTxD, k_cache, v_cache)``."""
         a_BxTxD, k_BxKxSxH, v_BxKxSxH = self.attn.cached(self.attn_norm(x_BxTxD), positions_BxT, k_BxKxSxH,
-                                                         v_BxKxSxH, step)
+                                                         v_BxKxSxH, step, gate_BxT)
         x_BxTxD = x_BxTxD + a_BxTxD
-        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD), gate_BxT)
         return constrain(x_BxTxD, ("batch", "seq", None)), k_BxKxSxH, v_BxKxSxH
 
 
@@ -247,13 +253,13 @@ def scan_blocks(blocks: Block, x_BxTxD, positions_BxT, mask_Bx1xTxT, remat: str,
 
 
 def scan_cached_blocks(blocks: Block, x_BxTxD, positions_BxT, k_LxBxKxSxH, v_LxBxKxSxH, step: CacheStep, *,
-                       return_states: bool = False):
+                       return_states: bool = False, gate_BxT=None):
     """``Block.cached`` of stacked ``blocks`` in sequence (``nnx.scan``: one compiled layer body),
     each layer with its slice of the stacked cache. Returns ``(x, k_cache, v_cache)``, and with
-    ``return_states`` also every layer's output ``[L, B, T, D]``."""
+    ``return_states`` also every layer's output ``[L, B, T, D]``. ``gate_BxT``: gated LoRA."""
 
     def body(x, block, k_BxKxSxH, v_BxKxSxH):
-        x, k_BxKxSxH, v_BxKxSxH = block.cached(x, positions_BxT, k_BxKxSxH, v_BxKxSxH, step)
+        x, k_BxKxSxH, v_BxKxSxH = block.cached(x, positions_BxT, k_BxKxSxH, v_BxKxSxH, step, gate_BxT)
         return x, ((k_BxKxSxH, v_BxKxSxH, x) if return_states else (k_BxKxSxH, v_BxKxSxH))
 
     scanned = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),

@@ -34,11 +34,12 @@ from mtp.convert.gguf_import import convert_gguf
 from mtp.convert.hf_import import convert_hf
 from mtp.distributed import process_zero_first
 from mtp.log import log
+from mtp.model.masked import MASK_KEYS
 from mtp.workdir import checkpoint_steps, load_config_json, restore_flat
 
 CAUSAL_KEYS = ("causal_proj", "causal_h_norm", "causal_e_norm")  # sequential heads' [K, ...] combine params
 FRESH_OK = ("_lora_a']", "_lora_b']", "['mix_logits']",  # keys a source may lack (fresh init kept)
-            *(f"['{k}']" for k in CAUSAL_KEYS))
+            *(f"['{k}']" for k in (*CAUSAL_KEYS, *MASK_KEYS)))
 
 
 def _fresh_ok(key: str) -> bool:
@@ -181,8 +182,8 @@ def trainable_masks(abstract_params, trainable: str, n_source_heads: int, n_futu
     def is_combine(path):  # sequential heads' combine params: row j belongs to head j + 2
         return name(path[0]) in CAUSAL_KEYS
 
-    def is_mix(path):
-        return name(path[0]) == "mix_logits"
+    def is_mix(path):  # also mask heads' mask embeddings and sampler: new, never in a source
+        return name(path[0]) == "mix_logits" or name(path[0]) in MASK_KEYS
 
     def is_lora(path):  # the last key may be the Variable's '.value'
         return any(name(k).endswith(("_lora_a", "_lora_b")) for k in path)

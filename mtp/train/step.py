@@ -9,7 +9,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mtp.losses import compute_loss, head_targets
+from mtp.losses import compute_loss, loss_normalizer
+from mtp.model.spec import ModelSpec
 from mtp.sharding import activation_rules, constrain
 
 
@@ -39,6 +40,12 @@ def unembed_trains(trainable) -> bool:
     return any(t and str(getattr(p[0], "key", p[0])) in ("embed", "unembed", "final_norm") for p, t in leaves)
 
 
+def mask_loss_args(cfg) -> dict:
+    """``head_type='mask'``'s loss settings (``mtp.losses._loss_masked``)."""
+    return {"mask_anchors": int(cfg.loss.get("mask_anchors", 0)),
+            "consistency": float(cfg.loss.get("consistency", 0.0))}
+
+
 def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sharding, trainable=None,
                     vocab_ids=None):
     """Returns ``step(state, batch) -> (state, metrics)``, jitted over the mesh. ``trainable``
@@ -59,15 +66,15 @@ def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sha
             params = jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), trainable, params)
         model = nnx.merge(graphdef, params)
         return compute_loss(impl, model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk,
-                            targets, active, train_unembed, vocab_ids)
+                            targets, active, train_unembed, vocab_ids, **mask_loss_args(cfg))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, batch):
         with activation_rules(mesh, rules):
             tokens_BxT, segment_ids_BxT = batch["tokens"], batch["segment_ids"]
-            _, mask_NxBxT = head_targets(tokens_BxT, segment_ids_BxT, n_future)
-            normalizer_N = mask_NxBxT.sum((1, 2)).astype(jnp.float32)
+            normalizer_N = loss_normalizer(ModelSpec.from_config(cfg.model), tokens_BxT, segment_ids_BxT,
+                                           mask_loss_args(cfg)["mask_anchors"])
             params = state["params"]
             if n_micro == 1:
                 (loss, aux), grads = grad_fn(params, tokens_BxT, segment_ids_BxT, normalizer_N)
@@ -106,7 +113,7 @@ def make_eval_step(layout, mesh, rules, cfg, batch_sharding):
             model = nnx.merge(graphdef, params)
             _, aux = compute_loss(cfg.loss.impl, model, batch["tokens"], batch["segment_ids"],
                                   weights_N, jnp.ones((n_future,)), cfg.loss.chunk_size,
-                                  cfg.loss.targets)
+                                  cfg.loss.targets, **mask_loss_args(cfg))
             return aux
 
     replicated = NamedSharding(mesh, PartitionSpec())
