@@ -11,6 +11,7 @@ from flax import nnx
 from helpers import argmax_zero_model, random_tokens, tiny_config, tiny_model, with_params
 
 from mtp.config import ConfigError, validate
+from mtp.convert.export import ExportError, read_model
 from mtp.decode import mask_drafts
 from mtp.decode.backend import XlaBackend, make_backend
 from mtp.decode.generate import DecodeConfig, generate
@@ -197,3 +198,10 @@ def test_config_validation(overrides, message):
     cfg = tiny_config(head_type="mask", lora_rank=4)
     cfg.train.trainable = "lora"
     validate(cfg, 1)
+
+
+def test_export_refuses_mask_heads_before_reading_weights(tmp_path):
+    cfg = tiny_config(head_type="mask", lora_rank=4)
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    with pytest.raises(ExportError, match="mask-token heads"):
+        read_model(tmp_path)

@@ -98,6 +98,11 @@ def read_model(workdir: str | Path, step: int | None = None, *,
     workdir = Path(workdir)
     cfg = load_config_json(workdir)
     spec = ModelSpec.from_config(cfg.model)
+    if head_kind(spec).masked:
+        raise ExportError(f"{workdir} has mask-token heads (head_type='mask'): their LoRA adapters act on the"
+                          " mask tokens only, so merging them into the weights would change the next-token"
+                          " model, and no export format has a place for mask tokens. Decode it with mtp"
+                          " (mtp generate, mtp bench decode); nothing was written.")
     flat, step = restore_flat(workdir, step)
     flat = {k: np.asarray(v) for k, v in flat.items() if k.startswith(PARAMS_PREFIX)}
     derived: dict[str, str] = {}
