@@ -2,6 +2,8 @@
 model's next-token logits bit for bit unchanged, masks see only what they may, training and decoding
 compute the same mask outputs, speculative decoding with them is exact, and only the new parts train."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,6 +25,17 @@ from mtp.train import init_from
 from mtp.train.optim import make_optimizer
 
 N = 4  # n_future: head 1 + 3 masks
+
+
+@nnx.jit
+def logits(model, tokens, seg):
+    return model(tokens, seg)
+
+
+@functools.partial(nnx.jit, static_argnums=(3,))
+def heads_at(model, tokens, seg, anchors: tuple):
+    """Every head's output at ``anchors`` (``masked.mask_head_hidden``), jitted: eager is slow."""
+    return masked.mask_head_hidden(model, tokens, seg, np.asarray(anchors))[0]
 
 
 def randomized(model, seed=1, scale=0.3):
@@ -59,31 +72,30 @@ def test_params_shapes_and_logical_axes(model):
         axes = v.get_metadata().get("out_sharding")
         assert axes is not None and len(axes) == v.ndim, (path, axes, v.shape)
     tokens = random_tokens(0, (2, 12))
-    assert model(tokens).shape == (N, 2, 12, model.spec.vocab_size)
+    assert logits(model, tokens, jnp.ones_like(tokens)).shape == (N, 2, 12, model.spec.vocab_size)
 
 
 def test_gated_lora_leaves_next_token_logits_bitwise_equal(base, model):
     tokens = random_tokens(1, (2, 16))
     seg = jnp.asarray(np.repeat([[1] * 9 + [2] * 7], 2, axis=0))
-    a, b = np.asarray(base(tokens, seg)), np.asarray(model(tokens, seg))
+    a, b = np.asarray(logits(base, tokens, seg)), np.asarray(logits(model, tokens, seg))
     assert np.array_equal(a[0], b[0])  # head 1: the base model's, bit for bit
     assert np.abs(a[1:] - b[1:]).max() > 1e-3  # the masks: changed by the LoRA and the sampler
 
 
 def test_masks_see_only_the_tokens_up_to_their_anchor(model):
     tokens = random_tokens(2, (1, 16))
-    anchors = np.asarray([5, 11])
-    ref, _ = masked.mask_head_hidden(model, tokens, None, anchors)
+    anchors, ones = (5, 11), jnp.ones_like(tokens)
+    ref = heads_at(model, tokens, ones, anchors)
     # heads j+1 at anchor t read tokens <= t and (the sampler) x_{t+j}: past t + N - 1 nothing matters
     later = tokens.at[:, 5 + N:].set((tokens[:, 5 + N:] + 1) % 97)
-    out, _ = masked.mask_head_hidden(model, later, None, anchors)
+    out = heads_at(model, later, ones, anchors)
     assert np.array_equal(np.asarray(out[:, :, 0]), np.asarray(ref[:, :, 0]))
     assert np.abs(np.asarray(out[:, :, 1] - ref[:, :, 1])).max() > 1e-4  # anchor 11 saw the change
     # a new document starting after the anchor hides everything before it
     seg = jnp.asarray([[1] * 8 + [2] * 8])
     other = tokens.at[:, :8].set((tokens[:, :8] + 3) % 97)
-    a, _ = masked.mask_head_hidden(model, tokens, seg, anchors)
-    b, _ = masked.mask_head_hidden(model, other, seg, anchors)
+    a, b = heads_at(model, tokens, seg, anchors), heads_at(model, other, seg, anchors)
     np.testing.assert_allclose(np.asarray(a[:, :, 1]), np.asarray(b[:, :, 1]), atol=1e-5)
 
 
@@ -92,14 +104,20 @@ def test_training_and_decoding_compute_the_same_masks(model):
     forward (prefill, then the masks) give the same outputs."""
     L, m = 10, N - 1
     tokens = random_tokens(3, (1, L))
-    _, masks_KxBxPxD = masked.mask_forward(model, tokens, jnp.ones_like(tokens), np.asarray([L - 1]))
+    masks_KxBxPxD = nnx.jit(lambda m, t: masked.mask_forward(m, t, jnp.ones_like(t), np.asarray([L - 1]))[1])(
+        model, tokens)
     be = XlaBackend()
-    cache = init_cache(model.spec, 1, 64, 1)
-    lengths = jnp.asarray([L], jnp.int32)
-    _, cache = be.forward(model, {}, cache, tokens, jnp.zeros((1,), jnp.int32), np.arange(L),
-                          np.tril(np.ones((L, L), bool)), 1, prefill=True)
-    ids = jnp.asarray(mask_drafts.mask_ids(model.spec.vocab_size, m))[None]
-    hidden, _ = be.forward(model, {}, cache, ids, lengths, np.arange(m), np.tril(np.ones((m, m), bool)), 1)
+
+    @nnx.jit
+    def decode_masks(model, tokens):
+        cache = init_cache(model.spec, 1, 64, 1)
+        _, cache = be.forward(model, {}, cache, tokens, jnp.zeros((1,), jnp.int32), np.arange(L),
+                              np.tril(np.ones((L, L), bool)), 1, prefill=True)
+        ids = jnp.asarray(mask_drafts.mask_ids(model.spec.vocab_size, m))[None]
+        return be.forward(model, {}, cache, ids, jnp.asarray([L], jnp.int32), np.arange(m),
+                          np.tril(np.ones((m, m), bool)), 1)[0]
+
+    hidden = decode_masks(model, tokens)
     np.testing.assert_allclose(np.asarray(hidden[0, 0]), np.asarray(masks_KxBxPxD[:, 0, 0]), rtol=2e-4, atol=2e-4)
 
 
@@ -135,20 +153,24 @@ def test_always_right_mask_drafts_are_all_accepted(model):
 def test_loss_at_every_anchor_is_the_per_head_cross_entropy(model):
     tokens = random_tokens(4, (2, 12))
     seg = jnp.ones_like(tokens)
-    logits = np.asarray(model(tokens, seg), np.float64)
-    norm = loss_normalizer(model.spec, tokens, seg, 0)
-    loss, aux = compute_loss("scan", model, tokens, seg, jnp.ones(N), norm, 4, mask_anchors=0, consistency=0.0)
+    full = np.asarray(logits(model, tokens, seg), np.float64)
+
+    @functools.partial(nnx.jit, static_argnums=(2, 3))
+    def loss_of(m, norm, anchors, consistency):
+        return compute_loss("scan", m, tokens, seg, jnp.ones(N), norm, 4, mask_anchors=anchors,
+                            consistency=consistency)[0]
+
+    loss = loss_of(model, loss_normalizer(model.spec, tokens, seg, 0), 0, 0.0)
     want = 0.0
     for i in range(N):
-        lp = logits[i, :, :12 - i - 1] - np.log(np.exp(logits[i, :, :12 - i - 1]).sum(-1, keepdims=True))
+        lp = full[i, :, :12 - i - 1] - np.log(np.exp(full[i, :, :12 - i - 1]).sum(-1, keepdims=True))
         tgt = np.asarray(tokens)[:, i + 1:]
         want += -np.take_along_axis(lp, tgt[..., None], -1).mean()
     np.testing.assert_allclose(float(loss), want, rtol=1e-4)
     # anchors: 3 of 12 positions; the consistency KL adds a positive term
     norm3 = loss_normalizer(model.spec, tokens, seg, 3)
     assert norm3.tolist() == [4.0] * N  # anchors 3, 7, 11 of 2 rows: 11 has no target for any head
-    l0, _ = compute_loss("scan", model, tokens, seg, jnp.ones(N), norm3, 4, mask_anchors=3, consistency=0.0)
-    l1, _ = compute_loss("scan", model, tokens, seg, jnp.ones(N), norm3, 4, mask_anchors=3, consistency=1.0)
+    l0, l1 = loss_of(model, norm3, 3, 0.0), loss_of(model, norm3, 3, 1.0)
     assert float(l1) > float(l0) > 0
 
 
@@ -181,7 +203,7 @@ def test_lora_training_moves_only_the_adapters_masks_and_sampler(base):
     assert any("trunk" in k and "_lora_b" in k for k in moved) and any("sampler_out" in k for k in moved)
     assert any("mask_embed" in k for k in moved)
     trained = nnx.merge(graphdef, new)
-    assert np.array_equal(np.asarray(trained(tokens)[0]), np.asarray(base(tokens)[0]))  # head 1 unchanged
+    assert np.array_equal(np.asarray(logits(trained, tokens, seg)[0]), np.asarray(logits(base, tokens, seg)[0]))
     _, abstract = abstract_params(base.spec)
     assert init_from.trainable_masks(abstract, "lora", 1, N)[0] is not None
 
