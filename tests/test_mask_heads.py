@@ -227,3 +227,22 @@ def test_export_refuses_mask_heads_before_reading_weights(tmp_path):
     (tmp_path / "config.json").write_text(cfg.to_json())
     with pytest.raises(ExportError, match="mask-token heads"):
         read_model(tmp_path)
+
+
+def test_train_and_decode_steps_lower_for_tpu_and_cuda_on_a_mesh(tmp_path):
+    """`mtp plan --lower-for tpu,cuda` of a mask-head model on 8 simulated devices: the train step
+    (two-pass mask loss) and the speculative step (the chain + mask block, sampler drafts) lower,
+    sharded, with the attention kernel of each platform for the train step's token pass."""
+    from mtp.plan import plan
+
+    cfg = tiny_config(head_type="mask", lora_rank=4, n_future=N, max_seq_len=256)
+    cfg.train.trainable, cfg.train.seq_len = "lora", 128
+    r = plan(cfg, {"data": 2, "fsdp": 2, "tensor": 2}, lower_for=("tpu", "cuda"), lower_dir=str(tmp_path))
+    for platform in ("tpu", "cuda"):
+        dec = r["lowered"][platform]["decode_step"]
+        assert dec["lowered"] and dec["sharded"], dec
+        text = (tmp_path / f"decode_step.{platform}.mlir").read_text()
+        assert f"tensor<1x{N * N}xi32>" in text  # the block: a chain of N, then N-1 masks after each node
+        assert (tmp_path / f"train_step.{platform}.mlir").exists()
+    assert r["lowered"]["tpu"]["kernel_calls"]["tpu_custom_call"] > 0  # the token pass: splash attention
+    assert r["lowered"]["cuda"]["kernel_calls"]["__gpu$xla.gpu.triton"] > 0

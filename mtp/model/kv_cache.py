@@ -34,12 +34,14 @@ class CacheStep:
     """What every layer of one cached forward shares: the rows' cache lengths ``[B]``, the slots the
     new tokens go to ``[B, T]``, the mask over the cache ``[B, 1, T, S]``, and (static) whether this
     is a prompt prefill into an empty cache (the new tokens then attend only to each other, so the
-    training attention -- ``model.attention``'s kernel where it applies -- computes it)."""
+    training attention -- ``model.attention``'s kernel where it applies -- computes it; its
+    ``segment_ids_BxT``, when given, keep packed documents apart as in training)."""
 
     lengths_B: jax.Array
     slots_BxT: jax.Array
-    mask_Bx1xTxS: jax.Array
+    mask_Bx1xTxS: jax.Array | None
     prefill: bool = dataclasses.field(default=False, metadata={"static": True})
+    segment_ids_BxT: jax.Array | None = None
 
 
 def cache_mask(lengths_B, block_mask_TxT, max_len: int) -> jax.Array:

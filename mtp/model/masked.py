@@ -15,7 +15,8 @@ position t through its OWN layers:
   decoding it is the token just verified (mask 1) or the previous draft.
 
 Training (``mask_head_hidden``) runs in two passes through the same cached layers decoding uses
-(``Block.cached``): the tokens ``[B, T]`` first (no gradient: nothing trainable acts on them), then
+(``Block.cached``): the tokens ``[B, T]`` first, as a prefill (the training attention, kernel
+included; no gradient: nothing trainable acts on them), then
 the mask tokens of ``P`` anchors per row (``loss.mask_anchors``) over the tokens' keys and values,
 so the backward pass covers ``P * k`` rows, not ``T + P * k``. The loss (``mtp.losses``) adds to
 each mask's cross-entropy a consistency term: the KL from head 1's distribution at t+j (what
@@ -81,15 +82,6 @@ def mask_anchors(T: int, P: int) -> np.ndarray:
     return (np.arange(P, dtype=np.int32) * stride + stride - 1).astype(np.int32)
 
 
-def _token_mask(segment_ids_BxT, S: int) -> jax.Array:
-    """The tokens' attention over ``S`` cache slots ``[B, 1, T, S]``: causal within a document."""
-    B, T = segment_ids_BxT.shape
-    seg = segment_ids_BxT
-    causal_TxT = jnp.tril(jnp.ones((T, T), bool))
-    same_BxTxT = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
-    return jnp.pad(same_BxTxT & causal_TxT, ((0, 0), (0, 0), (0, S - T)))[:, None]
-
-
 def _masks_mask(segment_ids_BxT, anchors_P: np.ndarray, k: int, S: int) -> jax.Array:
     """Mask (p, j)'s attention ``[B, 1, P*k, S]``: the tokens ``<= anchor_p`` of its document, and
     masks ``1..j`` of its own group (slots ``T + p*k ..``)."""
@@ -115,10 +107,11 @@ def mask_forward(model, tokens_BxT, segment_ids_BxT, anchors_P: np.ndarray):
     cache = zeros_cache(spec, B, S, 1, layer_heads=True, sequential=False)
     positions_BxT = positions_from_segments(segment_ids_BxT)
     head1 = model.head_layer(0)
-    # pass 1: the tokens (gates off: the frozen base model; nothing here has a gradient)
+    # pass 1: the tokens (gates off: the frozen base model; nothing here has a gradient), a prefill:
+    # the training attention (model.attention's kernel where the length tiles it) over their documents
     zeros_B = jnp.zeros((B,), jnp.int32)
     slots_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    step = CacheStep(zeros_B, slots_BxT, _token_mask(segment_ids_BxT, S))
+    step = CacheStep(zeros_B, slots_BxT, None, prefill=True, segment_ids_BxT=segment_ids_BxT)
     off_BxT = jnp.zeros((B, T), bool)
     x_BxTxD = constrain(embed_ids(model, tokens_BxT), ("batch", "seq", None))
     h_BxTxD, trunk_k, trunk_v = scan_cached_blocks(model.trunk, x_BxTxD, positions_BxT, cache["trunk_k"],

@@ -156,7 +156,9 @@ class Attention(nnx.Module, LoRA):
         k_BxKxSxH = write_kv(k_BxKxSxH, k_BxTxKxH, step)
         v_BxKxSxH = write_kv(v_BxKxSxH, v_BxTxKxH, step)
         if step.prefill:
-            segments_BxT = jnp.ones(q_BxTxNxH.shape[:2], jnp.int32)
+            segments_BxT = step.segment_ids_BxT
+            if segments_BxT is None:
+                segments_BxT = jnp.ones(q_BxTxNxH.shape[:2], jnp.int32)
             kernel = self.attention != "xla" and q_BxTxNxH.shape[1] % KERNEL_BLOCK == 0
             out_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH,
                                     segments_BxT if kernel else attention_mask(segments_BxT),
