@@ -732,6 +732,13 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int, n_processes: int = 
     trunk = _check_model(m)
     _check_retrofit(m, trunk, t.trainable)
     _check_loss(cfg.loss, m.n_future, cfg.init.workdir)
+    _check(cfg.loss.targets == "data" or t.trainable not in ("all", "lora") or m.head_type == "mask",
+           "loss.targets", cfg.loss.targets,
+           f"these targets are the model's own greedy tokens, and with train.trainable={t.trainable!r} the model"
+           " that makes them trains too: the targets follow it and training collapses (SmolLM2 with joint LoRA"
+           " reached zero loss on degenerate targets within 20 steps). Use loss.targets='data' on the model's"
+           " own continuations (distill.enabled=True), or keep the next-token model frozen"
+           " (train.trainable='new_heads', or head_type='mask', whose LoRA acts on mask tokens only).")
     _check_train(t, m.max_seq_len, cfg.init)
     check_kernel_seq_len(m.attention, t.seq_len)
     _check_optim(cfg.optim, t.trainable)

@@ -246,3 +246,12 @@ def test_train_and_decode_steps_lower_for_tpu_and_cuda_on_a_mesh(tmp_path):
         assert (tmp_path / f"train_step.{platform}.mlir").exists()
     assert r["lowered"]["tpu"]["kernel_calls"]["tpu_custom_call"] > 0  # the token pass: splash attention
     assert r["lowered"]["cuda"]["kernel_calls"]["__gpu$xla.gpu.triton"] > 0
+
+
+def test_self_targets_with_a_training_next_token_model_are_refused():
+    cfg = tiny_config(lora_rank=4)
+    cfg.init.workdir, cfg.loss.targets, cfg.train.trainable = "runs/base", "self_onpolicy", "lora"
+    with pytest.raises(ConfigError, match=r"loss.targets='self_onpolicy' is invalid: .*collapses"):
+        validate(cfg, 1)
+    cfg.model.head_type = "mask"  # the gated LoRA leaves the next-token model as it is
+    validate(cfg, 1)
