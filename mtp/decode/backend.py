@@ -29,11 +29,17 @@ from mtp.model.heads import head_kind
 from mtp.model.transformer import rms_norm
 
 
-def resolve_backend(settings: DecodeSettings, *, n_devices: int = 1) -> str:
+def resolve_backend(settings: DecodeSettings, *, n_devices: int = 1, spec=None) -> str:
     """``settings.backend`` as the backend that runs: 'auto' -> 'cpu_kernels' on a one-device CPU
-    run where the kernels build, else 'xla'. 'cpu_kernels' where it cannot run raises ValueError."""
+    run where the kernels build, else 'xla'. 'cpu_kernels' where it cannot run raises ValueError.
+    A ``spec`` with mask heads (``head_type='mask'``: gated LoRA, which the CPU kernels' merged
+    decode layout cannot express) always runs the model's own layers: 'xla'."""
     on_cpu = jax.default_backend() == "cpu"
-    if settings.backend == "xla":
+    masked = spec is not None and head_kind(spec).masked
+    if masked and settings.backend == "cpu_kernels":
+        raise ValueError("head_type='mask' decodes with the model's own layers (its LoRA adapters act on"
+                         " the mask tokens only): use --decode-backend xla (or auto).")
+    if settings.backend == "xla" or masked:
         return "xla"
     if settings.backend == "auto":
         return "cpu_kernels" if on_cpu and n_devices == 1 and kernels_built() else "xla"
@@ -133,12 +139,6 @@ class CpuKernelBackend:
 
 
 def make_backend(settings: DecodeSettings, *, n_devices: int = 1, spec=None):
-    """The backend ``settings`` name; mask heads (``head_type='mask'``: gated LoRA, which the CPU
-    kernels' merged decode layout cannot express) always run the model's own layers (``'xla'``)."""
-    if spec is not None and head_kind(spec).masked:
-        if settings.backend == "cpu_kernels":
-            raise ValueError("head_type='mask' decodes with the model's own layers (its LoRA adapters act on"
-                             " the mask tokens only): use --decode-backend xla (or auto).")
-        return XlaBackend(settings)
-    name = resolve_backend(settings, n_devices=n_devices)
+    """The backend ``resolve_backend`` names, for a model of ``spec`` (optional)."""
+    name = resolve_backend(settings, n_devices=n_devices, spec=spec)
     return (CpuKernelBackend if name == "cpu_kernels" else XlaBackend)(settings)

@@ -17,6 +17,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from mtp.model.kv_cache import causal_block_mask
 from mtp.model.masked import embed_ids, sampler
 
 
@@ -29,10 +30,6 @@ class MaskLayout:
     mask: np.ndarray  # [X, X] bool: who attends to whom inside the block
 
     @property
-    def chain(self) -> int:
-        return self.m + 1
-
-    @property
     def size(self) -> int:
         return len(self.depth)
 
@@ -41,11 +38,11 @@ def mask_layout(m: int) -> MaskLayout:
     C, X = m + 1, (m + 1) * (m + 1)
     depth = np.concatenate([np.arange(C), (np.arange(C)[:, None] + np.arange(1, m + 1)[None]).reshape(-1)])
     mask = np.zeros((X, X), bool)
-    mask[:C, :C] = np.tril(np.ones((C, C), bool))
+    mask[:C, :C] = causal_block_mask(C)
     for i in range(C):
         rows = C + i * m + np.arange(m)
         mask[np.ix_(rows, np.arange(i + 1))] = True  # chain nodes 0..i
-        mask[np.ix_(rows, rows)] = np.tril(np.ones((m, m), bool))  # its own group, causally
+        mask[np.ix_(rows, rows)] = causal_block_mask(m)  # its own group, causally
     return MaskLayout(m, depth.astype(np.int32), mask)
 
 
@@ -88,5 +85,5 @@ def first_drafts(be, model, weights, cache, lengths_B, root_B, m: int, draft=Non
     B = lengths_B.shape[0]
     ids_BxM = jnp.broadcast_to(jnp.asarray(mask_ids(model.spec.vocab_size, m)), (B, m))
     hidden_1xBxMxD, cache = be.forward(model, weights, cache, ids_BxM, lengths_B, np.arange(m, dtype=np.int32),
-                                       np.tril(np.ones((m, m), bool)), 1)
+                                       causal_block_mask(m), 1)
     return sampler_drafts(be, model, weights, hidden_1xBxMxD[0], root_B, draft), cache

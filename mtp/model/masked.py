@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from mtp.model.heads import causal_combine
-from mtp.model.kv_cache import CacheStep, zeros_cache
+from mtp.model.kv_cache import CacheStep, causal_block_mask, zeros_cache
 from mtp.model.transformer import dense, param, positions_from_segments, scan_cached_blocks, zeros_param
 from mtp.sharding import constrain
 
@@ -91,7 +91,7 @@ def _masks_mask(segment_ids_BxT, anchors_P: np.ndarray, k: int, S: int) -> jax.A
     seg_at_BxP = segment_ids_BxT[:, anchors]
     tok_BxPxT = (jnp.arange(T)[None, None, :] <= anchors[None, :, None]) \
         & (segment_ids_BxT[:, None, :] == seg_at_BxP[:, :, None]) & (seg_at_BxP[:, :, None] != 0)
-    group = np.kron(np.eye(P, dtype=bool), np.tril(np.ones((k, k), bool)))  # [P*k, P*k]
+    group = np.kron(np.eye(P, dtype=bool), causal_block_mask(k))  # [P*k, P*k]
     tok_BxQxT = jnp.repeat(tok_BxPxT, k, axis=1)
     own_BxQxM = jnp.broadcast_to(jnp.asarray(group), (B, P * k, P * k))
     return jnp.concatenate([tok_BxQxT, own_BxQxM], axis=-1)[:, None]

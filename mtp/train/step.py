@@ -60,21 +60,21 @@ def make_train_step(layout, tx, schedule, mesh, rules, cfg, weights_N, batch_sha
     active = tuple(int(i) for i in np.flatnonzero(np.asarray(weights_N) != 0)) or None  # None: all
     train_unembed = unembed_trains(trainable)
     weights_N = jnp.asarray(weights_N)
+    spec, mask_args = ModelSpec.from_config(cfg.model), mask_loss_args(cfg)
 
     def loss_fn(params, tokens_BxT, segment_ids_BxT, normalizer_N):
         if trainable is not None:
             params = jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), trainable, params)
         model = nnx.merge(graphdef, params)
         return compute_loss(impl, model, tokens_BxT, segment_ids_BxT, weights_N, normalizer_N, chunk,
-                            targets, active, train_unembed, vocab_ids, **mask_loss_args(cfg))
+                            targets, active, train_unembed, vocab_ids, **mask_args)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, batch):
         with activation_rules(mesh, rules):
             tokens_BxT, segment_ids_BxT = batch["tokens"], batch["segment_ids"]
-            normalizer_N = loss_normalizer(ModelSpec.from_config(cfg.model), tokens_BxT, segment_ids_BxT,
-                                           mask_loss_args(cfg)["mask_anchors"])
+            normalizer_N = loss_normalizer(spec, tokens_BxT, segment_ids_BxT, mask_args["mask_anchors"])
             params = state["params"]
             if n_micro == 1:
                 (loss, aux), grads = grad_fn(params, tokens_BxT, segment_ids_BxT, normalizer_N)
