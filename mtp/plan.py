@@ -367,7 +367,7 @@ def plan(cfg, mesh_sizes: dict, n_devices: int | None = None, hbm_gib: float | N
         "dtype": spec.dtype, "param_dtype": spec.param_dtype,
         "bytes_per_device": bytes_per_device, "total_bytes_per_device": total,
         "activation_parts": {k: v for k, v in acts.items() if k != "micro_batch_per_device"},
-        "flops_per_token": spec.flops_per_token(t.seq_len),
+        "flops_per_token": spec.flops_per_token(t.seq_len, cfg.loss.get("mask_anchors", 0)),
         "hbm_gib": hbm_gib, "fits": None, "aot": None, "notes": [],
     }
     _set_fits(result)

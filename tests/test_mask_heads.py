@@ -21,6 +21,7 @@ from mtp.losses import compute_loss, loss_normalizer
 from mtp.model import masked
 from mtp.model.cached import init_cache
 from mtp.model.lm import abstract_params
+from mtp.model.spec import ModelSpec
 from mtp.train import init_from
 from mtp.train.optim import make_optimizer
 
@@ -255,3 +256,15 @@ def test_self_targets_with_a_training_next_token_model_are_refused():
         validate(cfg, 1)
     cfg.model.head_type = "mask"  # the gated LoRA leaves the next-token model as it is
     validate(cfg, 1)
+
+
+def test_flops_per_token_counts_every_mask_row():
+    """A mask row costs what a token does (every layer and the unembedding) plus the sampler; the
+    logged MFU of mask runs depends on it."""
+    spec = ModelSpec.from_config(tiny_config(head_type="mask", n_future=N, lora_rank=4).model)
+    ntp = ModelSpec.from_config(tiny_config(head_type="transformer", n_future=1, lora_rank=4).model)
+    T, D = 64, spec.d_model
+    for P in (8, 64, 0, 100):
+        rows = min(P or T, T) * (N - 1) / T
+        want = ntp.flops_per_token(T) * (1 + rows) + rows * 3 * 2 * 3 * D * D
+        assert spec.flops_per_token(T, P) == pytest.approx(want)

@@ -49,7 +49,7 @@ def bench_one(cfg, steps: int) -> dict:
         times.append(time.perf_counter() - t0)
     step_time = float(np.median(times))
     tokens_per_s = t.batch_size * t.seq_len / step_time
-    flops_per_s = tokens_per_s * spec.flops_per_token(t.seq_len)
+    flops_per_s = tokens_per_s * spec.flops_per_token(t.seq_len, cfg.loss.get("mask_anchors", 0))
     peak, _ = peak_flops(cfg.perf, cfg.model.dtype)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     return {

@@ -87,14 +87,25 @@ class ModelSpec(ModelConfig):
         trunk = self.trunk_layers * (self.layer_params() + self.lora_layer_params())
         return embed + unembed + trunk + self.head_params() + self.mix_params() + self.d_model
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, mask_anchors: int = 0) -> float:
         """Training FLOPs per token (forward + backward = 3x forward) of trunk, heads and the
-        n_future unembeddings; attention scores counted with the causal half."""
+        n_future unembeddings; attention scores counted with the causal half. ``head_type='mask'``:
+        the tokens' pass through every layer and one unembedding, plus the ``P * (n_future - 1)``
+        mask rows per row of ``seq_len`` tokens (``P`` from ``loss.mask_anchors``), each through
+        every layer, the sampler and the unembedding."""
         D, H = self.d_model, self.resolved_head_dim
+        kind = head_kind(self)
         layer_mm = self.layer_params() - 2 * D + self.lora_layer_params()
         attn_scores = 2 * 2 * self.n_heads * H * seq_len / 2  # QK^T and AV, causal half
         layer = 2 * layer_mm + attn_scores
-        head = layer if head_kind(self).layer else 2 * D * D
-        forward = self.trunk_layers * layer + self.n_future * (head + 2 * D * self.vocab_size)
-        forward += (self.n_future - 1) * 2 * 2 * D * D if head_kind(self).sequential else 0
+        unembed = 2 * D * self.vocab_size
+        if kind.masked:
+            anchors = seq_len if mask_anchors <= 0 else min(mask_anchors, seq_len)  # masked.mask_anchors
+            rows_per_token = anchors * (self.n_future - 1) / seq_len
+            layers = self.trunk_layers + kind.n_stacked(self.n_future)
+            one_row = layers * layer + unembed
+            return 3.0 * (one_row + rows_per_token * (one_row + 2 * 3 * D * D))  # sampler: [2D, D] + [D, D]
+        head = layer if kind.layer else 2 * D * D
+        forward = self.trunk_layers * layer + self.n_future * (head + unembed)
+        forward += (self.n_future - 1) * 2 * 2 * D * D if kind.sequential else 0
         return 3.0 * forward

@@ -220,7 +220,7 @@ class ProgressHook:
         self.run, self.writer = run, writer
         t, spec = run.cfg.train, run.program.spec
         self.tokens_per_step = t.batch_size * t.seq_len
-        self.flops_per_token = spec.flops_per_token(t.seq_len)
+        self.flops_per_token = spec.flops_per_token(t.seq_len, run.cfg.loss.get("mask_anchors", 0))
         self.peak, _ = peak_flops(run.cfg.perf, run.cfg.model.dtype)
         self.bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                         disable=jax.process_index() != 0, file=sys.stderr)
