@@ -298,3 +298,27 @@ def test_teacher_forced_scores_on_a_hand_made_story():
     assert teacher_forced_correct(loaded, [text], [e.controls], argmax_fn=says_b)[0].tolist() == [True, False]
     # offset len(text) is the closing eos (polynomial exact match needs it)
     assert teacher_forced_correct(loaded, [text], [[len(text)]], argmax_fn=oracle)[0].tolist() == [True]
+
+
+def test_names_copied_counts_any_earlier_name_but_not_later_ones():
+    """``induction_any_name``: a prediction counts when it is the second token of a name introduced
+    before the scored occurrence (the right name or another one), not of a name introduced later."""
+    from mtp.evals.task_eval import names_copied, teacher_forced_argmax
+
+    text = "Once upon a time, there was a cat named Kb. Kb met a dog named Fa. Fa saw Kb."
+    story = syn.Example(syn.INDUCTION, text, "", 0,
+                        targets=(text.index("Kb met") + 1, text.index("Fa saw") + 1, text.rindex("Kb") + 1),
+                        controls=(text.index("Kb") + 1, text.index("Fa") + 1))
+    loaded = type("L", (), {"tokenizer": ByteTokenizer(), "spec": type("S", (), {"max_seq_len": 128})()})()
+
+    def says(letter):
+        return lambda tokens, segments: np.full_like(tokens, ord(letter) + 4)
+
+    def copied(argmax_fn):
+        later = teacher_forced_argmax(loaded, [text], [story.targets], argmax_fn=argmax_fn)
+        first = teacher_forced_argmax(loaded, [text], [story.controls], argmax_fn=argmax_fn)
+        return names_copied([story], later, first)
+
+    assert copied(says("a")) == [False, True, True]  # Fa's "a" is not yet introduced at "Kb met"
+    assert copied(says("b")) == [True, True, True]
+    assert copied(says("z")) == [False, False, False]

@@ -60,7 +60,15 @@ def _argmax_head1(graphdef, state, tokens_BxT, segment_ids_BxT):
 def teacher_forced_correct(loaded, texts: Sequence[str], offsets: Sequence[Sequence[int]],
                            batch_size: int = 64, argmax_fn=None) -> list[np.ndarray]:
     """Per text, whether head 1's argmax is the true token at each character offset of ``offsets``
-    (offset ``len(text)`` = the eos that ends the document), given the true text before it.
+    (offset ``len(text)`` = the eos that ends the document), given the true text before it
+    (``teacher_forced_argmax``)."""
+    return [pred == true for pred, true in teacher_forced_argmax(loaded, texts, offsets, batch_size, argmax_fn)]
+
+
+def teacher_forced_argmax(loaded, texts: Sequence[str], offsets: Sequence[Sequence[int]],
+                          batch_size: int = 64, argmax_fn=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per text, ``(predicted, true)`` token ids at each character offset of ``offsets`` (offset
+    ``len(text)`` = the eos that ends the document): head 1's argmax given the true text before it.
 
     Each text is one document, ``tokens + [eos]``, as the training pipeline builds it. A character
     offset maps to the token that starts there (``len(encode(text[:offset]))``: exact for the byte
@@ -85,7 +93,7 @@ def teacher_forced_correct(loaded, texts: Sequence[str], offsets: Sequence[Seque
 
         def argmax_fn(tokens, segments):
             return _argmax_head1(graphdef, state, jnp.asarray(tokens), jnp.asarray(segments))
-    out: list[np.ndarray] = []
+    out: list[tuple[np.ndarray, np.ndarray]] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         tokens = np.zeros((batch_size, T), np.int32)
@@ -95,7 +103,18 @@ def teacher_forced_correct(loaded, texts: Sequence[str], offsets: Sequence[Seque
         pred = np.asarray(argmax_fn(tokens, segments))
         for b in range(len(chunk)):
             idx = index[start + b]
-            out.append(pred[b, idx - 1] == tokens[b, idx])
+            out.append((pred[b, idx - 1], tokens[b, idx]))
+    return out
+
+
+def names_copied(stories, later, first) -> list[bool]:
+    """Per later occurrence of a name (``teacher_forced_argmax`` at the stories' ``targets``, and
+    ``first`` at their ``controls``), whether the prediction is the second token of any name whose
+    first occurrence came before it."""
+    out = []
+    for e, (pred, _), (_, true_first) in zip(stories, later, first):
+        for offset, p in zip(e.targets, pred):
+            out.append(any(p == t for c, t in zip(e.controls, true_first) if c < offset))
     return out
 
 
@@ -106,13 +125,19 @@ def fresh_poly_examples(data_cfg, n: int) -> list:
                                    seed=[int(data_cfg.synthetic_seed), 1, 2])
 
 
+SCORES_VERSION = 2  # raised when task_scores gains or changes a score: cached scores of older versions are redone
+
+
 def task_scores(loaded, n_examples: int = 1000, n_stories: int = 500) -> dict:
     """Teacher-forced task scores of a synthetic-task workdir (floats in [0, 1]):
 
     - induction stories (the first ``n_stories`` validation stories, ~7.4 targets each):
       ``induction`` = accuracy on the second token of every later occurrence of a
       name (the paper's score), ``induction_control`` = the same token at first occurrences (copying
-      cannot help there: chance is 1/26);
+      cannot help there: chance is 1/26), ``induction_any_name`` = how often head 1 predicts, at
+      those later occurrences, the second token of some name introduced before (the right one or
+      another character's): copying without binding the letter to the name's initial reaches it,
+      but only ``induction`` of it;
     - induction patterns: ``copy`` = accuracy on the copied pattern's tokens;
     - polynomial: ``exact_id`` / ``exact_ood`` = exact match (answer + eos) on fresh examples with the
       training op counts / on the validation split (``data.poly_test_ops``), ``token_id`` /
@@ -126,11 +151,13 @@ def task_scores(loaded, n_examples: int = 1000, n_stories: int = 500) -> dict:
     start = time.perf_counter()
     if task == syn.INDUCTION and str(cfg.induction_format) == syn.STORIES:
         val = val[:n_stories]
-        hits = teacher_forced_correct(loaded, [e.text for e in val], [e.targets for e in val])
-        ctrl = teacher_forced_correct(loaded, [e.text for e in val], [e.controls for e in val])
-        out = {"induction": float(np.concatenate(hits).mean()),
-               "induction_control": float(np.concatenate(ctrl).mean()),
-               "n_targets": int(sum(len(h) for h in hits))}
+        texts = [e.text for e in val]
+        later = teacher_forced_argmax(loaded, texts, [e.targets for e in val])
+        first = teacher_forced_argmax(loaded, texts, [e.controls for e in val])
+        out = {"induction": float(np.concatenate([p == t for p, t in later]).mean()),
+               "induction_control": float(np.concatenate([p == t for p, t in first]).mean()),
+               "induction_any_name": float(np.mean(names_copied(val, later, first))),
+               "n_targets": int(sum(len(p) for p, _ in later))}
     elif task == syn.INDUCTION:
         offs = [range(len(e.prompt), len(e.text)) for e in val]
         out = {"copy": float(np.concatenate(teacher_forced_correct(loaded, [e.text for e in val], offs)).mean())}
@@ -142,5 +169,5 @@ def task_scores(loaded, n_examples: int = 1000, n_stories: int = 500) -> dict:
             out[f"exact_{name}"] = float(np.mean([h.all() for h in hits]))
             out[f"token_{name}"] = float(np.concatenate(hits).mean())
         out["n"] = len(val)
-    out.update(step=loaded.step, seconds=time.perf_counter() - start)
+    out.update(step=loaded.step, seconds=time.perf_counter() - start, version=SCORES_VERSION)
     return out

@@ -30,7 +30,7 @@ from mtp.sweep.run import read_metrics, write_json
 
 PLOTS = ("val_loss.png", "train_loss.png", "acc_vs_n.png", "tokens_per_forward.png", "cost_vs_n.png",
          "mean_vs_n.png")
-TASK_SKIP = ("step", "seconds", "n", "n_targets")
+TASK_SKIP = ("step", "seconds", "n", "n_targets", "version")
 
 
 def is_seed_key(key: str) -> bool:

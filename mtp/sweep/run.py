@@ -34,7 +34,7 @@ from pathlib import Path
 from mtp.data.prompts import heldout_prompts, read_prompts
 from mtp.data.synthetic import is_synthetic
 from mtp.decode.api import PAD_TO, tokens_per_forward
-from mtp.evals.task_eval import task_scores
+from mtp.evals.task_eval import SCORES_VERSION, task_scores
 from mtp.log import log
 from mtp.model.spec import ModelSpec
 from mtp.sweep.grid import Point, point_config
@@ -299,13 +299,14 @@ class TokensPerForward:
 
 def point_task_scores(cfg, point_dir: Path) -> tuple[dict | None, str | None]:
     """``mtp.evals.task_eval.task_scores`` of a finished synthetic-task point (induction score,
-    polynomial exact match in/out of distribution), cached in ``DIR/sweep_task.json`` per eval step;
+    polynomial exact match in/out of distribution), cached in ``DIR/sweep_task.json`` per eval step
+    and ``task_eval.SCORES_VERSION``;
     ``(None, None)`` for other data."""
     if not is_synthetic(str(cfg.data.source)):
         return None, None
     step = (read_json(point_dir / "eval.json") or {}).get("step")
     cache = read_json(point_dir / TASK_FILE)
-    if isinstance(cache, dict) and cache.get("step") == step:
+    if isinstance(cache, dict) and cache.get("step") == step and cache.get("version") == SCORES_VERSION:
         return cache, None
     try:
         scores = task_scores(load_model(point_dir))
