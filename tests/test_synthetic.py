@@ -221,7 +221,7 @@ def test_sentencepiece_also_works_on_induction(tmp_path):
         prepare_data(data_config("polynomial", tmp_path, tokenizer="sentencepiece", vocab_size=300))
 
 
-def test_short_training_run_on_induction(tmp_path, monkeypatch):
+def test_short_training_run_on_induction(tmp_path, monkeypatch, capsys):
     from mtp.train.loop import train
 
     monkeypatch.setenv("MTP_CACHE_DIR", str(tmp_path / "cache"))
@@ -250,6 +250,18 @@ def test_short_training_run_on_induction(tmp_path, monkeypatch):
     loaded.cfg.data.source = "stdlib"
     with pytest.raises(ValueError, match="not a synthetic task"):
         evaluate_task_accuracy(loaded)
+
+    import argparse
+
+    from mtp.evals.cli import add_parsers  # mtp eval --task-scores: the sweeps' teacher-forced scores
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers())
+    args = parser.parse_args(["eval", "--workdir", str(w), "--task-scores", "--step", "2", "--json"])
+    capsys.readouterr()  # the training run's output
+    assert args.func(args, []) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["step"] == 2 and 0.0 <= scores["copy"] <= 1.0
 
 
 # --- induction in stories (the paper's induction task) ----------------------------------------------

@@ -30,7 +30,7 @@ from mtp.evals.humaneval import (
     load_problems,
     run_humaneval,
 )
-from mtp.evals.task_eval import evaluate_task_accuracy
+from mtp.evals.task_eval import evaluate_task_accuracy, task_scores
 from mtp.workdir import WorkdirError, load_model, load_tokenizer
 
 
@@ -46,6 +46,15 @@ def cmd_eval(args, overrides=()) -> int:
         loaded = load_model(args.workdir, args.step)
     except WorkdirError as e:
         raise SystemExit(f"mtp eval: {e}") from None
+    if args.task_scores:
+        try:
+            result = task_scores(loaded)
+        except ValueError as e:
+            raise SystemExit(f"mtp eval --task-scores: {e}") from None
+        print(json.dumps(result, indent=1) if args.json else
+              f"step {result['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
+                                                     if isinstance(v, float) and k != "seconds"))
+        return 0
     if args.task:
         try:
             result = evaluate_task_accuracy(loaded, args.examples, mode=args.mode, heads=args.heads)
@@ -174,6 +183,10 @@ def add_parsers(subparsers) -> None:
     e.add_argument("--task", action="store_true",
                    help="synthetic-task runs (induction, polynomial): decode held-out examples and report"
                         " the task's accuracy instead of the per-head table")
+    e.add_argument("--task-scores", action="store_true",
+                   help="synthetic-task runs: the teacher-forced scores the sweeps report (induction,"
+                        " induction_control, induction_any_name; polynomial exact_id/exact_ood); with"
+                        " --step, of an older checkpoint")
     e.add_argument("--examples", type=int, default=200, help="--task: held-out examples to decode")
     e.add_argument("--mode", choices=("greedy", "speculative"), default="greedy", help="--task: decoding mode")
     e.add_argument("--heads", type=int, default=None, help="--task --mode speculative: heads that draft")
