@@ -16,7 +16,10 @@ Expect:  measured (2-4 min a point on a 2-core CPU at load 4-7, all 18 points): 
          0.059 +- 0.005 / 0.042 +- 0.003, controls 0.033-0.046. At 250 steps copying has only
          begun, and only with n=1; the head-1 loss is equal for n=1 and 2 (0.44 nats/byte at d=128).
          With --config.train.steps=750 (d=128, seed 0) both copy: 0.514 (n=1) / 0.506 (n=2) at
-         step 750, 0.491 / 0.507 at step 500 (docs/experiments.md, "Steps probe").
+         step 750, 0.491 / 0.507 at step 500 (docs/experiments.md, "Steps probe"). That ~0.5 is a
+         plateau: the models copy SOME name's letter (induction_any_name ~1.0, `mtp eval --workdir
+         W --task-scores`), not the right one. With --config.train.steps=3000 (d=128, seed 0) n=2
+         binds names (0.99 at step 2500) while n=1 reaches 0.59 at step 3000 ("Steps probe 2").
 """
 
 from mtp.config import base_config

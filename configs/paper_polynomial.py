@@ -6,10 +6,12 @@ expressions (the earlier 500 steps on 20,000 never left the answer-format floor 
 Run:     mtp sweep --config paper_polynomial --sweep seed=0,1,2 --sweep model.size=xs \
              --sweep model.n_future=1,2,4 --workdir /work/runs/paper_polynomial_3k --no-tpf --in-process
          (9 points; resumable: rerun the same command; docs/experiments.md has the tables)
-Expect:  measured for 7 of the 9 points on a shared 2-core CPU (10-28 min a point): exact match
-         (teacher forced = greedy) ~0.15-0.25 in distribution and 0.014-0.027 out of distribution
-         at every n, the seed spread larger than the n effect (means n=1 0.199 over 3 seeds, n=2
-         0.223 and n=4 0.180 over 2). `--sweep model.size=xs,s` adds the larger size (~4x a step).
+Expect:  measured for all 9 points on a shared 2-core CPU (10-28 min a point): exact match (teacher
+         forced = greedy) in distribution n=1 0.199 +- 0.025, n=2 0.215 +- 0.010, n=4 0.161 +-
+         0.024; out of distribution 0.017 / 0.024 / 0.015. The second size, d=32 (add
+         --config.model.d_model=32, own --workdir): 0.060 / 0.042 / 0.039, n=1 ahead in every
+         seed; the size step gains ~9x any head effect (docs/experiments.md). `--sweep
+         model.size=xs,s` adds the larger size (~4x a step, a GPU job).
 """
 
 from mtp.config import load_config_file
