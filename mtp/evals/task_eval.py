@@ -1,6 +1,7 @@
 """Task accuracy of a model trained on a synthetic task (induction, polynomial arithmetic).
 
-``mtp eval --workdir DIR --task [--examples N] [--step S] [--mode greedy|speculative]`` decodes
+``mtp eval --workdir DIR --task-scores [--step S]`` prints ``task_scores`` (teacher forced, what
+``mtp sweep`` reports). ``mtp eval --workdir DIR --task [--examples N] [--step S] [--mode greedy|speculative]`` decodes
 the first ``N`` held-out examples of the run's own task (``data.source``) and scores them with the
 task's evaluator (``mtp.data.synthetic.evaluate_task``): induction = the fraction of the pattern
 copied correctly, polynomial = exact match of the answer. ``--step`` evaluates an older checkpoint
@@ -151,9 +152,10 @@ def task_scores(loaded, n_examples: int = 1000, n_stories: int = 500) -> dict:
     start = time.perf_counter()
     if task == syn.INDUCTION and str(cfg.induction_format) == syn.STORIES:
         val = val[:n_stories]
-        texts = [e.text for e in val]
-        later = teacher_forced_argmax(loaded, texts, [e.targets for e in val])
-        first = teacher_forced_argmax(loaded, texts, [e.controls for e in val])
+        both = teacher_forced_argmax(loaded, [e.text for e in val], [(*e.targets, *e.controls) for e in val])
+        split = [len(e.targets) for e in val]  # one forward per story scores targets and controls
+        later = [(p[:k], t[:k]) for (p, t), k in zip(both, split)]
+        first = [(p[k:], t[k:]) for (p, t), k in zip(both, split)]
         out = {"induction": float(np.concatenate([p == t for p, t in later]).mean()),
                "induction_control": float(np.concatenate([p == t for p, t in first]).mean()),
                "induction_any_name": float(np.mean(names_copied(val, later, first))),

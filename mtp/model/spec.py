@@ -7,6 +7,7 @@ import math
 
 from mtp.config import ModelConfig
 from mtp.model.heads import head_kind
+from mtp.model.masked import mask_anchors as anchor_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +101,7 @@ class ModelSpec(ModelConfig):
         layer = 2 * layer_mm + attn_scores
         unembed = 2 * D * self.vocab_size
         if kind.masked:
-            anchors = seq_len if mask_anchors <= 0 else min(mask_anchors, seq_len)  # masked.mask_anchors
-            rows_per_token = anchors * (self.n_future - 1) / seq_len
+            rows_per_token = len(anchor_positions(seq_len, mask_anchors)) * (self.n_future - 1) / seq_len
             layers = self.trunk_layers + kind.n_stacked(self.n_future)
             one_row = layers * layer + unembed
             return 3.0 * (one_row + rows_per_token * (one_row + 2 * 3 * D * D))  # sampler: [2D, D] + [D, D]
